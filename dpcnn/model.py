@@ -1,0 +1,181 @@
+"""The CNN: a small spec, flat parameter and gradient vectors, forward and backward.
+
+The default spec is the model dpcnn trains on MNIST::
+
+    conv 3x3x8 (same) - ReLU - maxpool 2 - conv 3x3x16 (same) - ReLU - maxpool 2
+    - dense 784->128 - ReLU - dense 128->10           (103,018 parameters)
+
+Every parameter lives in one contiguous vector ``model.params`` and every gradient
+in ``model.grads``; ``model.p[name]`` and ``model.g[name]`` are shaped views into
+them. The optimizer works on the two flat vectors, and the distributed step reduces
+``model.grads`` in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import layers as L
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the network looks like. ``ModelSpec()`` is the default model.
+
+    input_shape: (H, W, C) of one image; channels: filters of each conv block
+    (conv - ReLU - maxpool 2); kernel: conv kernel size; padding: 'same' or
+    'valid'; hidden: widths of the dense ReLU layers; classes: outputs.
+    """
+
+    input_shape: tuple[int, int, int] = (28, 28, 1)
+    channels: tuple[int, ...] = (8, 16)
+    kernel: int = 3
+    padding: str = "same"
+    hidden: tuple[int, ...] = (128,)
+    classes: int = 10
+
+    def __post_init__(self):
+        for f in ("input_shape", "channels", "hidden"):   # JSON gives lists; keep it hashable
+            object.__setattr__(self, f, tuple(int(v) for v in getattr(self, f)))
+        L.pad_amounts(self.kernel, self.padding)           # validates padding
+        if self.kernel < 1 or self.classes < 2 or min(self.channels + self.hidden, default=1) < 1:
+            raise ValueError(f"invalid model spec: {self}")
+        self.param_shapes()                                # validates that the sizes fit
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**d)
+
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """[(name, shape)] in the order they sit in the flat vector."""
+        H, W, C = self.input_shape
+        k = self.kernel
+        shapes = []
+        for i, F in enumerate(self.channels, 1):
+            shapes += [(f"conv{i}.w", (k, k, C, F)), (f"conv{i}.b", (F,))]
+            if self.padding == "valid":
+                H, W = H - k + 1, W - k + 1
+            H, W, C = H // 2, W // 2, F
+            if H < 1 or W < 1:
+                raise ValueError(f"input {self.input_shape} is too small for {len(self.channels)} conv blocks")
+        D = H * W * C
+        for i, F in enumerate(self.hidden + (self.classes,), 1):
+            shapes += [(f"fc{i}.w", (D, F)), (f"fc{i}.b", (F,))]
+            D = F
+        return shapes
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for _, s in self.param_shapes())
+
+
+class CNN:
+    """The network with its flat parameters. Not thread-safe: forward keeps caches for backward.
+
+    forward: x (N, H, W, C) -> logits (N, classes); backward: dlogits -> fills ``grads``.
+    """
+
+    def __init__(self, spec: ModelSpec | None = None, seed: int = 0, dtype=np.float32):
+        self.spec = spec or ModelSpec()
+        self.dtype = np.dtype(dtype)
+        self.shapes = self.spec.param_shapes()
+        n = self.spec.num_params
+        self.params = np.zeros(n, dtype=self.dtype)
+        self.grads = np.zeros(n, dtype=self.dtype)
+        self.p, self.g = {}, {}
+        o = 0
+        for name, shape in self.shapes:
+            size = math.prod(shape)
+            self.p[name] = self.params[o:o + size].reshape(shape)
+            self.g[name] = self.grads[o:o + size].reshape(shape)
+            o += size
+        self._caches = None
+        self.init(seed)
+
+    def init(self, seed: int) -> None:
+        """He-normal weights (std sqrt(2 / fan_in)), zero biases, from one seeded Generator.
+
+        Draws in float64 and rounds to the model dtype, so the same seed gives
+        bit-identical parameters in any dtype's own precision.
+        """
+        rng = np.random.default_rng(seed)
+        for name, shape in self.shapes:
+            if name.endswith(".w"):
+                fan_in = math.prod(shape[:-1])
+                self.p[name][...] = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+            else:
+                self.p[name][...] = 0
+
+    # -- forward / backward ---------------------------------------------------
+
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        """x: (N, H, W, C) -> logits: (N, classes). train=True keeps what backward needs."""
+        s, p = self.spec, self.p
+        x = np.asarray(x, dtype=self.dtype)
+        caches = []
+        for i in range(1, len(s.channels) + 1):
+            # conv - ReLU - pool, computed as conv - pool - (+bias) - ReLU: max-pooling
+            # commutes with ReLU and with adding a per-channel constant, and the
+            # reordered form does the bias and ReLU on a quarter of the values.
+            x, c_conv = L.conv_forward(x, p[f"conv{i}.w"], None, s.padding)
+            x, c_pool = L.maxpool_forward(x)
+            x += p[f"conv{i}.b"]
+            x, c_relu = L.relu_forward(x)
+            caches.append((c_conv, c_pool, c_relu))
+        x, c_flat = L.flatten_forward(x)
+        caches.append(c_flat)
+        n_fc = len(s.hidden) + 1
+        for i in range(1, n_fc + 1):
+            x, c_fc = L.dense_forward(x, p[f"fc{i}.w"], p[f"fc{i}.b"])
+            c_relu = None
+            if i < n_fc:
+                x, c_relu = L.relu_forward(x)
+            caches.append((c_fc, c_relu))
+        self._caches = caches if train else None
+        return x
+
+    def backward(self, dlogits: np.ndarray) -> None:
+        """dlogits: (N, classes) -> writes every parameter gradient into ``self.grads``."""
+        if self._caches is None:
+            raise RuntimeError("backward() needs a forward(x, train=True) first")
+        s, g = self.spec, self.g
+        caches = self._caches
+        n_conv, n_fc = len(s.channels), len(s.hidden) + 1
+        d = dlogits
+        for i in range(n_fc, 0, -1):
+            c_fc, c_relu = caches[n_conv + i]
+            if c_relu is not None:
+                d = L.relu_backward(d, c_relu)
+            d, g[f"fc{i}.w"][...], g[f"fc{i}.b"][...] = L.dense_backward(d, c_fc)
+        d = L.flatten_backward(d, caches[n_conv])
+        for i in range(n_conv, 0, -1):
+            c_conv, c_pool, c_relu = caches[i - 1]
+            d = L.relu_backward(d, c_relu)
+            g[f"conv{i}.b"][...] = L.sum_rows(d.reshape(-1, d.shape[-1]))
+            d = L.maxpool_backward(d, c_pool)
+            d, g[f"conv{i}.w"][...], _ = L.conv_backward(d, c_conv, need_dx=i > 1)
+        self._caches = None
+
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, denom: float | None = None):
+        """One forward and backward pass on a batch.
+
+        x: (N, H, W, C), y: (N,) -> (loss, correct): the loss summed over the batch
+        and divided by denom (default N, the mean), and the number of correct
+        predictions. ``grads`` then holds the gradient of that loss.
+        """
+        logits = self.forward(x, train=True)
+        loss, dlogits = L.softmax_cross_entropy(logits, y, denom)
+        self.backward(dlogits)
+        return loss, int((logits.argmax(axis=1) == y).sum())
+
+    def predict_logits(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """x: (N, H, W, C) -> logits (N, classes), in batches to bound memory."""
+        out = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.spec.classes), self.dtype)
