@@ -1,0 +1,204 @@
+"""Benchmark training steps of a model: images/s and peak memory, against PyTorch when present.
+
+    python -m dpcnn.bench                          # batch 64, one thread
+    python -m dpcnn.bench --batch-size 128 --threads 2 --json
+    python -m dpcnn.bench --profile                # where the time goes, per function
+
+A step is forward, backward and the SGD update (momentum 0.9, Nesterov, weight
+decay 5e-4) on random inputs. When PyTorch is importable the same model, batch,
+optimizer and thread count are timed in the same run, in alternating rounds so
+that both see the same machine noise; the reported figures are medians over the
+rounds and ``ratio`` is dpcnn / PyTorch images per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from .model import CNN, ModelSpec
+from .optim import SGD
+
+log = logging.getLogger(__name__)
+
+
+def numpy_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
+    """A function that runs one dpcnn training step on a fixed random batch."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size,) + spec.input_shape).astype(np.float32)
+    y = rng.integers(0, spec.classes, batch_size)
+    model = CNN(spec, seed=seed)
+    opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step():
+        model.loss_and_grad(x, y)
+        opt.step(0.01)
+
+    return step
+
+
+def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0):
+    """The same model and step in PyTorch (NCHW), or None when torch is not importable."""
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    H, W, C = spec.input_shape
+    pad = spec.kernel // 2 if spec.padding == "same" else 0
+    mods = []
+    for F in spec.channels:
+        mods += [nn.Conv2d(C, F, spec.kernel, padding=pad), nn.ReLU(), nn.MaxPool2d(2)]
+        if spec.padding == "valid":
+            H, W = H - spec.kernel + 1, W - spec.kernel + 1
+        H, W, C = H // 2, W // 2, F
+    mods.append(nn.Flatten())
+    D = H * W * C
+    for F in spec.hidden:
+        mods += [nn.Linear(D, F), nn.ReLU()]
+        D = F
+    mods.append(nn.Linear(D, spec.classes))
+    model = nn.Sequential(*mods)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(batch_size, spec.input_shape[2], spec.input_shape[0], spec.input_shape[1])
+    y = torch.randint(0, spec.classes, (batch_size,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step, torch.__version__
+
+
+def time_steps(step, n: int) -> float:
+    """Seconds per step, the mean over n steps."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def peak_step_memory_mb(step) -> float:
+    """Peak memory allocated (through tracemalloc, which NumPy reports to) during one step."""
+    step()
+    tracemalloc.start()
+    try:
+        step()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def blas_name() -> str:
+    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in info) or "unknown"
+
+
+def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7,
+        spec: ModelSpec | None = None, use_torch: bool = True) -> dict:
+    spec = spec or ModelSpec()
+    with threadpool_limits(threads):
+        ours = numpy_stepper(spec, batch_size)
+        theirs = torch_stepper(spec, batch_size, threads) if use_torch else None
+        for _ in range(5):                      # warm-up: allocator, BLAS buffers, caches
+            ours()
+            if theirs:
+                theirs[0]()
+        t_ours, t_theirs = [], []
+        for _ in range(rounds):                 # alternate, so both see the same noise
+            t_ours.append(time_steps(ours, steps))
+            if theirs:
+                t_theirs.append(time_steps(theirs[0], steps))
+        peak = peak_step_memory_mb(ours)
+    result = {
+        "images_per_second": round(batch_size / statistics.median(t_ours), 1),
+        "ms_per_step": round(1e3 * statistics.median(t_ours), 3),
+        "batch_size": batch_size,
+        "threads": threads,
+        "peak_memory_mb": round(peak, 2),
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "num_params": spec.num_params,
+        "blas": blas_name(),
+        "numpy": np.__version__,
+    }
+    if theirs:
+        result["torch_images_per_second"] = round(batch_size / statistics.median(t_theirs), 1)
+        result["torch_ms_per_step"] = round(1e3 * statistics.median(t_theirs), 3)
+        result["torch"] = theirs[1]
+        # the ratio of medians, and the median of per-round ratios (robust to drifting load)
+        result["ratio"] = round(result["images_per_second"] / result["torch_images_per_second"], 3)
+        result["ratio_median_of_rounds"] = round(
+            statistics.median(b / a for a, b in zip(t_ours, t_theirs)), 3)
+    return result
+
+
+def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = None) -> None:
+    """Print the functions where a training step spends its time."""
+    import cProfile
+    import pstats
+
+    with threadpool_limits(threads):
+        step = numpy_stepper(spec or ModelSpec(), batch_size)
+        for _ in range(5):
+            step()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            step()
+        prof.disable()
+    print(f"per step, batch {batch_size}, {threads} thread(s); tottime is the function's own time "
+          f"(matrix products count to their caller), over {steps} steps")
+    pstats.Stats(prof).strip_dirs().sort_stats("tottime").print_stats(14)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m dpcnn.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m dpcnn.bench --batch-size 64 --threads 1\n"
+               "  python -m dpcnn.bench --json --no-torch\n  python -m dpcnn.bench --profile")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
+    ap.add_argument("--steps", type=int, default=40, help="steps per timing round (default 40)")
+    ap.add_argument("--rounds", type=int, default=7, help="timing rounds; medians are reported (default 7)")
+    ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch even if it is installed")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--profile", action="store_true", help="profile dpcnn's step instead of timing it")
+    args = ap.parse_args(argv)
+    for flag in ("batch_size", "threads", "steps", "rounds"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.profile:
+        profile(args.batch_size, args.threads, args.steps)
+        return 0
+    r = run(args.batch_size, args.threads, args.steps, args.rounds, use_torch=not args.no_torch)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"dpcnn:   {r['images_per_second']:9.0f} images/s  ({r['ms_per_step']:.2f} ms/step, batch "
+          f"{r['batch_size']}, {r['threads']} thread(s), peak step memory {r['peak_memory_mb']:.1f} MB)")
+    if "torch_images_per_second" in r:
+        print(f"PyTorch: {r['torch_images_per_second']:9.0f} images/s  ({r['torch_ms_per_step']:.2f} ms/step, "
+              f"torch {r['torch']})")
+        print(f"ratio dpcnn/PyTorch: {r['ratio']:.2f} (median of per-round ratios {r['ratio_median_of_rounds']:.2f})")
+    else:
+        print("PyTorch not importable: no comparison (pip install torch to add one)")
+    print(f"BLAS: {r['blas']}; NumPy {r['numpy']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
