@@ -82,22 +82,32 @@ class CNN:
     forward: x (N, H, W, C) -> logits (N, classes); backward: dlogits -> fills ``grads``.
     """
 
-    def __init__(self, spec: ModelSpec | None = None, seed: int = 0, dtype=np.float32):
+    def __init__(self, spec: ModelSpec | None = None, seed: int = 0, dtype=np.float32,
+                 grads: np.ndarray | None = None):
+        """grads: optionally, the flat gradient vector to use, e.g. a view into a larger
+        communication buffer (num_params,) of this dtype."""
         self.spec = spec or ModelSpec()
         self.dtype = np.dtype(dtype)
         self.shapes = self.spec.param_shapes()
         n = self.spec.num_params
         self.params = np.zeros(n, dtype=self.dtype)
-        self.grads = np.zeros(n, dtype=self.dtype)
-        self.p, self.g = {}, {}
-        o = 0
-        for name, shape in self.shapes:
-            size = math.prod(shape)
-            self.p[name] = self.params[o:o + size].reshape(shape)
-            self.g[name] = self.grads[o:o + size].reshape(shape)
-            o += size
+        if grads is None:
+            grads = np.zeros(n, dtype=self.dtype)
+        elif grads.shape != (n,) or grads.dtype != self.dtype or not grads.flags.c_contiguous:
+            raise ValueError(f"grads must be a contiguous ({n},) {self.dtype} vector")
+        self.grads = grads
+        self.p, self.g = self.unflatten(self.params), self.unflatten(self.grads)
         self._caches = None
         self.init(seed)
+
+    def unflatten(self, vec: np.ndarray) -> dict[str, np.ndarray]:
+        """A flat vector (num_params,) -> {layer name: shaped view into it}."""
+        out, o = {}, 0
+        for name, shape in self.shapes:
+            size = math.prod(shape)
+            out[name] = vec[o:o + size].reshape(shape)
+            o += size
+        return out
 
     def init(self, seed: int) -> None:
         """He-normal weights (std sqrt(2 / fan_in)), zero biases, from one seeded Generator.
@@ -170,6 +180,9 @@ class CNN:
         and divided by denom (default N, the mean), and the number of correct
         predictions. ``grads`` then holds the gradient of that loss.
         """
+        if len(x) == 0:                          # a rank with no samples in this batch
+            self.grads[...] = 0
+            return 0.0, 0
         logits = self.forward(x, train=True)
         loss, dlogits = L.softmax_cross_entropy(logits, y, denom)
         self.backward(dlogits)

@@ -1,0 +1,171 @@
+"""Checkpoints: HDF5 files that let a run continue exactly where it stopped.
+
+A checkpoint holds the parameters by layer name, the optimizer's velocity by layer
+name, the position in the sample order (epoch and next global batch), the global
+step, the model spec, the full configuration, the data set's fingerprint, the
+metrics so far and the dpcnn version. The sample order depends only on the seed
+and the epoch, so these are the whole state: a resume on any number of ranks
+follows the same order.
+
+Files are written to a temporary name, flushed and fsynced, then renamed, so a
+crash during a write never damages an earlier checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .model import ModelSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dpcnn-checkpoint"
+VERSION = 1
+NAME = re.compile(r"^ckpt-step(\d+)\.h5$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit this run (one-line message)."""
+
+
+@dataclass
+class State:
+    """Everything a checkpoint stores."""
+
+    params: dict[str, np.ndarray]          # layer name -> array
+    velocity: dict[str, np.ndarray]        # layer name -> array (optimizer momentum)
+    epoch: int                             # epoch of the next global batch
+    next_batch: int                        # index of the next global batch in that epoch
+    step: int                              # updates done so far
+    spec: dict
+    config: dict
+    data_fingerprint: str
+    metrics: list = field(default_factory=list)
+    best_accuracy: float = -1.0
+    elapsed: float = 0.0                   # training wall time so far, seconds, over all attempts
+    version: str = __version__
+    world_size: int = 1
+
+
+def step_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt-step{step:09d}.h5"
+
+
+def save(path: Path, s: State) -> Path:
+    """Write State s to path atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            a = f.attrs
+            a["format"], a["format_version"], a["dpcnn_version"] = FORMAT, VERSION, s.version
+            a["epoch"], a["next_batch"], a["step"] = s.epoch, s.next_batch, s.step
+            a["spec"], a["config"] = json.dumps(s.spec), json.dumps(s.config)
+            a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
+            a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
+            a["written_at"] = time.time()
+            for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+                g = f.create_group(group)
+                for name, v in arrays.items():
+                    g.create_dataset(name, data=v)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: Path) -> State:
+    """Read a checkpoint; CheckpointError (naming the file) when it is not a valid one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            a = f.attrs
+            if a.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a dpcnn checkpoint")
+            if int(a["format_version"]) != VERSION:
+                raise CheckpointError(f"{path}: checkpoint format {int(a['format_version'])}, "
+                                      f"this dpcnn reads {VERSION}")
+            params = {k: v[...] for k, v in f["params"].items()}
+            velocity = {k: v[...] for k, v in f["velocity"].items()}
+            return State(params=params, velocity=velocity, epoch=int(a["epoch"]),
+                         next_batch=int(a["next_batch"]), step=int(a["step"]),
+                         spec=json.loads(a["spec"]), config=json.loads(a["config"]),
+                         data_fingerprint=str(a["data_fingerprint"]), metrics=json.loads(a["metrics"]),
+                         best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]), version=str(a["dpcnn_version"]),
+                         world_size=int(a["world_size"]))
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable or incomplete checkpoint ({type(e).__name__}: {e})") from None
+
+
+def listed(run_dir: Path) -> list[Path]:
+    """The step checkpoints in run_dir, newest (highest step) first."""
+    found = []
+    for p in Path(run_dir).glob("ckpt-step*.h5"):
+        m = NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_valid(run_dir: Path) -> tuple[Path, State] | None:
+    """The newest checkpoint in run_dir that loads; corrupt ones are reported and skipped."""
+    for p in listed(run_dir):
+        try:
+            return p, load(p)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (best.h5 is separate and kept)."""
+    for p in listed(run_dir)[keep:]:
+        p.unlink(missing_ok=True)
+
+
+def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, config: dict) -> None:
+    """Refuse a checkpoint that belongs to another model, data set or sample order."""
+    if ModelSpec.from_dict(s.spec) != spec:
+        raise CheckpointError(f"{path}: saved for model {ModelSpec.from_dict(s.spec)}, "
+                              f"this run builds {spec}")
+    if s.data_fingerprint != fingerprint:
+        raise CheckpointError(f"{path}: saved for another data set "
+                              f"({s.config.get('dataset', '?')}, fingerprint {s.data_fingerprint[:12]}), "
+                              f"this run reads {config.get('data')} (fingerprint {fingerprint[:12]})")
+    for key in ("seed", "batch_size", "drop_last"):
+        if key in s.config and s.config[key] != config.get(key):
+            raise CheckpointError(f"{path}: saved with --{key.replace('_', '-')} {s.config[key]}, this run "
+                                  f"has {config.get(key)}; resume with the same value to follow the "
+                                  "same sample order")

@@ -1,0 +1,36 @@
+"""What every dpcnn command shares: logging set-up and one-line errors.
+
+Only rank 0 logs at INFO by default; other ranks log warnings and errors, tagged
+with their rank. ``-v`` shows debug messages, ``-q`` only warnings and errors.
+Errors print as one line (``error: ...``) unless ``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    g.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False, rank: int = 0, size: int = 1) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if (quiet or rank != 0) else logging.INFO
+    fmt = "%(message)s" if size == 1 else f"[rank {rank}] %(message)s" if rank else "%(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for the user: the message, with the exception type only when it adds something."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    msg = " ".join(str(e).split()) or type(e).__name__
+    known = ("DataError", "CheckpointError", "CommError", "ConfigError")
+    if type(e).__name__ in known or isinstance(e, (FileNotFoundError, PermissionError)):
+        return msg
+    return f"{type(e).__name__}: {msg}"

@@ -1,0 +1,167 @@
+"""The communicator: everything dpcnn does with MPI, behind one small interface.
+
+``get_comm()`` returns a ``SerialComm`` for a plain ``python -m dpcnn.train`` and an
+``MPIComm`` under ``mpirun``/``mpiexec``/``srun``. mpi4py is imported only inside
+``MPIComm``, so a single process needs no MPI library, and the math never imports it.
+Method names follow MPI: ``allreduce`` (in-place sum of a NumPy buffer), ``bcast``,
+``bcast_obj``, ``allgather_obj``, ``barrier``, ``abort``.
+
+This module also decides how many BLAS threads each rank uses: the cores the
+ranks on a node share, divided by the ranks on that node (found with an MPI
+shared-memory split), so a node is never oversubscribed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import numpy as np
+
+# Environment variables that MPI launchers set in every rank they start.
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD", "PMI_FD", "MV2_COMM_WORLD_SIZE")
+
+
+class CommError(RuntimeError):
+    """A launch or communication problem with a one-line explanation."""
+
+
+class SerialComm:
+    """One process: every collective is the identity."""
+
+    rank, size, local_rank, local_size, num_nodes = 0, 1, 0, 1, 1
+    is_root = True
+    name = "serial"
+
+    def allreduce(self, buf: np.ndarray) -> None:
+        """Sum buf over all ranks, in place."""
+
+    def bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        """Copy root's buf into every rank's buf, in place."""
+
+    def bcast_obj(self, obj, root: int = 0):
+        return obj
+
+    def allgather_obj(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        os._exit(code)
+
+    def node_cpus(self) -> int:
+        return len(_affinity())
+
+
+class MPIComm(SerialComm):
+    """MPI.COMM_WORLD through mpi4py, with a shared-memory sub-communicator per node."""
+
+    name = "mpi"
+
+    def __init__(self):
+        import mpi4py
+        mpi4py.rc.threads = False              # no MPI_Init_thread(MULTIPLE): cheaper, enough here
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.is_root = self.rank == 0
+        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = self.node.Get_rank(), self.node.Get_size()
+        leaders = self.comm.allreduce(1 if self.local_rank == 0 else 0)
+        self.num_nodes = int(leaders)
+
+    def allreduce(self, buf: np.ndarray) -> None:
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        self.comm.Bcast(buf, root=root)
+
+    def bcast_obj(self, obj, root: int = 0):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_obj(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (the launcher kills the others)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def node_cpus(self) -> int:
+        """CPUs usable by the ranks of this node together: the union of their affinity masks.
+
+        Collective over the node's ranks."""
+        cpus = set().union(*self.node.allgather(sorted(_affinity())))
+        return len(cpus)
+
+
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:                      # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher (mpiexec, mpirun, srun with PMI) started this process."""
+    return any(v in os.environ for v in LAUNCHER_VARS)
+
+
+def slurm_step_tasks() -> int:
+    """Tasks of the Slurm job step this process belongs to (1 outside srun)."""
+    try:
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    except ValueError:
+        return 1
+
+
+def get_comm(kind: str = "auto") -> SerialComm:
+    """The communicator for this process: kind 'auto', 'mpi' or 'serial'.
+
+    'auto' uses MPI when a launcher started the process or Slurm runs several
+    tasks, and the serial communicator otherwise. Under srun without PMI every
+    task would be a separate world of size 1, training its own model; that is
+    detected and refused with the fix in the message.
+    """
+    if kind not in ("auto", "mpi", "serial"):
+        raise CommError(f"--comm must be auto, mpi or serial, got {kind!r}")
+    tasks = slurm_step_tasks()
+    if kind == "serial" or (kind == "auto" and not launched_by_mpi() and tasks <= 1):
+        return SerialComm()
+    try:
+        comm = MPIComm()
+    except ImportError as e:
+        raise CommError(f"MPI requested but mpi4py cannot be imported ({e}); "
+                        "install it with: pip install mpi4py (and an MPI, e.g. pip install mpich)") from e
+    if comm.size == 1 and tasks > 1:
+        raise CommError(
+            f"Slurm started {tasks} tasks but MPI sees a world of 1: each task would train its own "
+            "model. Launch with 'srun --mpi=pmi2 ...' (or set MpiDefault=pmi2), or use "
+            "'mpiexec -n $SLURM_NTASKS ...' inside the allocation")
+    return comm
+
+
+def default_threads(comm: SerialComm) -> int:
+    """BLAS threads for this rank: the node's usable CPUs shared among its ranks.
+
+    SLURM_CPUS_PER_TASK, when set, is what the scheduler gave each task.
+    Collective: every rank of the node must call it.
+    """
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if per_task and per_task.isdigit() and int(per_task) > 0:
+        return int(per_task)
+    return max(1, min(len(_affinity()), comm.node_cpus() // comm.local_size))
+
+
+def hostname() -> str:
+    return socket.gethostname()
