@@ -392,7 +392,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --source") and err.count("\n") == 1 and "Traceback" not in err
     with pytest.raises(DataError):
-        prepare_main(["--source", str(tmp_path / "nowhere"), "--debug"])
+        prepare_main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.h5"), "--debug"])
     assert prepare_main(["info", str(tmp_path / "none.h5")]) == 1
 
 
