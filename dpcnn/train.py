@@ -499,8 +499,8 @@ class Run:
                         self.check_in_sync()
                     if stopped or s >= self.end_step:
                         break
-                    if a.eval_every and s % a.eval_every == 0:
-                        self.record()
+                    if a.eval_every and s % a.eval_every == 0 and k + 1 < self.steps_per_epoch:
+                        self.record()                                    # (epoch ends record below)
                     if c.is_root and self._checkpoint_due(s):
                         self.save_checkpoint()
                 if stopped:

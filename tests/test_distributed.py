@@ -1,0 +1,73 @@
+"""Distributed tests, run on 2 and 3 ranks: `mpiexec -n 3 python -m pytest --with-mpi -m mpi`.
+
+Closed-form collectives, a P-rank step against the single-process step on the same
+global batch (3 ranks: an uneven split), and a whole training run that must leave
+identical parameters on every rank. Plain `pytest` skips these.
+"""
+
+import numpy as np
+import pytest
+
+from conftest import write_tiny
+from dpcnn.comm import MPIComm
+from dpcnn.data import ShardedLoader, Split, shard_bounds
+from dpcnn.model import CNN
+from dpcnn.train import Run, build_parser, params_digest
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return MPIComm()
+
+
+def test_allreduce_bcast_closed_form(comm):
+    P, r = comm.size, comm.rank
+    buf = np.full(1000, r, dtype=np.float32)
+    comm.allreduce(buf)
+    assert np.all(buf == P * (P - 1) / 2)
+    x = np.arange(5, dtype=np.float64) * (r + 1)
+    comm.bcast(x, root=P - 1)
+    assert np.array_equal(x, np.arange(5) * P)
+    assert comm.bcast_obj({"rank": r}) == {"rank": 0}
+    assert comm.allgather_obj(r) == list(range(P))
+    assert comm.num_nodes == 1 and comm.local_size == P
+
+
+@pytest.mark.parametrize("batch", [12, 10, 2])   # 10 on 3 ranks: 4, 3, 3; 2 on 3 ranks: one rank empty
+def test_distributed_step_equals_single_process_step(comm, mpi_tmp_path, batch):
+    path = mpi_tmp_path / "tiny.h5"
+    if comm.is_root:
+        write_tiny(path)
+    comm.barrier()
+    split = Split(path)
+    P, r = comm.size, comm.rank
+    mine = ShardedLoader(split, batch_size=batch, rank=r, size=P, seed=3)
+    x, y, M = mine.batch(1, 2)
+    assert len(y) == np.subtract(*shard_bounds(batch, r, P)[::-1])
+    model = CNN(seed=0)
+    model.loss_and_grad(x, y, denom=1)
+    comm.allreduce(model.grads)
+    model.grads /= M
+    whole = ShardedLoader(split, batch_size=batch, rank=0, size=1, seed=3)
+    xw, yw, Mw = whole.batch(1, 2)
+    ref = CNN(seed=0)
+    ref.loss_and_grad(xw, yw)                     # the mean over the whole global batch
+    assert M == Mw == batch
+    np.testing.assert_allclose(model.grads, ref.grads, rtol=2e-4, atol=2e-6)
+    split.close()
+
+
+def test_training_keeps_parameters_identical_on_every_rank(comm, mpi_tmp_path):
+    path = mpi_tmp_path / "tiny.h5"
+    if comm.is_root:
+        write_tiny(path)
+    comm.barrier()
+    args = build_parser().parse_args(["--data", str(path), "--out", str(mpi_tmp_path / "run"), "--epochs", "2",
+                                      "--batch-size", "20", "--threads", "1", "--no-progress", "-q",
+                                      "--check-every", "7", "--resume", "none"])
+    run = Run(args, comm)
+    assert run.run() == 0
+    digests = comm.allgather_obj(params_digest(run.model.params))
+    assert len(set(digests)) == 1 and run.step == 2 * (384 // 20)

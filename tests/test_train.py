@@ -1,0 +1,242 @@
+"""The trainer end to end: outputs, exact resume, checkpoints, rank-count equivalence, failures.
+
+Multi-rank jobs are launched with mpiexec as subprocesses, each under a timeout, so a
+hang fails the test instead of the CI run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import child_env, mpiexec, run_job, write_tiny
+from dpcnn import checkpoint as ckpt
+from dpcnn.train import EXIT_STOPPED, main
+
+# 384 training samples / batch 32 = 12 steps per epoch
+BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1"]
+
+
+def train(tiny_h5, out, *extra, comm="serial"):
+    return main(["--data", str(tiny_h5), "--out", str(out), "--comm", comm, *BASE, *map(str, extra)])
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir) -> ckpt.State:
+    return ckpt.load(ckpt.listed(run_dir)[0])
+
+
+def assert_same_state(a: ckpt.State, b: ckpt.State):
+    assert (a.step, a.epoch, a.next_batch) == (b.step, b.epoch, b.next_batch)
+    for name in a.params:
+        assert np.array_equal(a.params[name], b.params[name]), name
+        assert np.array_equal(a.velocity[name], b.velocity[name]), name
+
+
+def test_serial_run_outputs(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--epochs", "3", "--eval-every", "6") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 1 and cfg["batch_size"] == 32 and cfg["num_params"] == 103018
+    assert cfg["model"]["channels"] == [8, 16] and "numpy" in cfg["versions"]
+    rows = metrics(out)
+    need = {"epoch", "step", "train_loss", "test_loss", "test_accuracy", "images_per_second", "elapsed_seconds",
+            "world_size", "global_batch_size", "lr", "time_compute_s", "time_data_s", "time_allreduce_s"}
+    assert all(need <= set(r) for r in rows)
+    assert [r["step"] for r in rows] == [6, 12, 18, 24, 30, 36]     # one record per step, also at epoch ends
+    assert rows[-1]["final"] and rows[-1]["epoch"] == 3.0
+    assert rows[-1]["test_accuracy"] > 0.9 and rows[-1]["test_loss"] < rows[0]["test_loss"]
+    assert sum(1 for _ in out.glob("ckpt-step*.h5")) == 3 and (out / "best.h5").is_file()
+
+
+def test_resume_is_bit_identical(tiny_h5, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(tiny_h5, a, "--max-steps", "17") == 0
+    assert train(tiny_h5, b, "--max-steps", "7") == 0             # stops mid-epoch, checkpoint at 7
+    assert train(tiny_h5, b, "--max-steps", "17") == 0            # --resume auto is the default
+    assert_same_state(final_state(a), final_state(b))
+    assert metrics(a)[-1]["test_loss"] == metrics(b)[-1]["test_loss"]
+    assert json.loads((b / "config.json").read_text())["resumed_from"].endswith("ckpt-step000000007.h5")
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tiny_h5, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(tiny_h5, a, "--max-steps", "10") == 0
+    assert train(tiny_h5, b, "--max-steps", "8", "--checkpoint-every", "4") == 0
+    newest = ckpt.listed(b)[0]
+    assert newest.name == "ckpt-step000000008.h5"
+    newest.write_bytes(newest.read_bytes()[:1000])                # a torn file
+    capsys.readouterr()
+    assert train(tiny_h5, b, "--max-steps", "10", "-v") == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step000000008.h5: unreadable" in err
+    assert_same_state(final_state(a), final_state(b))
+
+
+def test_mismatched_checkpoint_is_refused(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "3") == 0
+    capsys.readouterr()
+    assert train(tiny_h5, out, "--max-steps", "6", "--channels", "4,8") == 1
+    err = capsys.readouterr().err
+    assert "saved for model" in err and "ckpt-step000000003.h5" in err and err.count("\n") == 1
+    other = write_tiny(tmp_path / "other.h5", seed=1)
+    with h5py.File(other, "a") as f:
+        f.attrs["source_sha256"] = json.dumps({"tiny": "1" * 64})
+    assert main(["--data", str(other), "--out", str(out), "--comm", "serial", *BASE]) == 1
+    assert "another data set" in capsys.readouterr().err
+    assert train(tiny_h5, out, "--max-steps", "6", "--seed", "5") == 1
+    assert "--seed" in capsys.readouterr().err
+
+
+def test_missing_data_and_bad_flags(tmp_path, capsys):
+    rc = main(["--data", str(tmp_path / "none.h5"), "--data-source", str(tmp_path / "nowhere"),
+               "--out", str(tmp_path / "r"), "--comm", "serial", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "python -m dpcnn.data prepare" in err
+    assert not (tmp_path / "none.h5").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["--batch-size", "0"])
+    assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
+def test_checkpoint_write_killed_leaves_previous_loadable(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "2") == 0
+    good = ckpt.listed(out)[0]
+    # a child writes a large checkpoint at a later step and is SIGKILLed during the write
+    code = f"""
+import numpy as np, dpcnn.checkpoint as c
+s = c.load({str(good)!r}); s.step = 99
+s.params = {{f"p{{i}}": np.ones(2**22, np.float32) for i in range(64)}}
+c.save(c.step_path({str(out)!r}, 99), s)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], env=child_env())
+    deadline = time.time() + 60
+    while not list(out.glob(".ckpt-step000000099.h5.tmp*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    p.kill()
+    p.wait(timeout=30)
+    assert not (out / "ckpt-step000000099.h5").exists()
+    path, state = ckpt.newest_valid(out)
+    assert path == good and state.step == 2
+
+
+# ------------------------------------------------------------------------- multi-rank jobs
+
+
+def job_args(tiny_h5, out, *extra):
+    return ["-m", "dpcnn.train", "--data", tiny_h5, "--out", out, *BASE, *extra]
+
+
+@pytest.mark.timeout(240)
+def test_same_result_on_1_2_3_ranks(tiny_h5, tmp_path):
+    """Same seed and global batch: the test loss after 8 steps agrees within 1e-5 (relative)."""
+    losses = {}
+    for p in (1, 2, 3):
+        out = tmp_path / f"p{p}"
+        r = run_job(job_args(tiny_h5, out, "--max-steps", "8", "--batch-size", "30"), nprocs=p)
+        assert r.returncode == 0, r.stderr
+        rec = metrics(out)[-1]
+        assert rec["world_size"] == p and rec["global_batch_size"] == 30
+        losses[p] = rec["test_loss"]
+    for p in (2, 3):
+        assert abs(losses[p] - losses[1]) / losses[1] < 1e-5, losses
+
+
+@pytest.mark.timeout(120)
+def test_job_with_missing_data_exits_promptly(tmp_path):
+    t0 = time.time()
+    r = run_job(["-m", "dpcnn.train", "--data", tmp_path / "none.h5", "--data-source", tmp_path / "nowhere",
+                 "--out", tmp_path / "r"], nprocs=2, timeout=60)
+    assert r.returncode != 0 and time.time() - t0 < 30
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "none.h5" in errors[0], r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_one_rank_raising_ends_every_rank(tiny_h5, tmp_path):
+    code = ("import sys, dpcnn.train as t\n"
+            "orig = t.Run.train_step\n"
+            "def step(self, k):\n"
+            "    if self.comm.rank == 1 and self.step == 3: raise MemoryError('simulated failure')\n"
+            "    return orig(self, k)\n"
+            "t.Run.train_step = step\n"
+            f"sys.exit(t.main({[str(a) for a in job_args(tiny_h5, tmp_path / 'r', '--epochs', '50')[2:]]!r}))\n")
+    t0 = time.time()
+    r = run_job(["-c", code], nprocs=2, timeout=60)
+    assert r.returncode != 0 and time.time() - t0 < 30
+    assert "error: rank 1: MemoryError: simulated failure" in r.stderr
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the python processes below an mpiexec (its proxy's children)."""
+    kids = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        for c in kids.get(pid, []):
+            todo.append(c)
+            try:
+                if "python" in Path(f"/proc/{c}/comm").read_text():
+                    out.append(c)
+            except OSError:
+                pass
+    return sorted(out)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
+    run = tmp_path / "run"
+    cmd = [mpiexec(), "-n", "2", sys.executable, *map(str, job_args(tiny_h5, run, "--epochs", "400",
+                                                                    "--eval-every", "4"))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (run / "metrics.jsonl").is_file() or not metrics(run):
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.1)
+        pids = rank_pids(p.pid)
+        assert len(pids) == 2
+        t0 = time.time()
+        os.kill(pids[-1], signal.SIGTERM)              # one rank only: the others learn at the next step
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == EXIT_STOPPED, err
+    assert time.time() - t0 < 20
+    stopped = final_state(run)
+    assert 0 < stopped.step < 400 * 12 and "stop requested by signal" in err
+    # resume on 2 ranks: bit-identical to an uninterrupted 2-rank run to the same step
+    target = stopped.step + 5
+    ref = tmp_path / "ref"
+    for out in (run, ref):
+        r = run_job(job_args(tiny_h5, out, "--epochs", "400", "--max-steps", target), nprocs=2)
+        assert r.returncode == 0, r.stderr
+    assert_same_state(final_state(run), final_state(ref))
+    # resume the stopped checkpoint on 3 ranks instead: same sample order, rank-count tolerance
+    other = tmp_path / "other"
+    r = run_job(job_args(tiny_h5, other, "--epochs", "400", "--max-steps", target,
+                         "--resume", ckpt.step_path(run, stopped.step)), nprocs=3)
+    assert r.returncode == 0, r.stderr
+    a, b = metrics(ref)[-1]["test_loss"], metrics(other)[-1]["test_loss"]
+    assert abs(a - b) / a < 1e-5
