@@ -1,0 +1,187 @@
+"""scripts/slurm on a real one-node Slurm: singleton detection and the checkpoint-requeue cycle.
+
+The cluster is started by scripts/slurm/local-cluster.sh (Debian's Slurm, as root, in seconds).
+That script installs packages and links /etc/slurm/slurm.conf, so it runs only when asked:
+DPCNN_SLURM_TESTS=1 or CI=true. Otherwise these tests use a local cluster already started by
+hand (`scripts/slurm/local-cluster.sh start`) or are skipped.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _idx import info_for, make_arrays, payloads
+from dpcnn.data import write_h5
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "scripts" / "slurm"
+EXIT_STOPPED = 75
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, timeout=60, **kw) -> subprocess.CompletedProcess:
+    """Run cmd (a list) with a timeout; stdout and stderr together in .stdout."""
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A running one-node Slurm cluster (started here when allowed), or skip."""
+    script = str(SLURM / "local-cluster.sh")
+    allowed = os.environ.get("DPCNN_SLURM_TESTS") == "1" or os.environ.get("CI") == "true"
+    if shutil.which("sinfo") and run([script, "status"], timeout=30).returncode == 0:
+        yield
+        return
+    if not allowed:
+        pytest.skip("no local Slurm running; set DPCNN_SLURM_TESTS=1 to start one "
+                    "(installs Debian's slurm packages with apt-get, needs root)")
+    try:
+        r = run([script, "start"], timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("local Slurm did not start within 300 s")
+    if r.returncode != 0:
+        pytest.skip(f"local Slurm could not be started: {r.stdout.strip().splitlines()[-1:]}")
+    yield
+    run([script, "stop"], timeout=60)
+
+
+@pytest.fixture
+def env():
+    """The environment for Slurm commands: this Python first on PATH (jobs inherit it)."""
+    e = dict(os.environ)
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"
+    for k in [k for k in e if k.startswith(("SLURM_", "PMI_", "PMIX_", "OMPI_"))]:
+        del e[k]                                # not an allocation of our own
+    return e
+
+
+@pytest.fixture
+def tiny_h5(tmp_path) -> Path:
+    """A prepared data file of 4000 training and 64 test images, 28x28 (random, seeded)."""
+    arrays = make_arrays(n_train=4000, n_test=64)
+    files = payloads(arrays)
+    out = tmp_path / "tiny.h5"
+    write_h5(out, info_for(files), arrays, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()})
+    return out
+
+
+def job_fields(job: str, env) -> dict:
+    """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once it is gone."""
+    r = run(["scontrol", "-o", "show", "job", job], timeout=30, env=env)
+    return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
+
+
+# ----------------------------------------------------------------------------- singletons
+
+PROBE = ("import os; from dpcnn.comm import get_comm; c = get_comm(); "
+         "print(f'rank {c.rank} of {c.size} step_tasks {os.environ.get(\"SLURM_STEP_NUM_TASKS\")}')")
+
+
+@pytest.mark.timeout(120)
+def test_srun_with_pmi2_is_one_world(cluster, env, tmp_path):
+    r = run(["srun", "--mpi=pmi2", "-n", "2", "-c", "1", sys.executable, "-c", PROBE],
+            env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout
+    assert sorted(re.findall(r"rank \d of \d step_tasks \d", r.stdout)) == \
+        ["rank 0 of 2 step_tasks 2", "rank 1 of 2 step_tasks 2"], r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_srun_without_pmi_singletons_are_refused(cluster, env, tmp_path, tiny_h5):
+    """Plain srun without PMI starts N worlds of 1; the trainer must stop and name the fix."""
+    out = tmp_path / "run"
+    r = run(["srun", "--mpi=none", "-n", "2", "-c", "1", sys.executable, "-m", "dpcnn.train",
+             "--data", str(tiny_h5), "--out", str(out), "--max-steps", "2"], env=env, cwd=tmp_path)
+    assert r.returncode != 0, r.stdout
+    assert "Slurm started 2 tasks but MPI sees a world of 1" in r.stdout, r.stdout
+    assert "srun --mpi=pmi2" in r.stdout, r.stdout
+    assert not list(out.glob("ckpt-*.h5")), "a singleton trained anyway"
+
+
+# ----------------------------------------------------------------------------- requeue cycle
+
+def wait_for(what: str, predicate, timeout: float, log: Path, interval=0.25):
+    """Poll predicate() until it returns something truthy; fail with the job log on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    text = log.read_text() if log.exists() else "(no log)"
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; job log:\n{text}")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(s) for s in lines if s.strip().endswith("}")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, tmp_path, tiny_h5,
+                                                                 launcher):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = dict(env, RUN_DIR=str(run_dir))
+    if launcher == "mpiexec":                   # hydra starts its proxies through srun
+        env["LAUNCHER"] = "mpiexec"
+    else:
+        env.pop("LAUNCHER", None)               # the default: srun --mpi=pmi2
+    # 8 epochs of 250 steps, ~6 s on 2 idle cores. The signal, sent once the first evaluation
+    # (step 25) is written, was seen to stop the ranks 80-250 steps later: a wide margin.
+    steps = 8 * 4000 // 16
+    r = run(["sbatch", "--parsable", "--job-name=dpcnn-test", "--nodes=1", "--ntasks-per-node=2",
+             "--cpus-per-task=1", "--time=10", f"--output={log}",
+             str(SLURM / "train.sbatch"),
+             "--data", str(tiny_h5), "--epochs", "8", "--batch-size", "16", "--eval-every", "25",
+             "--no-progress"], env=env, cwd=tmp_path, timeout=30)
+    assert r.returncode == 0, r.stdout
+    job = r.stdout.strip().split(";")[0]
+    try:
+        # 1. It trains, as one world of 2 ranks.
+        first = wait_for("a first evaluation", lambda: metrics(run_dir), 120, log)[0]
+        assert first["world_size"] == 2 and first["step"] == 25, first
+        assert first["global_batch_size"] == 16
+
+        # 2. The pre-time-limit signal (what --signal=USR1@T sends): the ranks checkpoint, stop
+        #    with status 75, and the batch script requeues the job.
+        assert run(["scancel", "--signal=USR1", job], env=env, timeout=30).returncode == 0
+        wait_for("the requeue", lambda: job_fields(job, env).get("Restarts") == "1", 120, log)
+        text = log.read_text()
+        assert "restart 0" in text and "requeueing job" in text, text
+        stop = re.search(r"stop requested by signal: checkpoint at step (\d+)", text)
+        assert stop, text
+        stopped_at = int(stop.group(1))
+        assert 25 <= stopped_at < steps, text
+        assert (run_dir / f"ckpt-step{stopped_at:09d}.h5").exists(), sorted(os.listdir(run_dir))
+
+        # 3. Slurm holds a requeued job ~2 minutes before it may start again; skip the wait.
+        run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+        final = wait_for("the resumed job to finish",
+                         lambda: job_fields(job, env).get("JobState") in
+                         ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 180, log)
+        fields, text = job_fields(job, env), log.read_text()
+        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, text)
+        assert "restart 1" in text and "exit status 0" in text, text
+        assert f"ckpt-step{stopped_at:09d}.h5: epoch" in text, text     # "resuming from ..."
+
+        # 4. The second run continued from the checkpoint and finished the schedule.
+        m = metrics(run_dir)
+        assert m[-1]["final"] is True and m[-1]["step"] == steps, m[-1]
+        assert m[-1]["world_size"] == 2
+        resumed = [x["step"] for x in m if x["step"] > stopped_at]
+        assert resumed and min(resumed) > stopped_at
+        assert (run_dir / f"ckpt-step{steps:09d}.h5").exists()
+    finally:
+        run(["scancel", job], env=env, timeout=30)   # a no-op once the job is done
