@@ -45,15 +45,10 @@ def numpy_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
     return step
 
 
-def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0):
-    """The same model and step in PyTorch (NCHW), or None when torch is not importable."""
-    try:
-        import torch
-        from torch import nn
-    except ImportError:
-        return None
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+def torch_model(spec: ModelSpec):
+    """The same network as dpcnn's CNN(spec), in PyTorch (NCHW); torch must be importable."""
+    from torch import nn
+
     H, W, C = spec.input_shape
     pad = spec.kernel // 2 if spec.padding == "same" else 0
     mods = []
@@ -68,7 +63,19 @@ def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0)
         mods += [nn.Linear(D, F), nn.ReLU()]
         D = F
     mods.append(nn.Linear(D, spec.classes))
-    model = nn.Sequential(*mods)
+    return nn.Sequential(*mods)
+
+
+def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0):
+    """(step function, torch version) for the same model and step in PyTorch, or None without torch."""
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = torch_model(spec)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
     x = torch.randn(batch_size, spec.input_shape[2], spec.input_shape[0], spec.input_shape[1])

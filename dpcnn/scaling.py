@@ -1,0 +1,184 @@
+"""Scaling benchmark: P ranks, a fixed batch per rank, one BLAS thread per rank.
+
+    python -m dpcnn.scaling --ranks 1,2,4,8,16 --per-rank-batch 32
+    python -m dpcnn.scaling --ranks 1,2 --json        # one JSON line per P
+
+For each P it launches ``mpiexec -n P python -m dpcnn.scaling --worker`` and reports
+total images/s, parallel efficiency against P = 1, and the time per step in the
+allreduce, split into waiting for slower ranks (a barrier just before it) and the
+transfer itself. With PyTorch importable it also runs PyTorch DDP (gloo, CPU) on
+the same model, per-rank batch and thread count, launched the same way, and
+prints its images/s beside ours. Inputs are random: this measures compute and
+communication, not reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
+    """One rank of the dpcnn measurement; returns the summary on rank 0."""
+    from threadpoolctl import threadpool_limits
+
+    from .comm import MPIComm
+    from .model import CNN
+    from .optim import SGD
+
+    comm = MPIComm()
+    threadpool_limits(1)
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    n = CNN().spec.num_params
+    buf = np.zeros(n + 3, np.float32)
+    model = CNN(seed=0, grads=buf[:n])
+    opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    t = np.zeros(3)                                   # compute, wait, transfer
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        model.loss_and_grad(x, y, denom=1)
+        t1 = time.perf_counter()
+        comm.barrier()                                # waiting for the slowest rank
+        t2 = time.perf_counter()
+        comm.allreduce(buf)                           # the transfer itself
+        t3 = time.perf_counter()
+        model.grads *= np.float32(1.0 / (batch * comm.size))
+        opt.step(0.01)
+        if i == warmup - 1:
+            comm.barrier()
+            start = time.perf_counter()
+            t[:] = 0
+        elif i >= warmup:
+            t += (t1 - t0, t2 - t1, t3 - t2)
+    comm.barrier()
+    wall = time.perf_counter() - start
+    per_rank = comm.allgather_obj(t.tolist())
+    if not comm.is_root:
+        return None
+    tm = np.mean(per_rank, axis=0) / steps
+    return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
+            "images_per_second": round(comm.size * batch * steps / wall, 1),
+            "ms_per_step": round(1e3 * wall / steps, 3), "compute_ms": round(1e3 * tm[0], 3),
+            "allreduce_wait_ms": round(1e3 * tm[1], 3), "allreduce_transfer_ms": round(1e3 * tm[2], 3),
+            "allreduce_bytes": buf.nbytes}
+
+
+def worker_torch(batch: int, steps: int, warmup: int) -> dict | None:
+    """One rank of the PyTorch DDP (gloo) measurement, started by mpiexec (PMI_RANK/PMI_SIZE)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from .bench import torch_model
+    from .model import ModelSpec
+
+    rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    ddp = nn.parallel.DistributedDataParallel(torch_model(ModelSpec()))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(rank)
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    for i in range(warmup + steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ddp(x), y).backward()
+        opt.step()
+        if i == warmup - 1:
+            dist.barrier()
+            start = time.perf_counter()
+    dist.barrier()
+    wall = time.perf_counter() - start
+    dist.destroy_process_group()
+    if rank:
+        return None
+    return {"framework": "torch-ddp", "ranks": size, "per_rank_batch": batch, "steps": steps,
+            "images_per_second": round(size * batch * steps / wall, 1), "ms_per_step": round(1e3 * wall / steps, 3),
+            "torch": torch.__version__}
+
+
+def launch(framework: str, P: int, args) -> dict:
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None:
+        raise SystemExit("error: mpiexec not found (pip install mpich, or load your site MPI)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    cmd = [mpiexec, "-n", str(P), sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
+           "--per-rank-batch", str(args.per_rank_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not lines:
+        raise SystemExit(f"error: {framework} at P={P} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dpcnn.scaling", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n  python -m dpcnn.scaling --ranks 1,2,4,8,16\n"
+                                        "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")
+    ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
+    ap.add_argument("--per-rank-batch", type=int, default=32, help="images per rank per step (default 32)")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps (default 200)")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    ap.add_argument("--no-torch", action="store_true", help="skip PyTorch DDP even if installed")
+    ap.add_argument("--json", action="store_true", help="print one JSON object per measurement")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per launch (default 600)")
+    ap.add_argument("--worker", choices=("dpcnn", "torch"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        res = (worker_dpcnn if args.worker == "dpcnn" else worker_torch)(args.per_rank_batch, args.steps, args.warmup)
+        if res:
+            print(json.dumps(res), flush=True)
+        return 0
+    ranks = [int(p) for p in args.ranks.split(",")]
+    try:
+        import torch  # noqa: F401
+        use_torch = not args.no_torch
+    except ImportError:
+        use_torch = False
+    base = None
+    if not args.json:
+        print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps; "
+              f"allreduce of {4 * (103018 + 3) / 1e3:.0f} KB per step")
+        print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'wait':>7} {'xfer':>7}"
+              + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))
+    for P in ranks:
+        r = launch("dpcnn", P, args)
+        base = base or (r["images_per_second"] if P == 1 else None)
+        if base:
+            r["efficiency"] = round(r["images_per_second"] / (P * base), 3)
+        t = launch("torch", P, args) if use_torch else None
+        if t:
+            r["torch_ddp_images_per_second"] = t["images_per_second"]
+            r["ratio_vs_torch_ddp"] = round(r["images_per_second"] / t["images_per_second"], 3)
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            eff = f"{100 * r['efficiency']:5.1f}%" if "efficiency" in r else "     -"
+            line = (f"{P:>3} {r['images_per_second']:>9.0f} {eff} {r['ms_per_step']:>8.2f} "
+                    f"{r['compute_ms']:>8.2f} {r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f}")
+            if t:
+                line += f" {t['images_per_second']:>10.0f} {r['ratio_vs_torch_ddp']:>6.2f}"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
