@@ -1,0 +1,198 @@
+"""Plot a run's metrics.jsonl: loss, test accuracy and throughput per epoch, as one PNG.
+
+    python -m dpcnn.plot runs/latest                  # writes runs/latest/metrics.png
+    python -m dpcnn.plot runs/latest --out loss.png
+
+Three panels sharing the epoch axis: training and test loss; test accuracy (training
+accuracy dashed, for comparison); images per second of training. Needs matplotlib
+(the optional extra ``plot``); it draws with the Agg backend, so no display is needed.
+
+Exit status: 0 done, 1 error, 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from .cli import add_common_flags, error_line, setup_logging
+
+log = logging.getLogger("dpcnn")
+
+EXIT_OK, EXIT_ERROR = 0, 1
+METRICS = "metrics.jsonl"
+
+EPILOG = """\
+examples:
+  python -m dpcnn.plot runs/latest                     writes runs/latest/metrics.png
+  python -m dpcnn.plot runs/latest --out /tmp/run.png
+  python -m dpcnn.plot runs/latest/metrics.jsonl       a metrics file directly
+  dpcnn-plot runs/latest                               the same, as a console script
+
+needs matplotlib: pip install "dpcnn[plot]"   (or: pip install matplotlib)
+exit status: 0 done, 1 error, 2 bad command line.
+"""
+
+
+class PlotError(Exception):
+    """A missing or unreadable metrics file, or no matplotlib (one-line message)."""
+
+
+def metrics_path(run: Path) -> Path:
+    """RUN_DIR or a metrics file itself -> the metrics file."""
+    run = Path(run)
+    if not run.exists():
+        raise PlotError(f"{run}: no such run directory or metrics file")
+    return run / METRICS if run.is_dir() else run
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in order; PlotError naming the file and line if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlotError(f"{path}: no such file; is {path.parent} a dpcnn run directory "
+                        "(python -m dpcnn.train --out DIR)?")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PlotError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            if not isinstance(r, dict) or not isinstance(r.get("epoch"), (int, float)):
+                raise PlotError(f"{path}:{n}: not a dpcnn metrics record (no number 'epoch')")
+            records.append(r)
+    if not records:
+        raise PlotError(f"{path}: no records yet; the run writes one per evaluation (each epoch's end, "
+                        "or every --eval-every steps)")
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of the records that have a number under key."""
+    pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [e for e, _ in pts], [v for _, v in pts]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError('plotting needs matplotlib: pip install "dpcnn[plot]" (or pip install matplotlib)') \
+            from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    return plt, ticker
+
+
+def plot(records: list[dict], out: Path, title: str = "") -> Path:
+    """Draw the three panels of the records into the PNG `out`; returns out."""
+    plt, ticker = _pyplot()
+    fig, (ax_loss, ax_acc, ax_ips) = plt.subplots(
+        3, 1, sharex=True, figsize=(8, 8.5), gridspec_kw={"height_ratios": [3, 3, 1.4]})
+    style = dict(marker="o", markersize=3.5, linewidth=1.6)
+
+    e, v = _series(records, "train_loss")
+    if e:
+        ax_loss.plot(e, v, label="train", color="tab:blue", **style)
+    e, v = _series(records, "test_loss")
+    ax_loss.plot(e, v, label="test", color="tab:orange", **style)
+    losses = [x for k in ("train_loss", "test_loss") for x in _series(records, k)[1]]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
+        ax_loss.set_yscale("log")                       # plain numbers on the ticks, not 2x10^-1
+        ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax_loss.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.legend(loc="best")
+
+    e, v = _series(records, "train_accuracy")
+    if e:
+        ax_acc.plot(e, [100 * a for a in v], label="train (mean since last record)", color="tab:blue",
+                    linestyle="--", alpha=0.6, **style)
+    e, v = _series(records, "test_accuracy")
+    acc = [100 * a for a in v]
+    ax_acc.plot(e, acc, label="test", color="tab:orange", **style)
+    if acc:
+        i = max(range(len(acc)), key=acc.__getitem__)
+        ax_acc.plot([e[i]], [acc[i]], marker="*", markersize=13, color="tab:red", linestyle="none",
+                    label="best test")
+        ax_acc.set_title(f"test accuracy: last {acc[-1]:.2f}% (epoch {e[-1]:.3g}), "
+                         f"best {acc[i]:.2f}% (epoch {e[i]:.3g})", fontsize=9, loc="left")
+        # scale to the test curve and the training points near it; early, low training points may fall below
+        shown = acc + [100 * a for a in _series(records, "train_accuracy")[1] if 100 * a >= min(acc) - 5]
+        lo, hi = min(shown), max(shown)
+        pad = max(0.5, 0.15 * (hi - lo))
+        ax_acc.set_ylim(max(lo - pad, 0), min(hi + pad, 100.5))
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.legend(loc="best")
+
+    e, v = _series(records, "images_per_second")
+    ax_ips.plot(e, v, color="tab:green", **style)
+    ax_ips.set_ylabel("images/s")
+    ax_ips.set_ylim(bottom=0)
+    ax_ips.set_xlabel("epoch")
+    sizes = sorted({r.get("world_size") for r in records if r.get("world_size")})
+    if sizes:
+        ax_ips.set_title(f"training throughput, {'/'.join(map(str, sizes))} rank(s)", fontsize=9, loc="left")
+
+    for ax in (ax_loss, ax_acc, ax_ips):
+        ax.grid(True, alpha=0.3)
+    last = max(r["epoch"] for r in records)
+    ax_ips.set_xlim(0, last * 1.04 if last > 0 else 1)    # keep the last points off the frame
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def title_of(records: list[dict], path: Path) -> str:
+    last = records[-1]
+    bits = [str(path.parent.resolve().name or path.parent)]
+    if last.get("step") is not None:
+        bits.append(f"step {last['step']}")
+    if last.get("global_batch_size"):
+        bits.append(f"global batch {last['global_batch_size']}")
+    if last.get("elapsed_seconds") is not None:
+        bits.append(f"{last['elapsed_seconds']:.0f} s")
+    return ", ".join(bits)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpcnn.plot", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory (or its metrics.jsonl)")
+    p.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/metrics.png)")
+    add_common_flags(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        src = metrics_path(args.run)
+        records = read_metrics(src)
+        out = plot(records, args.out or src.parent / "metrics.png", title_of(records, src))
+    except (Exception, KeyboardInterrupt) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e if isinstance(e, PlotError) else error_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    log.info("wrote %s (%d records)", out, len(records))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Classify digit images or arrays with a trained checkpoint.
+
+    python -m dpcnn.predict --checkpoint runs/latest/best.h5 seven.png photo.jpg digits.npy
+
+Image files (PNG, JPEG, anything Pillow reads; any size, colour or grey, dark ink on
+light paper or light on dark) are made into 28x28 inputs the way MNIST was made:
+
+1. grey levels (a transparent background counts as white paper);
+2. if the border is light (mean border pixel > 127) the image is inverted, so the digit
+   is white on black; the background level (median border pixel) is subtracted and the
+   contrast stretched so the brightest ink is 255;
+3. cropped to the bounding box of the ink (pixels above 20% of full intensity);
+4. scaled (Lanczos, antialiased) so its longer side is 20 pixels, keeping the aspect ratio;
+5. pasted into a black 28x28 field so that its centre of mass lands on pixel (14, 14).
+
+``.npy`` arrays are taken as already in MNIST form (white digit on black, centred, 28x28)
+and are not processed: shape (28, 28), (N, 28, 28) or (N, 28, 28, 1); an integer dtype
+means pixel values 0-255, a float dtype means intensities in [0, 1] (that is, x / 255).
+
+Both are then standardised like the training data, ``(x/255 - mean) / std``, with the
+mean and std of the data file (``--data``, default the file the checkpoint was trained
+on). If that recorded file is missing and the checkpoint was trained on MNIST, the
+MNIST values are used.
+
+Each input prints one line, ``path: 7 (p=0.993)`` (``path[i]`` for the i-th image of an
+array). A file that cannot be read prints a one-line error naming it; the other files
+are still classified, and the exit status is then 1.
+
+Exit status: 0 all classified, 1 some input or the checkpoint failed, 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import CheckpointError
+from .cli import add_common_flags, error_line, setup_logging
+from .data import DATASETS, Split
+from .evaluate import check_data, load_model, recorded_data_path
+
+log = logging.getLogger("dpcnn")
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+# Pixel statistics of the MNIST training images / 255 (what `dpcnn.data prepare` stores),
+# used only when the data file a MNIST checkpoint was trained on is not at hand.
+MNIST_MEAN, MNIST_STD = 0.1306604762738429, 0.30810780385646264
+
+BORDER_LIGHT = 127      # mean border grey level above which the image is dark ink on light paper
+INK = 0.2               # after stretching, pixels above this fraction of 255 are ink (bounding box)
+BOX = 20                # MNIST digits fit a 20x20 box in the 28x28 field
+
+PIL_MISSING = 'reading images needs Pillow: pip install "dpcnn[predict]" (or pip install pillow)'
+
+EPILOG = """\
+examples:
+  python -m dpcnn.predict --checkpoint runs/latest/best.h5 digit.png
+  python -m dpcnn.predict --checkpoint runs/latest/best.h5 --top 3 scans/*.jpg
+  python -m dpcnn.predict --checkpoint runs/latest/best.h5 batch.npy --json
+  python -m dpcnn.predict --checkpoint runs/latest/best.h5 --save-input /tmp/seen photo.jpg
+  dpcnn-predict --checkpoint runs/latest/best.h5 digit.png   the same, as a console script
+
+.npy arrays: (28,28), (N,28,28) or (N,28,28,1), white digit on black, centred, used as is;
+integer dtype = pixel values 0-255, float dtype = intensities in [0,1].
+Images need Pillow: pip install "dpcnn[predict]".
+Bad files are reported one line each and skipped; the exit status is then 1.
+"""
+
+
+class InputError(Exception):
+    """An input file that cannot be classified (one-line message naming the file)."""
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _pil():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        return None, None
+    return Image, ImageOps
+
+
+def grey_levels(img) -> np.ndarray:
+    """A Pillow image -> (H, W) float64 grey levels 0..255; transparency becomes white paper."""
+    Image, ImageOps = _pil()
+    img = ImageOps.exif_transpose(img)                 # photos: honour the camera's rotation
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, rgba)
+    return np.asarray(img.convert("L"), dtype=np.float64)
+
+
+def mnist_style(grey: np.ndarray, size: int = 28, name: str = "image") -> np.ndarray:
+    """Grey levels (H, W) 0..255, any size and polarity -> (size, size) uint8, MNIST-style.
+
+    White digit on black, the ink's longer side scaled to 20/28 of size, centre of mass
+    at pixel (size/2, size/2). InputError (naming `name`) when there is no ink.
+    """
+    Image, _ = _pil()
+    if Image is None:
+        raise InputError(f"{name}: {PIL_MISSING}")
+    a = np.asarray(grey, dtype=np.float64)
+    if a.ndim != 2 or min(a.shape) < 1:
+        raise InputError(f"{name}: expected a 2-D grey image, got shape {a.shape}")
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    if border.mean() > BORDER_LIGHT:                   # dark ink on light paper: make it white on black
+        a, border = 255.0 - a, 255.0 - border
+    a = np.clip(a - np.median(border), 0, None)
+    top = a.max()
+    if top < 255 * 0.1:
+        raise InputError(f"{name}: no digit found (the image is blank or has almost no contrast)")
+    a *= 255.0 / top
+    rows, cols = np.nonzero(a > 255 * INK)
+    a = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+    box = max(1, round(BOX * size / 28))
+    h, w = a.shape
+    s = box / max(h, w)
+    h2, w2 = max(1, round(h * s)), max(1, round(w * s))
+    small = Image.fromarray(np.rint(a).astype(np.uint8), "L").resize((w2, h2), Image.LANCZOS)
+    d = np.asarray(small, dtype=np.float64)
+    if d.max() > 0:                                    # thin strokes fade when shrunk: restore full ink
+        d *= 255.0 / d.max()
+
+    m = d.sum()
+    cy = (d.sum(axis=1) @ np.arange(h2)) / m
+    cx = (d.sum(axis=0) @ np.arange(w2)) / m
+    # place the centre of mass on (size/2, size/2), keeping the whole digit inside the field
+    y0 = min(max(round(size / 2 - cy), 0), size - h2)
+    x0 = min(max(round(size / 2 - cx), 0), size - w2)
+    out = np.zeros((size, size), dtype=np.uint8)
+    out[y0:y0 + h2, x0:x0 + w2] = np.rint(d).astype(np.uint8)
+    return out
+
+
+def read_image(path: Path, size: int = 28) -> np.ndarray:
+    """An image file -> (size, size) uint8 MNIST-style. InputError naming the file if unreadable."""
+    Image, _ = _pil()
+    if Image is None:
+        raise InputError(f"{path}: {PIL_MISSING}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            grey = grey_levels(img)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an image") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file Pillow can read (and not .npy)") from None
+    except (OSError, ValueError, SyntaxError) as e:     # truncated or corrupt files
+        raise InputError(f"{path}: cannot read the image ({' '.join(str(e).split())})") from None
+    return mnist_style(grey, size, str(path))
+
+
+def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
+    """A .npy file -> ((N, size, size) float32 intensities in [0, 1], whether it held one 2-D
+    image); InputError if unusable.
+
+    Accepts (size, size), (N, size, size) or (N, size, size, 1); integer dtype = 0..255,
+    float dtype = [0, 1].
+    """
+    try:
+        a = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
+    if not isinstance(a, np.ndarray):
+        raise InputError(f"{path}: holds several arrays (.npz); give one .npy array")
+    shape = a.shape
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    single = a.ndim == 2
+    if single:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1:] != (size, size) or a.shape[0] == 0:
+        raise InputError(f"{path}: array of shape {shape}, expected ({size}, {size}), (N, {size}, {size}) "
+                         f"or (N, {size}, {size}, 1)")
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise InputError(f"{path}: integer pixel values must be 0-255, found {a.min()}..{a.max()}")
+        return a.astype(np.float32) / np.float32(255), single
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise InputError(f"{path}: array holds NaN or infinite values")
+        if a.min() < -1e-3 or a.max() > 1 + 1e-3:
+            raise InputError(f"{path}: float values must be intensities in [0, 1], found "
+                             f"{a.min():.3g}..{a.max():.3g} (give uint8 for 0-255)")
+        return np.clip(a, 0, 1).astype(np.float32), single
+    raise InputError(f"{path}: array dtype {a.dtype}, expected an integer (0-255) or float ([0, 1]) dtype")
+
+
+def standardise(v: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """Intensities (N, H, W) in [0, 1] -> network input (N, H, W, 1) float32, (v - mean) / std."""
+    return ((v.astype(np.float32) - np.float32(mean)) / np.float32(std))[..., None]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, K) -> (N, K) probabilities, computed stably."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class Normalisation:
+    mean: float
+    std: float
+    class_names: list[str]
+    source: str
+
+
+def normalisation(state, ckpt_path: Path, model, data: Path | None, force: bool) -> Normalisation:
+    """Mean, std and class names: from --data, else the recorded data file, else MNIST's values."""
+    explicit = data is not None
+    if not explicit:
+        data = recorded_data_path(state, ckpt_path) if state.config.get("data") else None
+    if data is not None and Path(data).is_file():
+        with Split(data, "test") as s:
+            check_data(state, ckpt_path, s, model, force)
+            return Normalisation(s.mean, s.std, list(s.class_names), str(data))
+    if explicit:
+        raise CheckpointError(f"{data}: no such data file (needed for the pixel mean and std)")
+    dataset = state.config.get("dataset")
+    if dataset == "mnist":
+        log.info("data file %s not found: using the MNIST pixel mean and std", data)
+        return Normalisation(MNIST_MEAN, MNIST_STD, list(DATASETS["mnist"].class_names), "MNIST constants")
+    raise CheckpointError(f"{ckpt_path}: its data file {data} is missing and it was trained on "
+                          f"{dataset or 'an unknown data set'}, whose pixel mean and std are needed; "
+                          "pass --data with the prepared data file")
+
+
+def load_inputs(path: Path, size: int) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """One input file -> (labels, intensities (N, size, size) in [0, 1], the preprocessed uint8 or None)."""
+    if path.suffix.lower() == ".npy":
+        v, single = read_npy(path, size)
+        labels = [str(path)] if single else [f"{path}[{i}]" for i in range(v.shape[0])]
+        return labels, v, None
+    u8 = read_image(path, size)
+    return [str(path)], (u8.astype(np.float32) / np.float32(255))[None], u8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpcnn.predict", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...) or .npy arrays")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")
+    p.add_argument("--data", type=Path, help="prepared data file for the pixel mean/std and class names "
+                                             "(default: the one the checkpoint was trained on)")
+    p.add_argument("--top", type=int, default=1, metavar="K", help="print the K most probable classes (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every prediction")
+    p.add_argument("--save-input", type=Path, metavar="DIR",
+                   help="also write each image's 28x28 preprocessed version to DIR as PNG (what the model sees)")
+    p.add_argument("--force", action="store_true", help="use --data even if the checkpoint was trained on "
+                                                        "another data set")
+    add_common_flags(p)
+    return p
+
+
+def _fmt(name: str, p: float) -> str:
+    return f"{name} (p={p:.3f})"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    setup_logging(args.verbose, args.quiet)
+
+    def fail(e: BaseException) -> str:
+        if args.debug:
+            traceback.print_exc()
+        line = str(e) if isinstance(e, InputError) else error_line(e)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return line
+
+    try:
+        model, state = load_model(args.checkpoint)
+        norm = normalisation(state, args.checkpoint, model, args.data, args.force)
+        H, W, C = model.spec.input_shape
+        if H != W or C != 1:
+            raise CheckpointError(f"{args.checkpoint}: the model takes {H}x{W}x{C} inputs; predict handles "
+                                  "square grey images only")
+        if args.save_input:
+            args.save_input.mkdir(parents=True, exist_ok=True)
+    except (Exception, KeyboardInterrupt) as e:
+        fail(e)
+        return EXIT_ERROR
+
+    k = min(args.top, model.spec.classes)
+    names = norm.class_names
+    results, errors = [], []
+    for path in args.images:
+        try:
+            labels, v, u8 = load_inputs(path, H)
+            if u8 is not None and args.save_input:
+                from PIL import Image
+                Image.fromarray(u8, "L").save(args.save_input / f"{path.stem}.28x28.png")
+            probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std)))
+        except KeyboardInterrupt as e:
+            fail(e)
+            return 130
+        except Exception as e:
+            errors.append({"input": str(path), "error": fail(e)})
+            continue
+        for label, pr in zip(labels, probs):
+            top = np.argsort(-pr, kind="stable")[:k]
+            rec = {"input": label, "class": int(top[0]), "name": names[top[0]], "probability": float(pr[top[0]]),
+                   "top": [{"class": int(c), "name": names[c], "probability": float(pr[c])} for c in top]}
+            results.append(rec)
+            if not args.json:
+                print(f"{label}: " + ", ".join(_fmt(t["name"], t["probability"]) for t in rec["top"]), flush=True)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "step": state.step, "normalisation": norm.source,
+                          "predictions": results, "errors": errors}))
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The user tools: evaluate (checkpoint -> accuracy, confusion), plot (metrics.jsonl -> PNG), predict."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _idx import info_for, make_arrays, payloads
+from dpcnn import checkpoint as ckpt
+from dpcnn import evaluate, plot, predict
+from dpcnn.data import Split, write_h5
+from dpcnn.metrics import evaluate as metrics_evaluate
+from dpcnn.model import CNN, ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_data(path: Path, seed: int, name: str = "tiny") -> Path:
+    """A prepared HDF5 file of random 28x28 digits: 40 train, 30 test images."""
+    arrays = make_arrays(n_train=40, n_test=30, seed=seed)
+    info = info_for(payloads(arrays), name)
+    write_h5(path, info, arrays, info.sha256)
+    return path
+
+
+def save_checkpoint(path: Path, data: Path, dataset: str = "tiny", seed: int = 1, step: int = 7) -> CNN:
+    """Save a freshly initialised CNN as a checkpoint trained on `data`; returns the model."""
+    model = CNN(ModelSpec(), seed=seed)
+    model.p["fc2.b"][...] = np.linspace(-0.5, 0.5, 10)       # some class preference, so predictions vary
+    with Split(data, "test") as s:
+        fingerprint = s.fingerprint
+    ckpt.save(path, ckpt.State(params={k: v.copy() for k, v in model.p.items()},
+                               velocity={k: np.zeros_like(v) for k, v in model.p.items()},
+                               epoch=0, next_batch=step, step=step, spec=model.spec.to_dict(),
+                               config={"data": str(data), "dataset": dataset}, data_fingerprint=fingerprint))
+    return model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(data file, checkpoint file, the model saved in it), shared by the module's tests."""
+    d = tmp_path_factory.mktemp("tools")
+    data = make_data(d / "tiny.h5", seed=0)
+    model = save_checkpoint(d / "best.h5", data)
+    return data, d / "best.h5", model
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_json_equals_metrics_evaluate(run, capsys):
+    data, path, model = run
+    assert evaluate.main(["--checkpoint", str(path), "--json", "--batch-size", "7"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    with Split(data, "test") as s:
+        x, y = s.read(0, s.n)
+    want = metrics_evaluate(model, x, y, batch_size=7)          # same batches, same float32 sums
+    assert r["count"] == 30 == np.sum(r["confusion"])
+    assert r["accuracy"] == want.accuracy
+    assert r["loss"] == want.loss
+    assert r["confusion"] == want.confusion.tolist()
+    assert r["per_class_accuracy"] == want.summary()["per_class_accuracy"]
+    assert r["step"] == 7 and r["checkpoint"] == str(path) and r["data"] == str(data)   # data from the checkpoint
+    assert r["class_names"] == list("0123456789")
+
+
+def test_evaluate_text_report(run, capsys):
+    data, path, _ = run
+    assert evaluate.main(["--checkpoint", str(path), "--data", str(data), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "accuracy" in out and "loss" in out and "(test split, 30 images)" in out
+    assert "confusion matrix (rows: true class, columns: predicted class)" in out
+    table = out.split("confusion matrix")[1].strip().splitlines()[2:]       # after the note and header
+    assert len(table) == 10 and sum(int(v) for row in table for v in row.split()[1:]) == 30
+
+
+def test_evaluate_refuses_another_data_set_unless_forced(run, tmp_path, capsys):
+    _, path, _ = run
+    other = make_data(tmp_path / "other.h5", seed=5, name="other")
+    assert evaluate.main(["--checkpoint", str(path), "--data", str(other)]) == 1
+    one_error_line(capsys.readouterr().err, "another data set", "--force")
+    assert evaluate.main(["--checkpoint", str(path), "--data", str(other), "--force", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["count"] == 30 and "warning" in err
+
+
+def test_evaluate_errors_are_one_line_unless_debug(run, tmp_path, capsys):
+    data, path, _ = run
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.h5")]) == 1
+    one_error_line(capsys.readouterr().err, "nope.h5", "no such checkpoint")
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "junk.h5"), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+    moved = tmp_path / "moved.h5"                     # the recorded data file is gone
+    save_checkpoint(moved, data)
+    state = ckpt.load(moved)
+    state.config["data"] = str(tmp_path / "gone.h5")
+    ckpt.save(moved, state)
+    assert evaluate.main(["--checkpoint", str(moved)]) == 1
+    one_error_line(capsys.readouterr().err, "gone.h5", "--data")
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def write_metrics(run_dir: Path, n: int = 4) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recs = [{"epoch": (i + 1) / 2, "step": 50 * (i + 1), "train_loss": None if i == 0 else 1.0 / (i + 1),
+             "train_accuracy": None if i == 0 else 0.8 + 0.04 * i, "test_loss": 0.9 / (i + 1),
+             "test_accuracy": 0.85 + 0.03 * i, "images_per_second": 1000.0 + 10 * i, "elapsed_seconds": 2.0 * i,
+             "world_size": 2, "global_batch_size": 64, "lr": 0.05, "final": i == n - 1} for i in range(n)]
+    path = run_dir / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "run")
+    assert plot.main([str(tmp_path / "run"), "-q"]) == 0
+    png = (tmp_path / "run" / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert plot.main([str(tmp_path / "run" / "metrics.jsonl"), "--out", str(tmp_path / "a" / "b.png")]) == 0
+    assert (tmp_path / "a" / "b.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("content, needle", [(None, "no such file"), ("", "no records yet"),
+                                             ("\n{\"epoch\": 1}\n{oops\n", "metrics.jsonl:3: not a JSON line"),
+                                             ("[1, 2]\n", "not a dpcnn metrics record")])
+def test_plot_bad_metrics_one_line(tmp_path, capsys, content, needle):
+    d = tmp_path / "run"
+    d.mkdir()
+    if content is not None:
+        (d / "metrics.jsonl").write_text(content)
+    assert plot.main([str(d)]) == 1
+    one_error_line(capsys.readouterr().err, needle)
+
+
+def test_plot_missing_run_dir_and_missing_matplotlib(tmp_path, capsys, monkeypatch):
+    assert plot.main([str(tmp_path / "nowhere")]) == 1
+    one_error_line(capsys.readouterr().err, "nowhere: no such run directory")
+    write_metrics(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    assert plot.main([str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == \
+        'error: plotting needs matplotlib: pip install "dpcnn[plot]" (or pip install matplotlib)\n'
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def drawn_seven(h: int = 90, w: int = 60) -> np.ndarray:
+    """A dark '7' on light paper, off-centre, as grey levels (h, w) uint8."""
+    a = np.full((h, w), 235, np.uint8)
+    a[12:20, 8:44] = 20                                   # the bar
+    for r in range(20, 75):                               # the slanted stroke
+        c = 44 - (r - 20) * 24 // 55
+        a[r, max(c - 4, 0):c + 4] = 20
+    return a
+
+
+def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    m = a.astype(np.float64)
+    return (m.sum(1) @ np.arange(a.shape[0])) / m.sum(), (m.sum(0) @ np.arange(a.shape[1])) / m.sum()
+
+
+def test_mnist_style_preprocessing():
+    pytest.importorskip("PIL")
+    u8 = predict.mnist_style(drawn_seven().astype(np.float64))
+    assert u8.shape == (28, 28) and u8.dtype == np.uint8
+    cy, cx = centre_of_mass(u8)
+    assert abs(cy - 14) <= 1 and abs(cx - 14) <= 1
+    rows, cols = np.nonzero(u8 > 0)
+    h, w = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert h <= 20 and w <= 20 and max(h, w) >= 19
+    assert u8.max() == 255 and (u8 > 0).mean() < 0.4                # white ink on black
+    for corner in (u8[0, 0], u8[0, -1], u8[-1, 0], u8[-1, -1]):
+        assert corner == 0
+    # light-on-dark input gives the same result as dark-on-light
+    np.testing.assert_array_equal(predict.mnist_style(255.0 - drawn_seven()), u8)
+
+
+def test_predict_image_probabilities_equal_model_softmax(run, tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    data, path, model = run
+    img = tmp_path / "seven.png"
+    Image.fromarray(drawn_seven()).convert("RGB").save(img)
+    seen = tmp_path / "seen"
+    assert predict.main(["--checkpoint", str(path), str(img), "--json", "--top", "3",
+                         "--save-input", str(seen)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    u8 = np.asarray(Image.open(seen / "seven.28x28.png"))
+    np.testing.assert_array_equal(u8, predict.mnist_style(drawn_seven().astype(np.float64)))
+    with Split(data, "test") as s:
+        x = s.standardise(u8[None])                               # the training-time transform
+    z = model.forward(x).astype(np.float64)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    (rec,) = r["predictions"]
+    assert rec["input"] == str(img) and rec["class"] == int(p.argmax()) and len(rec["top"]) == 3
+    assert rec["probability"] == pytest.approx(p.max(), rel=1e-5)
+    for t in rec["top"]:
+        assert t["probability"] == pytest.approx(p[0, t["class"]], rel=1e-5)
+    assert r["errors"] == [] and r["normalisation"] == str(data)
+
+
+def test_predict_npy_arrays(run, tmp_path, capsys):
+    data, path, model = run
+    rng = np.random.default_rng(3)
+    u8 = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "batch.npy", u8[..., None])                      # (N, 28, 28, 1) uint8
+    np.save(tmp_path / "one.npy", u8[1].astype(np.float32) / 255)       # (28, 28) float in [0, 1]
+    assert predict.main(["--checkpoint", str(path), str(tmp_path / "batch.npy"), str(tmp_path / "one.npy")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    with Split(data, "test") as s:
+        logits = model.forward(s.standardise(u8)).astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = [f"{tmp_path / 'batch.npy'}[{i}]: {p[i].argmax()} (p={p[i].max():.3f})" for i in range(3)]
+    assert lines == want + [f"{tmp_path / 'one.npy'}: {p[1].argmax()} (p={p[1].max():.3f})"]
+
+
+def test_predict_bad_files_are_reported_and_skipped(run, tmp_path, capsys):
+    _, path, _ = run
+    (tmp_path / "x.png").write_text("this is text, not a picture\n")
+    np.save(tmp_path / "wide.npy", np.zeros((2, 28, 30), np.uint8))
+    np.save(tmp_path / "hot.npy", np.full((28, 28), 3.0))
+    np.save(tmp_path / "good.npy", np.zeros((28, 28), np.uint8))
+    args = [str(tmp_path / n) for n in ("x.png", "wide.npy", "good.npy", "hot.npy", "missing.jpg")]
+    assert predict.main(["--checkpoint", str(path), *args]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{tmp_path / 'good.npy'}: ") and len(out.splitlines()) == 1
+    errs = err.strip().splitlines()
+    assert len(errs) == 4 and all(e.startswith("error: ") for e in errs)
+    assert f"{tmp_path / 'x.png'}: not an image" in errs[0]
+    assert "wide.npy: array of shape (2, 28, 30)" in errs[1]
+    assert "hot.npy: float values must be intensities in [0, 1]" in errs[2]
+    assert "missing.jpg: no such file" in errs[3]
+
+
+def test_predict_without_pillow_still_reads_npy(run, tmp_path, capsys, monkeypatch):
+    _, path, _ = run
+    (tmp_path / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    np.save(tmp_path / "d.npy", np.zeros((28, 28), np.uint8))
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert predict.main(["--checkpoint", str(path), str(tmp_path / "d.png"), str(tmp_path / "d.npy")]) == 1
+    out, err = capsys.readouterr()
+    one_error_line(err, "d.png", 'pip install "dpcnn[predict]"')
+    assert out.startswith(f"{tmp_path / 'd.npy'}: ")
+
+
+def test_predict_normalisation_when_the_data_file_is_gone(run, tmp_path, capsys):
+    data, _, _ = run
+    np.save(tmp_path / "d.npy", np.zeros((28, 28), np.uint8))
+    for dataset in ("mnist", "tiny"):
+        p = tmp_path / f"{dataset}.h5"
+        save_checkpoint(p, data, dataset=dataset)
+        s = ckpt.load(p)
+        s.config["data"] = str(tmp_path / "gone.h5")
+        ckpt.save(p, s)
+    assert predict.main(["--checkpoint", str(tmp_path / "mnist.h5"), str(tmp_path / "d.npy"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["normalisation"] == "MNIST constants"
+    assert predict.main(["--checkpoint", str(tmp_path / "tiny.h5"), str(tmp_path / "d.npy")]) == 1
+    one_error_line(capsys.readouterr().err, "gone.h5", "pass --data")
+    tiny = ["--checkpoint", str(tmp_path / "tiny.h5"), str(tmp_path / "d.npy")]
+    assert predict.main([*tiny, "--data", str(data)]) == 0
+    other = make_data(tmp_path / "other.h5", seed=9, name="other")
+    assert predict.main([*tiny, "--data", str(other)]) == 1
+    one_error_line(capsys.readouterr().err, "another data set", "--force")
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+@pytest.mark.parametrize("module", ["evaluate", "plot", "predict"])
+def test_help_has_examples(module):
+    r = subprocess.run([sys.executable, "-m", f"dpcnn.{module}", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "examples:" in r.stdout and f"python -m dpcnn.{module}" in r.stdout
+    for flag in ("-v, --verbose", "-q, --quiet", "--debug"):
+        assert flag in r.stdout
