@@ -152,23 +152,51 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
     return result
 
 
-def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = None) -> None:
-    """Print the functions where a training step spends its time."""
-    import cProfile
-    import pstats
+def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = None) -> list[tuple[str, float]]:
+    """Time each layer function of a training step (its own time, nested calls excluded).
+
+    Wraps the functions of dpcnn.layers for the measurement and restores them after;
+    returns [(name, ms per step)] with the optimizer and the rest of the step last.
+    """
+    from . import layers
+
+    names = ("im2col", "col2im", "pad_hw", "conv_forward", "conv_backward", "maxpool_forward", "maxpool_backward",
+             "relu_forward", "relu_backward", "dense_forward", "dense_backward", "softmax_cross_entropy", "sum_rows")
+    own = dict.fromkeys(names, 0.0)
+    stack = []                                      # [start, time of nested calls]
+    originals = {n: getattr(layers, n) for n in names}
+
+    def timed(name, f):
+        def wrapper(*a, **k):
+            stack.append([time.perf_counter(), 0.0])
+            try:
+                return f(*a, **k)
+            finally:
+                t0, nested = stack.pop()
+                dt = time.perf_counter() - t0
+                own[name] += dt - nested
+                if stack:
+                    stack[-1][1] += dt
+        return wrapper
 
     with threadpool_limits(threads):
-        step = numpy_stepper(spec or ModelSpec(), batch_size)
+        model_step = numpy_stepper(spec or ModelSpec(), batch_size)
         for _ in range(5):
-            step()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(steps):
-            step()
-        prof.disable()
-    print(f"per step, batch {batch_size}, {threads} thread(s); tottime is the function's own time "
-          f"(matrix products count to their caller), over {steps} steps")
-    pstats.Stats(prof).strip_dirs().sort_stats("tottime").print_stats(14)
+            model_step()
+        for n, f in originals.items():
+            setattr(layers, n, timed(n, f))
+        try:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model_step()
+            total = time.perf_counter() - t0
+        finally:
+            for n, f in originals.items():
+                setattr(layers, n, f)
+    rows = sorted(((n, 1e3 * t / steps) for n, t in own.items() if t), key=lambda r: -r[1])
+    rows.append(("everything else (model glue, SGD update)", 1e3 * total / steps - sum(ms for _, ms in rows)))
+    rows.append(("total", 1e3 * total / steps))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -183,13 +211,20 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="timing rounds; medians are reported (default 7)")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch even if it is installed")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--profile", action="store_true", help="profile dpcnn's step instead of timing it")
+    ap.add_argument("--profile", action="store_true", help="time each layer function of dpcnn's step instead")
     args = ap.parse_args(argv)
     for flag in ("batch_size", "threads", "steps", "rounds"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.profile:
-        profile(args.batch_size, args.threads, args.steps)
+        rows = profile(args.batch_size, args.threads, args.steps)
+        if args.json:
+            print(json.dumps({"batch_size": args.batch_size, "threads": args.threads, "ms_per_step": dict(rows)}))
+            return 0
+        print(f"where a training step goes: batch {args.batch_size}, {args.threads} thread(s), mean of "
+              f"{args.steps} steps (own time of each layer function, matrix products included)")
+        for name, ms in rows:
+            print(f"  {name:<42} {ms:7.3f} ms  {100 * ms / rows[-1][1]:5.1f}%")
         return 0
     r = run(args.batch_size, args.threads, args.steps, args.rounds, use_torch=not args.no_torch)
     if args.json:
