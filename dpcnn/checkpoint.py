@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .cli import UserError
 from .model import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ VERSION = 1
 NAME = re.compile(r"^ckpt-step(\d+)\.h5$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit this run (one-line message)."""
 
 

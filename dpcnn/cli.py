@@ -10,6 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
+
+
+class UserError(Exception):
+    """An error the user can fix, whose message says it all: printed as is, on one line.
+
+    Every module's own error (DataError, CheckpointError, CommError, ...) derives from it.
+    """
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -30,7 +38,15 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     msg = " ".join(str(e).split()) or type(e).__name__
-    known = ("DataError", "CheckpointError", "CommError", "ConfigError")
-    if type(e).__name__ in known or isinstance(e, (FileNotFoundError, PermissionError)):
+    if isinstance(e, (UserError, FileNotFoundError, PermissionError)):
         return msg
     return f"{type(e).__name__}: {msg}"
+
+
+def report_error(e: BaseException, debug: bool = False, prefix: str = "") -> str:
+    """Print ``error: <one line>`` to stderr (the traceback first with --debug); return the line."""
+    if debug:
+        traceback.print_exc()
+    line = prefix + error_line(e)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return line

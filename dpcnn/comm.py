@@ -19,12 +19,14 @@ import sys
 
 import numpy as np
 
+from .cli import UserError
+
 # Environment variables that MPI launchers set in every rank they start.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                  "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD", "PMI_FD", "MV2_COMM_WORLD_SIZE")
 
 
-class CommError(RuntimeError):
+class CommError(UserError):
     """A launch or communication problem with a one-line explanation."""
 
 

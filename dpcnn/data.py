@@ -41,7 +41,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dpcnn import __version__
+from . import __version__
+from .cli import UserError, report_error, setup_logging
 
 try:
     from tqdm import tqdm
@@ -61,7 +62,7 @@ TIMEOUT_S = 30.0  # per network operation
 _CHUNK_BYTES = 1 << 16
 
 
-class DataError(Exception):
+class DataError(UserError):
     """One-line, user-facing message naming the file and the problem."""
 
 
@@ -690,23 +691,19 @@ def prepare_main(argv=None) -> int:
     if not argv or argv[0] not in ("prepare", "info", "-h", "--help"):
         argv.insert(0, "prepare")
     args = _parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s")
-    logger.setLevel(level)
+    setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "info":
             print("\n".join(info_lines(args.path)))
         else:
             prepare(args.dataset, args.source, args.out, force=args.force, timeout=args.timeout)
         return 0
-    except DataError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        report_error(e, args.debug)
         return 130
+    except Exception as e:
+        report_error(e, args.debug)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
-from .cli import add_common_flags, error_line, setup_logging
+from .cli import add_common_flags, report_error, setup_logging
 from .data import Split
 from .metrics import evaluate
 from .model import CNN, ModelSpec
@@ -166,9 +165,7 @@ def main(argv=None) -> int:
     try:
         r = run(args.checkpoint, args.data, args.split, args.batch_size, args.force)
     except (Exception, KeyboardInterrupt) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        report_error(e, args.debug)
         return EXIT_ERROR
     print(json.dumps(r) if args.json else report(r))
     return EXIT_OK

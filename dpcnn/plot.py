@@ -16,10 +16,9 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 
-from .cli import add_common_flags, error_line, setup_logging
+from .cli import UserError, add_common_flags, report_error, setup_logging
 
 log = logging.getLogger("dpcnn")
 
@@ -38,7 +37,7 @@ exit status: 0 done, 1 error, 2 bad command line.
 """
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     """A missing or unreadable metrics file, or no matplotlib (one-line message)."""
 
 
@@ -186,9 +185,7 @@ def main(argv=None) -> int:
         records = read_metrics(src)
         out = plot(records, args.out or src.parent / "metrics.png", title_of(records, src))
     except (Exception, KeyboardInterrupt) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e if isinstance(e, PlotError) else error_line(e)}", file=sys.stderr)
+        report_error(e, args.debug)
         return EXIT_ERROR
     log.info("wrote %s (%d records)", out, len(records))
     return EXIT_OK

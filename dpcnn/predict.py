@@ -35,14 +35,13 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .cli import add_common_flags, error_line, setup_logging
+from .cli import UserError, add_common_flags, report_error, setup_logging
 from .data import DATASETS, Split
 from .evaluate import check_data, load_model, recorded_data_path
 
@@ -75,7 +74,7 @@ Bad files are reported one line each and skipped; the exit status is then 1.
 """
 
 
-class InputError(Exception):
+class InputError(UserError):
     """An input file that cannot be classified (one-line message naming the file)."""
 
 
@@ -284,13 +283,6 @@ def main(argv=None) -> int:
         parser.error(f"--top must be >= 1, got {args.top}")
     setup_logging(args.verbose, args.quiet)
 
-    def fail(e: BaseException) -> str:
-        if args.debug:
-            traceback.print_exc()
-        line = str(e) if isinstance(e, InputError) else error_line(e)
-        print(f"error: {line}", file=sys.stderr, flush=True)
-        return line
-
     try:
         model, state = load_model(args.checkpoint)
         norm = normalisation(state, args.checkpoint, model, args.data, args.force)
@@ -301,7 +293,7 @@ def main(argv=None) -> int:
         if args.save_input:
             args.save_input.mkdir(parents=True, exist_ok=True)
     except (Exception, KeyboardInterrupt) as e:
-        fail(e)
+        report_error(e, args.debug)
         return EXIT_ERROR
 
     k = min(args.top, model.spec.classes)
@@ -315,10 +307,10 @@ def main(argv=None) -> int:
                 Image.fromarray(u8, "L").save(args.save_input / f"{path.stem}.28x28.png")
             probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std)))
         except KeyboardInterrupt as e:
-            fail(e)
+            report_error(e, args.debug)
             return 130
         except Exception as e:
-            errors.append({"input": str(path), "error": fail(e)})
+            errors.append({"input": str(path), "error": report_error(e, args.debug)})
             continue
         for label, pr in zip(labels, probs):
             top = np.argsort(-pr, kind="stable")[:k]

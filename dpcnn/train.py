@@ -27,7 +27,6 @@ import shutil
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import h5py
@@ -36,7 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cli import add_common_flags, error_line, setup_logging
+from .cli import UserError, add_common_flags, report_error, setup_logging
 from .comm import CommError, default_threads, get_comm, hostname
 from .data import DATASETS, DataError, ShardedLoader, Split, default_data_path, prepare, shard_bounds
 from .metrics import Totals, evaluate
@@ -48,11 +47,7 @@ log = logging.getLogger("dpcnn")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 75
 
 
-class ConfigError(Exception):
-    """A setting that cannot work (one-line message naming the flag)."""
-
-
-class SharedError(Exception):
+class SharedError(UserError):
     """An error every rank has learned about (from rank 0): all exit together, no abort needed."""
 
 
@@ -563,7 +558,7 @@ def main(argv=None) -> int:
     try:
         comm = get_comm(args.comm)
     except CommError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(e, args.debug)
         return EXIT_ERROR
     setup_logging(args.verbose, args.quiet, comm.rank, comm.size)
     try:
@@ -573,10 +568,7 @@ def main(argv=None) -> int:
             log.error("error: %s", e)
         return EXIT_ERROR
     except (Exception, KeyboardInterrupt) as e:
-        if args.debug:
-            traceback.print_exc()
-        tag = f"rank {comm.rank}: " if comm.size > 1 else ""
-        print(f"error: {tag}{error_line(e)}", file=sys.stderr, flush=True)
+        report_error(e, args.debug, prefix=f"rank {comm.rank}: " if comm.size > 1 else "")
         if comm.size > 1:
             comm.abort(EXIT_ERROR)             # end every rank now, none left waiting in a collective
         return EXIT_ERROR

@@ -391,8 +391,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert prepare_main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.h5")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --source") and err.count("\n") == 1 and "Traceback" not in err
-    with pytest.raises(DataError):
-        prepare_main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.h5"), "--debug"])
+    assert prepare_main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.h5"), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "DataError" in err and err.rstrip().splitlines()[-1].startswith("error: --source")
     assert prepare_main(["info", str(tmp_path / "none.h5")]) == 1
 
 

@@ -168,9 +168,9 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
 
         # 3. Slurm holds a requeued job ~2 minutes before it may start again; skip the wait.
         run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
-        final = wait_for("the resumed job to finish",
-                         lambda: job_fields(job, env).get("JobState") in
-                         ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 180, log)
+        wait_for("the resumed job to finish",
+                 lambda: job_fields(job, env).get("JobState") in
+                 ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 180, log)
         fields, text = job_fields(job, env), log.read_text()
         assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, text)
         assert "restart 1" in text and "exit status 0" in text, text
