@@ -75,6 +75,11 @@ def save(path: Path, s: State) -> Path:
             a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
             a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
             a["written_at"] = time.time()
+            # The only randomness of training: the sample order, a permutation drawn from (seed, epoch)
+            # alone (dpcnn.data.epoch_order). Recorded here so the file says how to continue.
+            a["sample_order"] = json.dumps({"generator": "numpy.random.default_rng([seed, epoch]).permutation(N)",
+                                            "seed": s.config.get("seed"), "epoch": s.epoch,
+                                            "next_batch": s.next_batch})
             for group, arrays in (("params", s.params), ("velocity", s.velocity)):
                 g = f.create_group(group)
                 for name, v in arrays.items():

@@ -71,3 +71,18 @@ def test_training_keeps_parameters_identical_on_every_rank(comm, mpi_tmp_path):
     assert run.run() == 0
     digests = comm.allgather_obj(params_digest(run.model.params))
     assert len(set(digests)) == 1 and run.step == 2 * (384 // 20)
+
+
+def test_parameter_drift_is_detected(comm, mpi_tmp_path):
+    path = mpi_tmp_path / "tiny.h5"
+    if comm.is_root:
+        write_tiny(path)
+    comm.barrier()
+    args = build_parser().parse_args(["--data", str(path), "--out", str(mpi_tmp_path / "drift"), "--max-steps", "2",
+                                      "--threads", "1", "--no-progress", "-q", "--resume", "none"])
+    run = Run(args, comm)
+    run.check_in_sync()                           # identical after the broadcast
+    if comm.rank == comm.size - 1:
+        run.model.params[123] += 1e-6             # one rank drifts a little
+    with pytest.raises(RuntimeError, match=f"ranks \\[{comm.size - 1}\\] differ"):
+        run.check_in_sync()
