@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError
 from .cli import add_common_flags, report_error, setup_logging
 from .data import Split
 from .metrics import evaluate
-from .model import CNN, ModelSpec
+from .model import CNN, EVAL_BATCH, ModelSpec
 
 log = logging.getLogger("dpcnn")
 
@@ -87,7 +87,7 @@ def check_data(state: ckpt.State, ckpt_path: Path, split: Split, model: CNN, for
 # ----------------------------------------------------------------------------- evaluation
 
 
-def run(checkpoint: Path, data: Path | None = None, split: str = "test", batch_size: int = 1000,
+def run(checkpoint: Path, data: Path | None = None, split: str = "test", batch_size: int = EVAL_BATCH,
         force: bool = False) -> dict:
     """Evaluate a checkpoint on one split of a data file -> the result dict that --json prints."""
     checkpoint = Path(checkpoint)
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="prepared HDF5 data file (default: the one the checkpoint "
                                              "was trained on)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
-    p.add_argument("--batch-size", type=positive_int, default=1000, help="images per forward pass (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH,
+                   help=f"images per forward pass (default {EVAL_BATCH})")
     p.add_argument("--force", action="store_true", help="evaluate even if the checkpoint was trained on "
                                                         "another data set")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")

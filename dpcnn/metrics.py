@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .layers import softmax_cross_entropy
+from .model import EVAL_BATCH
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Totals:
                 "confusion": self.confusion.tolist()}
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> Totals:
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH) -> Totals:
     """Run ``model`` over x: (N, H, W, C), y: (N,) in batches and return the Totals."""
     t = Totals(model.spec.classes)
     for i in range(0, len(x), batch_size):

