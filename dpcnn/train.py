@@ -392,7 +392,7 @@ class Run:
             "train_loss": iv["loss"] / iv["samples"] if iv["samples"] else None,
             "train_accuracy": iv["correct"] / iv["samples"] if iv["samples"] else None,
             "test_loss": totals.loss, "test_accuracy": totals.accuracy,
-            "test_per_class_accuracy": [round(float(a), 5) for a in totals.per_class_accuracy],
+            "test_per_class_accuracy": totals.summary()["per_class_accuracy"],     # None: no samples
             "images_per_second": round(iv["samples"] / train_time, 1) if iv["samples"] else None,
             "elapsed_seconds": round(self.elapsed(), 3), "world_size": self.comm.size,
             "global_batch_size": self.args.batch_size, "lr": self.schedule(max(self.step - 1, 0)),
