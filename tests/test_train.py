@@ -240,3 +240,19 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = metrics(ref)[-1]["test_loss"], metrics(other)[-1]["test_loss"]
     assert abs(a - b) / a < 1e-5
+
+
+def test_first_signal_sets_the_flag_second_exits_at_once():
+    code = ("import os, signal, time\n"
+            "from dpcnn.train import StopRequest\n"
+            "s = StopRequest().install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.1)\n"
+            "assert s.signum == signal.SIGUSR1, s.signum\n"
+            "print('flag set', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "print('still running')\n")
+    r = run_job(["-c", code], timeout=30)
+    assert r.stdout.strip() == "flag set" and r.returncode == 128 + signal.SIGTERM
+    assert "second signal" in r.stderr
