@@ -22,8 +22,9 @@ import time
 import tracemalloc
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
+from .comm import blas_summary
 from .model import CNN, ModelSpec
 from .optim import SGD
 
@@ -108,11 +109,6 @@ def peak_step_memory_mb(step) -> float:
         tracemalloc.stop()
 
 
-def blas_name() -> str:
-    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in info) or "unknown"
-
-
 def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7,
         spec: ModelSpec | None = None, use_torch: bool = True) -> dict:
     spec = spec or ModelSpec()
@@ -138,7 +134,7 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
         "rounds": rounds,
         "steps_per_round": steps,
         "num_params": spec.num_params,
-        "blas": blas_name(),
+        "blas": blas_summary(),
         "numpy": np.__version__,
     }
     if theirs:

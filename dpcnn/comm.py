@@ -165,5 +165,13 @@ def default_threads(comm: SerialComm) -> int:
     return max(1, min(len(_affinity()), comm.node_cpus() // comm.local_size))
 
 
+def blas_summary() -> str:
+    """The BLAS libraries NumPy uses, as threadpoolctl sees them: 'openblas 0.3.31 (Haswell)'."""
+    from threadpoolctl import threadpool_info
+
+    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in info) or "unknown"
+
+
 def hostname() -> str:
     return socket.gethostname()

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
 from .cli import UserError, add_common_flags, report_error, setup_logging
-from .comm import CommError, default_threads, get_comm, hostname
+from .comm import CommError, blas_summary, default_threads, get_comm, hostname
 from .data import DATASETS, DataError, ShardedLoader, Split, default_data_path, prepare, shard_bounds
 from .metrics import Totals, evaluate
 from .model import CNN, ModelSpec
@@ -223,11 +223,6 @@ def versions(comm) -> dict:
         v["mpi4py"] = mpi4py.__version__
         v["mpi"] = comm.MPI.Get_library_version().splitlines()[0].strip()
     return v
-
-
-def blas_summary() -> str:
-    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in info) or "unknown"
 
 
 def params_digest(params: np.ndarray) -> str:

@@ -22,6 +22,16 @@ def comm():
     return MPIComm()
 
 
+@pytest.fixture
+def tiny(comm, mpi_tmp_path):
+    """The tiny data set, written once by rank 0 into the directory all ranks share."""
+    path = mpi_tmp_path / "tiny.h5"
+    if comm.is_root:
+        write_tiny(path)
+    comm.barrier()
+    return path
+
+
 def test_allreduce_bcast_closed_form(comm):
     P, r = comm.size, comm.rank
     buf = np.full(1000, r, dtype=np.float32)
@@ -36,12 +46,8 @@ def test_allreduce_bcast_closed_form(comm):
 
 
 @pytest.mark.parametrize("batch", [12, 10, 2])   # 10 on 3 ranks: 4, 3, 3; 2 on 3 ranks: one rank empty
-def test_distributed_step_equals_single_process_step(comm, mpi_tmp_path, batch):
-    path = mpi_tmp_path / "tiny.h5"
-    if comm.is_root:
-        write_tiny(path)
-    comm.barrier()
-    split = Split(path)
+def test_distributed_step_equals_single_process_step(comm, tiny, batch):
+    split = Split(tiny)
     P, r = comm.size, comm.rank
     mine = ShardedLoader(split, batch_size=batch, rank=r, size=P, seed=3)
     x, y, M = mine.batch(1, 2)
@@ -59,12 +65,8 @@ def test_distributed_step_equals_single_process_step(comm, mpi_tmp_path, batch):
     split.close()
 
 
-def test_training_keeps_parameters_identical_on_every_rank(comm, mpi_tmp_path):
-    path = mpi_tmp_path / "tiny.h5"
-    if comm.is_root:
-        write_tiny(path)
-    comm.barrier()
-    args = build_parser().parse_args(["--data", str(path), "--out", str(mpi_tmp_path / "run"), "--epochs", "2",
+def test_training_keeps_parameters_identical_on_every_rank(comm, tiny, mpi_tmp_path):
+    args = build_parser().parse_args(["--data", str(tiny), "--out", str(mpi_tmp_path / "run"), "--epochs", "2",
                                       "--batch-size", "20", "--threads", "1", "--no-progress", "-q",
                                       "--check-every", "7", "--resume", "none"])
     run = Run(args, comm)
@@ -73,12 +75,8 @@ def test_training_keeps_parameters_identical_on_every_rank(comm, mpi_tmp_path):
     assert len(set(digests)) == 1 and run.step == 2 * (384 // 20)
 
 
-def test_parameter_drift_is_detected(comm, mpi_tmp_path):
-    path = mpi_tmp_path / "tiny.h5"
-    if comm.is_root:
-        write_tiny(path)
-    comm.barrier()
-    args = build_parser().parse_args(["--data", str(path), "--out", str(mpi_tmp_path / "drift"), "--max-steps", "2",
+def test_parameter_drift_is_detected(comm, tiny, mpi_tmp_path):
+    args = build_parser().parse_args(["--data", str(tiny), "--out", str(mpi_tmp_path / "drift"), "--max-steps", "2",
                                       "--threads", "1", "--no-progress", "-q", "--resume", "none"])
     run = Run(args, comm)
     run.check_in_sync()                           # identical after the broadcast
