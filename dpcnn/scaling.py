@@ -119,7 +119,8 @@ def launch(framework: str, P: int, args) -> dict:
         raise SystemExit("error: mpiexec not found (pip install mpich, or load your site MPI)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    cmd = [mpiexec, "-n", str(P), sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
+    bind = ["-bind-to", args.bind_to] if args.bind_to != "none" else []      # MPICH hydra's syntax
+    cmd = [mpiexec, "-n", str(P), *bind, sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
            "--per-rank-batch", str(args.per_rank_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch DDP even if installed")
     ap.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per launch (default 600)")
+    ap.add_argument("--bind-to", choices=("none", "core"), default="none",
+                    help="pin each rank to a core (mpiexec -bind-to core, MPICH hydra); default none")
     ap.add_argument("--worker", choices=("dpcnn", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
         use_torch = False
     base = None
     if not args.json:
-        print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps; "
+        print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, bind-to "
+              f"{args.bind_to}; "
               f"allreduce of {4 * (103018 + 3) / 1e3:.0f} KB per step")
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))

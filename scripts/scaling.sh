@@ -11,8 +11,11 @@ echo "== $(hostname): $cores cores, $(python3 -c 'import platform; print(platfor
 lscpu 2>/dev/null | grep -E "Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|L3" || true
 echo "== single process, batch 64, 1 thread: dpcnn vs PyTorch"
 python3 -m dpcnn.bench --batch-size 64 --threads 1 --rounds 7
+python3 -m dpcnn.scaling --ranks 1 --steps 20 --no-torch >/dev/null     # warm the node (first launch ran slow)
 echo "== scaling, per-rank batch 32, 1 thread per rank"
 python3 -m dpcnn.scaling --ranks "$RANKS" --per-rank-batch 32 --steps "$STEPS"
+echo "== the same, each rank pinned to a core"
+python3 -m dpcnn.scaling --ranks "$RANKS" --per-rank-batch 32 --steps "$STEPS" --bind-to core --no-torch
 if [[ -n ${OUT:-} ]]; then
     mkdir -p "$OUT"
     python3 -m dpcnn.bench --batch-size 64 --threads 1 --json > "$OUT/bench.json"

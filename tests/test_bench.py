@@ -1,0 +1,34 @@
+"""The benchmark commands run and report what the README says they report (no timing asserted)."""
+
+import json
+
+import pytest
+
+from conftest import mpiexec, run_job
+from dpcnn import bench
+
+
+def test_bench_json_fields(capsys):
+    assert bench.main(["--batch-size", "8", "--steps", "2", "--rounds", "1", "--no-torch", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["batch_size"] == 8 and r["threads"] == 1 and r["num_params"] == 103018
+    assert r["images_per_second"] > 0 and r["peak_memory_mb"] > 0 and "torch_images_per_second" not in r
+
+
+def test_bench_profile_accounts_for_the_step():
+    rows = dict(bench.profile(batch_size=8, threads=1, steps=3))
+    assert {"im2col", "conv_backward", "maxpool_forward", "softmax_cross_entropy"} <= set(rows)
+    parts = sum(ms for name, ms in rows.items() if name != "total")
+    assert parts == pytest.approx(rows["total"]) and all(ms >= 0 for ms in rows.values())
+
+
+@pytest.mark.timeout(120)
+def test_scaling_reports_efficiency_and_allreduce_split():
+    mpiexec()                                     # skips without an MPI launcher
+    r = run_job(["-m", "dpcnn.scaling", "--ranks", "1,2", "--steps", "3", "--warmup", "1",
+                 "--no-torch", "--json"], timeout=100)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["ranks"] for x in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
+    assert all(x["allreduce_wait_ms"] >= 0 and x["allreduce_transfer_ms"] >= 0 for x in rows)
+    assert rows[1]["allreduce_bytes"] == 4 * (103018 + 3)
