@@ -469,6 +469,9 @@ class Run:
         self.start()
         bar = self._progress_bar()
         log_every = a.log_every or max(self.steps_per_epoch // 10, 1)
+        if c.is_root and self.resumed_from and self.step >= self.end_step:
+            log.info("the run in %s is complete at step %d: nothing to train (--resume none or another --out "
+                     "starts afresh; more --epochs or --max-steps continue it)", self.run_dir, self.step)
         self.stop.install()
         try:
             stopped = False
@@ -508,7 +511,7 @@ class Run:
                                 "(resume with --resume auto)", self.step, EXIT_STOPPED)
                 self.save_checkpoint()
                 return EXIT_STOPPED
-            if self.next_batch != self.steps_per_epoch or not self.metrics or self.metrics[-1]["step"] != self.step:
+            if not self.metrics or self.metrics[-1]["step"] != self.step:
                 rec = self.record(final=True)                           # --max-steps ended mid-epoch
                 best = rec["test_accuracy"] > self.best_accuracy
                 self.best_accuracy = max(self.best_accuracy, rec["test_accuracy"])
