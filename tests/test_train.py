@@ -67,6 +67,9 @@ def test_resume_is_bit_identical(tiny_h5, tmp_path):
     assert_same_state(final_state(a), final_state(b))
     assert metrics(a)[-1]["test_loss"] == metrics(b)[-1]["test_loss"]
     assert json.loads((b / "config.json").read_text())["resumed_from"].endswith("ckpt-step000000007.h5")
+    before = metrics(b)
+    assert train(tiny_h5, b, "--max-steps", "17") == 0            # rerun of a finished run: nothing to do
+    assert metrics(b) == before and final_state(b).step == 17
 
 
 def test_corrupt_newest_checkpoint_is_skipped(tiny_h5, tmp_path, capsys):
