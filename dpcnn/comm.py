@@ -153,16 +153,15 @@ def get_comm(kind: str = "auto") -> SerialComm:
     return comm
 
 
-def default_threads(comm: SerialComm) -> int:
-    """BLAS threads for this rank: the node's usable CPUs shared among its ranks.
+def default_threads(comm: SerialComm, node_cpus: int) -> int:
+    """BLAS threads for this rank: node_cpus (``comm.node_cpus()``) shared among the node's ranks.
 
     SLURM_CPUS_PER_TASK, when set, is what the scheduler gave each task.
-    Collective: every rank of the node must call it.
     """
     per_task = os.environ.get("SLURM_CPUS_PER_TASK")
     if per_task and per_task.isdigit() and int(per_task) > 0:
         return int(per_task)
-    return max(1, min(len(_affinity()), comm.node_cpus() // comm.local_size))
+    return max(1, min(len(_affinity()), node_cpus // comm.local_size))
 
 
 def blas_summary() -> str:

@@ -77,6 +77,5 @@ class Totals:
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH) -> Totals:
     """Run ``model`` over x: (N, H, W, C), y: (N,) in batches and return the Totals."""
     t = Totals(model.spec.classes)
-    for i in range(0, len(x), batch_size):
-        t.add(model.forward(x[i:i + batch_size]), y[i:i + batch_size])
+    t.add(model.predict_logits(x, batch_size), y)
     return t

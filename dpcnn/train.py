@@ -264,7 +264,7 @@ class Run:
         self.args, self.comm = args, comm
         self.t_start = time.perf_counter()
         self.node_cpus = comm.node_cpus()                    # collective on the node
-        self.threads = args.threads or default_threads(comm)
+        self.threads = args.threads or default_threads(comm, self.node_cpus)
         self._limits = threadpool_limits(self.threads)       # held for the whole run
         self.data_path = ensure_data(args, comm)
         self.train_set, self.test_set = Split(self.data_path, "train"), Split(self.data_path, "test")
@@ -407,6 +407,13 @@ class Run:
         self._reset_interval()
         return rec
 
+    def record_and_checkpoint(self, final: bool) -> None:
+        """Evaluate and record, then checkpoint (also as best.h5 when the test accuracy improved)."""
+        acc = self.record(final=final)["test_accuracy"]
+        best = acc > self.best_accuracy
+        self.best_accuracy = max(self.best_accuracy, acc)
+        self.save_checkpoint(best=best)
+
     def start(self) -> None:
         c = self.comm
         if c.is_root:
@@ -499,10 +506,7 @@ class Run:
                 if stopped:
                     break
                 if self.next_batch == self.steps_per_epoch:              # an epoch ended
-                    rec = self.record(final=self.step >= self.end_step)
-                    best = rec["test_accuracy"] > self.best_accuracy
-                    self.best_accuracy = max(self.best_accuracy, rec["test_accuracy"])
-                    self.save_checkpoint(best=best)
+                    self.record_and_checkpoint(final=self.step >= self.end_step)
             if bar is not None:
                 bar.close()
             if stopped:
@@ -512,10 +516,7 @@ class Run:
                 self.save_checkpoint()
                 return EXIT_STOPPED
             if not self.metrics or self.metrics[-1]["step"] != self.step:
-                rec = self.record(final=True)                           # --max-steps ended mid-epoch
-                best = rec["test_accuracy"] > self.best_accuracy
-                self.best_accuracy = max(self.best_accuracy, rec["test_accuracy"])
-                self.save_checkpoint(best=best)
+                self.record_and_checkpoint(final=True)                  # --max-steps ended mid-epoch
             self.check_in_sync()
             if c.is_root:
                 last = self.metrics[-1]
