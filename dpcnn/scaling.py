@@ -6,7 +6,10 @@
 For each P it launches ``mpiexec -n P python -m dpcnn.scaling --worker`` and reports
 total images/s, parallel efficiency against P = 1, and the time per step in the
 allreduce, split into waiting for slower ranks (a barrier just before it) and the
-transfer itself. With PyTorch importable it also runs PyTorch DDP (gloo, CPU) on
+transfer itself. Beside the wait it prints the compute imbalance (per step, the
+slowest rank's compute time minus the mean; averaged) and the 99th percentile of
+compute time: a wait much larger than the imbalance means ranks lose time outside
+compute (descheduled, page faults in MPI, a slow barrier), not to uneven work. With PyTorch importable it also runs PyTorch DDP (gloo, CPU) on
 the same model, per-rank batch and thread count, launched the same way, and
 prints its images/s beside ours. Inputs are random: this measures compute and
 communication, not reading.
@@ -50,6 +53,7 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
     model = CNN(seed=0, grads=buf[:n])
     opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
     t = np.zeros(3)                                   # compute, wait, transfer
+    compute = np.zeros(steps)                         # this rank's compute time per timed step
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         model.loss_and_grad(x, y, denom=1)
@@ -66,16 +70,21 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
             t[:] = 0
         elif i >= warmup:
             t += (t1 - t0, t2 - t1, t3 - t2)
+            compute[i - warmup] = t1 - t0
     comm.barrier()
     wall = time.perf_counter() - start
     per_rank = comm.allgather_obj(t.tolist())
+    c = np.array(comm.allgather_obj(compute.tolist()))   # (ranks, steps)
     if not comm.is_root:
         return None
     tm = np.mean(per_rank, axis=0) / steps
+    # The wait a step costs when ranks differ only in compute time: slowest rank minus the mean.
+    imbalance = np.mean(c.max(axis=0) - c.mean(axis=0))
     return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
             "images_per_second": round(comm.size * batch * steps / wall, 1),
             "ms_per_step": round(1e3 * wall / steps, 3), "compute_ms": round(1e3 * tm[0], 3),
             "allreduce_wait_ms": round(1e3 * tm[1], 3), "allreduce_transfer_ms": round(1e3 * tm[2], 3),
+            "compute_p99_ms": round(1e3 * np.percentile(c, 99), 3), "imbalance_ms": round(1e3 * imbalance, 3),
             "allreduce_bytes": buf.nbytes}
 
 
@@ -161,7 +170,7 @@ def main(argv=None) -> int:
         print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, bind-to "
               f"{args.bind_to}; "
               f"allreduce of {4 * (103018 + 3) / 1e3:.0f} KB per step")
-        print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'wait':>7} {'xfer':>7}"
+        print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} {'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))
     for P in ranks:
         r = launch("dpcnn", P, args)
@@ -177,7 +186,7 @@ def main(argv=None) -> int:
         else:
             eff = f"{100 * r['efficiency']:5.1f}%" if "efficiency" in r else "     -"
             line = (f"{P:>3} {r['images_per_second']:>9.0f} {eff} {r['ms_per_step']:>8.2f} "
-                    f"{r['compute_ms']:>8.2f} {r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f}")
+                    f"{r['compute_ms']:>8.2f} {r['compute_p99_ms']:>6.2f} {r['imbalance_ms']:>6.2f} {r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f}")
             if t:
                 line += f" {t['images_per_second']:>10.0f} {r['ratio_vs_torch_ddp']:>6.2f}"
             print(line, flush=True)

@@ -31,4 +31,6 @@ def test_scaling_reports_efficiency_and_allreduce_split():
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["ranks"] for x in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
     assert all(x["allreduce_wait_ms"] >= 0 and x["allreduce_transfer_ms"] >= 0 for x in rows)
+    assert rows[0]["imbalance_ms"] == 0 and rows[1]["imbalance_ms"] >= 0   # one rank: no imbalance
+    assert all(x["compute_p99_ms"] >= 0.5 * x["compute_ms"] for x in rows)
     assert rows[1]["allreduce_bytes"] == 4 * (103018 + 3)
