@@ -161,8 +161,15 @@ def prune(run_dir: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
+# Settings a resumed run must share with its checkpoint: the sample order (seed, batch size,
+# drop_last) and the optimizer and learning-rate schedule (epochs sets the schedule's length).
+SAME_ON_RESUME = ("seed", "batch_size", "drop_last", "epochs", "lr", "schedule", "warmup_epochs",
+                  "momentum", "nesterov", "weight_decay")
+SAME_ON_RESUME_STEP = ("milestones", "gamma")      # only for --schedule step
+
+
 def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, config: dict) -> None:
-    """Refuse a checkpoint that belongs to another model, data set or sample order."""
+    """Refuse a checkpoint that belongs to another model, data set, sample order or schedule."""
     if ModelSpec.from_dict(s.spec) != spec:
         raise CheckpointError(f"{path}: saved for model {ModelSpec.from_dict(s.spec)}, "
                               f"this run builds {spec}")
@@ -170,8 +177,27 @@ def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, co
         raise CheckpointError(f"{path}: saved for another data set "
                               f"({s.config.get('dataset', '?')}, fingerprint {s.data_fingerprint[:12]}), "
                               f"this run reads {config.get('data')} (fingerprint {fingerprint[:12]})")
-    for key in ("seed", "batch_size", "drop_last"):
+    keys = SAME_ON_RESUME + (SAME_ON_RESUME_STEP if config.get("schedule") == "step" else ())
+    for key in keys:
         if key in s.config and s.config[key] != config.get(key):
-            raise CheckpointError(f"{path}: saved with --{key.replace('_', '-')} {s.config[key]}, this run "
-                                  f"has {config.get(key)}; resume with the same value to follow the "
-                                  "same sample order")
+            raise CheckpointError(f"{path}: saved with --{key.replace('_', '-')} {_flag(s.config[key])}, this "
+                                  f"run has {_flag(config.get(key))}; resume with the same value to continue "
+                                  "the same run, or give another --out for a new one")
+
+
+def _flag(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def check_no_later(run_dir: Path, start_step: int, resumed: Path | None) -> None:
+    """Refuse to start at start_step in a run directory that holds checkpoints at or past it.
+
+    Pruning keeps the highest steps and --resume auto takes the newest, so such files
+    would outlive and replace the new run's own checkpoints."""
+    later = [p for p in listed(run_dir)
+             if int(NAME.match(p.name).group(1)) >= start_step and (resumed is None or not p.samefile(resumed))]
+    if later:
+        more = f" and {len(later) - 1} more" if len(later) > 1 else ""
+        raise CheckpointError(f"--out {run_dir} already holds checkpoints at or after step {start_step} "
+                              f"({later[-1].name}{more}) that would mix with this run; give another --out, "
+                              "delete them, or continue their run with --resume auto")

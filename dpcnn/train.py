@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -287,7 +286,8 @@ class Run:
         self.schedule = make_schedule(args, self.steps_per_epoch, self.total_steps)
 
         self.run_dir = Path(args.out)
-        self.epoch, self.next_batch, self.step = 0, 0, 0
+        self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
+        self.saved_step = None                   # step of the last checkpoint this process wrote
         self.metrics, self.best_accuracy, self.elapsed0 = [], -1.0, 0.0
         self.hosts = comm.allgather_obj(hostname())
         self.config = self._config()
@@ -314,16 +314,19 @@ class Run:
         """Load the checkpoint --resume names (rank 0 reads it; everyone gets the state)."""
         choice = self.args.resume
         state = err = None
-        if self.comm.is_root and choice != "none":
+        if self.comm.is_root:
             try:
+                path = None
                 if choice == "auto":
                     found = ckpt.newest_valid(self.run_dir) if self.run_dir.is_dir() else None
                     path, state = found if found else (None, None)
-                else:
+                elif choice != "none":
                     path, state = Path(choice), ckpt.load(Path(choice))
                 if state is not None:
                     ckpt.check_compatible(state, path, self.spec, self.train_set.fingerprint, self.config)
-                    state = (str(path), state)
+                if choice != "auto":
+                    ckpt.check_no_later(self.run_dir, state.step if state else 0, path)
+                state = (str(path), state) if state is not None else None
             except ckpt.CheckpointError as e:
                 err = str(e)
         state, err = self.comm.bcast_obj((state, err))
@@ -336,34 +339,35 @@ class Run:
             views = self.model.unflatten(vec)
             for name, v in views.items():
                 v[...] = saved[name]
-        self.epoch, self.next_batch, self.step = s.epoch, s.next_batch, s.step
+        self.step = s.step
         self.metrics, self.best_accuracy, self.elapsed0 = s.metrics, s.best_accuracy, s.elapsed
         if self.comm.is_root:
+            epoch, batch = divmod(s.step, self.steps_per_epoch)
             log.info("resuming from %s: epoch %d, batch %d, step %d (saved on %d rank(s))",
-                     path, s.epoch, s.next_batch, s.step, s.world_size)
+                     path, epoch, batch, s.step, s.world_size)
         return path
 
     def state(self) -> ckpt.State:
         m = self.model
+        epoch, next_batch = divmod(self.step, self.steps_per_epoch)
         return ckpt.State(
             params={k: v.copy() for k, v in m.p.items()},
             velocity={k: v.copy() for k, v in m.unflatten(self.opt.velocity).items()},
-            epoch=self.epoch, next_batch=self.next_batch, step=self.step, spec=self.spec.to_dict(),
+            epoch=epoch, next_batch=next_batch, step=self.step, spec=self.spec.to_dict(),
             config=self.config, data_fingerprint=self.train_set.fingerprint, metrics=self.metrics,
             best_accuracy=self.best_accuracy, elapsed=self.elapsed(), world_size=self.comm.size)
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """Rank 0 writes ckpt-stepN.h5 (and best.h5), then prunes old ones."""
-        if not self.comm.is_root:
+        """Rank 0 writes ckpt-stepN.h5 (and best.h5), then prunes old ones; once per step."""
+        if not self.comm.is_root or self.saved_step == self.step:
             return
         t0 = time.perf_counter()
-        path = ckpt.save(ckpt.step_path(self.run_dir, self.step), self.state())
+        state = self.state()
+        path = ckpt.save(ckpt.step_path(self.run_dir, self.step), state)
         if best:
-            tmp = self.run_dir / f".best.h5.tmp{os.getpid()}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.run_dir / "best.h5")
+            ckpt.save(self.run_dir / "best.h5", state)
         ckpt.prune(self.run_dir, self.args.keep)
-        self.last_ckpt_time = time.monotonic()
+        self.saved_step, self.last_ckpt_time = self.step, time.monotonic()
         log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
 
     # -- bookkeeping -------------------------------------------------------------
@@ -372,7 +376,7 @@ class Run:
         return self.elapsed0 + time.perf_counter() - self.t_start
 
     def _reset_interval(self):
-        self.iv = dict(loss=0.0, correct=0.0, samples=0, steps=0, data=0.0, compute=0.0, allreduce=0.0,
+        self.iv = dict(loss=0.0, correct=0.0, samples=0, data=0.0, compute=0.0, allreduce=0.0,
                        update=0.0, t0=time.perf_counter())
 
     def record(self, final: bool = False) -> dict:
@@ -437,10 +441,10 @@ class Run:
 
     # -- the loop ------------------------------------------------------------------
 
-    def train_step(self, k: int) -> bool:
-        """One synchronous step on global batch k; True when some rank asked to stop."""
+    def train_step(self, epoch: int, k: int) -> bool:
+        """One synchronous step on global batch k of the epoch; True when some rank asked to stop."""
         t0 = time.perf_counter()
-        x, y, M = self.loader.batch(self.epoch, k)
+        x, y, M = self.loader.batch(epoch, k)
         t1 = time.perf_counter()
         loss_sum, correct = self.model.loss_and_grad(x, y, denom=1)    # sums over this rank's slice
         t2 = time.perf_counter()
@@ -451,13 +455,11 @@ class Run:
         self.model.grads *= np.float32(1.0 / M)                       # the mean over the global batch
         self.opt.step(self.schedule(self.step))
         self.step += 1
-        self.next_batch = k + 1
         t4 = time.perf_counter()
         iv = self.iv
         iv["loss"] += float(buf[n])
         iv["correct"] += float(buf[n + 1])
         iv["samples"] += M
-        iv["steps"] += 1
         iv["data"] += t1 - t0
         iv["compute"] += t2 - t1
         iv["allreduce"] += t3 - t2
@@ -476,47 +478,42 @@ class Run:
         self.start()
         bar = self._progress_bar()
         log_every = a.log_every or max(self.steps_per_epoch // 10, 1)
+        spe = self.steps_per_epoch
         if c.is_root and self.resumed_from and self.step >= self.end_step:
-            log.info("the run in %s is complete at step %d: nothing to train (--resume none or another --out "
-                     "starts afresh; more --epochs or --max-steps continue it)", self.run_dir, self.step)
+            log.info("the run in %s is complete at step %d: nothing to train (a larger --max-steps continues "
+                     "it up to --epochs; another --out starts a new run)", self.run_dir, self.step)
         self.stop.install()
         try:
             stopped = False
             while self.step < self.end_step and not stopped:
-                if self.next_batch >= self.steps_per_epoch:
-                    self.epoch, self.next_batch = self.epoch + 1, 0
-                for k in range(self.next_batch, self.steps_per_epoch):
-                    stopped = self.train_step(k)
-                    s = self.step
-                    if bar is not None:
-                        bar.update(1)
-                        if s % 10 == 0:
-                            bar.set_postfix_str(self._bar_text())
-                    elif c.is_root and s % log_every == 0:
-                        log.info("epoch %d step %d/%d  %s", self.epoch + 1, k + 1, self.steps_per_epoch,
-                                 self._bar_text())
-                    if a.check_every and s % a.check_every == 0:
-                        self.check_in_sync()
-                    if stopped or s >= self.end_step:
-                        break
-                    if a.eval_every and s % a.eval_every == 0 and k + 1 < self.steps_per_epoch:
-                        self.record()                                    # (epoch ends record below)
-                    if c.is_root and self._checkpoint_due(s):
-                        self.save_checkpoint()
-                if stopped:
-                    break
-                if self.next_batch == self.steps_per_epoch:              # an epoch ended
-                    self.record_and_checkpoint(final=self.step >= self.end_step)
+                epoch, k = divmod(self.step, spe)
+                stopped = self.train_step(epoch, k)
+                s = self.step
+                if bar is not None:
+                    bar.update(1)
+                    if s % 10 == 0:
+                        bar.set_postfix_str(self._bar_text())
+                elif c.is_root and s % log_every == 0:
+                    log.info("epoch %d step %d/%d  %s", epoch + 1, k + 1, spe, self._bar_text())
+                if a.check_every and s % a.check_every == 0:
+                    self.check_in_sync()
+                # Records and checkpoints come before acting on a stop, so a stop never skips one.
+                if k + 1 == spe or s == self.end_step:                    # an epoch or the run ended
+                    self.record_and_checkpoint(final=s == self.end_step)
+                elif a.eval_every and s % a.eval_every == 0:
+                    self.record()
+                elif c.is_root and self._checkpoint_due(s):
+                    self.save_checkpoint()
             if bar is not None:
                 bar.close()
-            if stopped:
+            if stopped and self.step < self.end_step:
                 if c.is_root:
                     log.warning("stop requested by signal: checkpoint at step %d, exiting with status %d "
                                 "(resume with --resume auto)", self.step, EXIT_STOPPED)
                 self.save_checkpoint()
                 return EXIT_STOPPED
             if not self.metrics or self.metrics[-1]["step"] != self.step:
-                self.record_and_checkpoint(final=True)                  # --max-steps ended mid-epoch
+                self.record_and_checkpoint(final=True)                  # e.g. a resume past --max-steps
             self.check_in_sync()
             if c.is_root:
                 last = self.metrics[-1]
