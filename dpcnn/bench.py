@@ -24,7 +24,9 @@ import tracemalloc
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .cli import positive_int
 from .comm import blas_summary
+from .malloc import keep_freed_memory
 from .model import CNN, ModelSpec
 from .optim import SGD
 
@@ -201,17 +203,15 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m dpcnn.bench --batch-size 64 --threads 1\n"
                "  python -m dpcnn.bench --json --no-torch\n  python -m dpcnn.bench --profile")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
-    ap.add_argument("--steps", type=int, default=40, help="steps per timing round (default 40)")
-    ap.add_argument("--rounds", type=int, default=7, help="timing rounds; medians are reported (default 7)")
+    ap.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="BLAS and torch threads (default 1)")
+    ap.add_argument("--steps", type=positive_int, default=40, help="steps per timing round (default 40)")
+    ap.add_argument("--rounds", type=positive_int, default=7, help="timing rounds; medians are reported (default 7)")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch even if it is installed")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--profile", action="store_true", help="time each layer function of dpcnn's step instead")
     args = ap.parse_args(argv)
-    for flag in ("batch_size", "threads", "steps", "rounds"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    keep_freed_memory()                        # as the trainer does (PyTorch, in this process, gets it too)
     if args.profile:
         rows = profile(args.batch_size, args.threads, args.steps)
         if args.json:

@@ -20,6 +20,47 @@ class UserError(Exception):
     """
 
 
+# argparse types: a bad value becomes "argument --flag: expected ..., got ..." and exit status 2.
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
+def nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = float(s)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+
+def int_list(s: str) -> tuple[int, ...]:
+    """'8,16' -> (8, 16): comma-separated integers >= 1."""
+    try:
+        v = tuple(int(t) for t in s.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if any(t < 1 for t in v):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
+    return v
+
+
+def nonneg_float(s: str) -> float:
+    v = float(s)
+    if not 0 <= v < float("inf"):                 # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
 def add_common_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -29,7 +70,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(verbose: bool = False, quiet: bool = False, rank: int = 0, size: int = 1) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if (quiet or rank != 0) else logging.INFO
-    fmt = "%(message)s" if size == 1 else f"[rank {rank}] %(message)s" if rank else "%(message)s"
+    fmt = f"[rank {rank}] %(message)s" if rank else "%(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
 
 

@@ -58,6 +58,10 @@ class SerialComm:
     def node_cpus(self) -> int:
         return len(_affinity())
 
+    def versions(self) -> dict:
+        """The MPI library and mpi4py versions (none without MPI)."""
+        return {}
+
 
 class MPIComm(SerialComm):
     """MPI.COMM_WORLD through mpi4py, with a shared-memory sub-communicator per node."""
@@ -98,6 +102,10 @@ class MPIComm(SerialComm):
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+    def versions(self) -> dict:
+        import mpi4py
+        return {"mpi4py": mpi4py.__version__, "mpi": self.MPI.Get_library_version().splitlines()[0].strip()}
 
     def node_cpus(self) -> int:
         """CPUs usable by the ranks of this node together: the union of their affinity masks.

@@ -35,7 +35,7 @@ import os
 import sys
 import urllib.request
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
@@ -500,12 +500,7 @@ class Split:
 
     def standardise(self, u8: np.ndarray) -> np.ndarray:
         """Images (m, H, W) uint8 -> (m, H, W, 1) float32, (x/255 - mean) / std."""
-        a = np.float32(1.0 / (255.0 * self.std))
-        b = np.float32(self.mean / self.std)
-        x = u8.astype(np.float32)
-        x *= a
-        x -= b
-        return x[..., None]
+        return standardise(u8, self.mean, self.std, scale=255.0)
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous rows [lo, hi): x (m, H, W, 1) float32 standardised, y (m,) int64."""
@@ -552,6 +547,15 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def standardise(images: np.ndarray, mean: float, std: float, scale: float = 255.0) -> np.ndarray:
+    """Images (m, H, W) with intensities in [0, scale] -> network input (m, H, W, 1) float32,
+    (x/scale - mean) / std, where mean and std are those of the training set's x/scale."""
+    x = images.astype(np.float32)
+    x *= np.float32(1.0 / (scale * std))
+    x -= np.float32(mean / std)
+    return x[..., None]
 
 
 def shard_bounds(m: int, rank: int, size: int) -> tuple[int, int]:
@@ -622,11 +626,6 @@ class ShardedLoader:
         idx = self._order[lo:hi]
         x = self.split.standardise(self._images[np.searchsorted(self._rows, idx)])
         return x, self.split.labels[idx].astype(np.int64), m
-
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
-        """(k, x, y, M) for k in start..steps_per_epoch-1; resuming at `start` is exact."""
-        for k in range(start, self.steps_per_epoch):
-            yield (k, *self.batch(epoch, k))
 
 
 # ----------------------------------------------------------------------------- command line

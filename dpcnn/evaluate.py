@@ -21,8 +21,9 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
-from .cli import add_common_flags, report_error, setup_logging
+from .cli import add_common_flags, positive_int, report_error, setup_logging
 from .data import Split
+from .malloc import keep_freed_memory
 from .metrics import evaluate
 from .model import CNN, EVAL_BATCH, ModelSpec
 
@@ -137,13 +138,6 @@ def report(r: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpcnn.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     setup_logging(args.verbose, args.quiet)
     try:
         r = run(args.checkpoint, args.data, args.split, args.batch_size, args.force)

@@ -1,7 +1,8 @@
 """Evaluation: loss, accuracy, per-class accuracy and the confusion matrix, in batches.
 
 The totals are sums (not means) so that partial results from several ranks add up
-exactly before one division: see ``Totals.merge`` and ``Totals.as_array``.
+exactly before one division: ``Totals.as_array`` packs them into one vector for an
+allreduce, and ``Totals.from_array`` unpacks the sum.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layers as L
-from .malloc import keep_freed_memory
 
 
 # Forward passes without training go in batches of this size: small batches keep the
@@ -92,7 +91,6 @@ class CNN:
                  grads: np.ndarray | None = None):
         """grads: optionally, the flat gradient vector to use, e.g. a view into a larger
         communication buffer (num_params,) of this dtype."""
-        keep_freed_memory()                      # reuse, not re-fault, each step's temporaries
         self.spec = spec or ModelSpec()
         self.dtype = np.dtype(dtype)
         self.shapes = self.spec.param_shapes()

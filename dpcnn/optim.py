@@ -46,12 +46,6 @@ class SGD:
                 g = v
         w -= np.asarray(lr, dtype=w.dtype) * g
 
-    def state_dict(self) -> dict:
-        return {"velocity": self.velocity.copy()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.velocity[...] = state["velocity"]
-
 
 SCHEDULES = ("constant", "step", "cosine")
 

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .cli import UserError, add_common_flags, report_error, setup_logging
-from .data import DATASETS, Split
+from .cli import UserError, add_common_flags, positive_int, report_error, setup_logging
+from .data import DATASETS, Split, standardise
 from .evaluate import check_data, load_model, recorded_data_path
 
 log = logging.getLogger("dpcnn")
@@ -201,11 +201,6 @@ def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
     raise InputError(f"{path}: array dtype {a.dtype}, expected an integer (0-255) or float ([0, 1]) dtype")
 
 
-def standardise(v: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """Intensities (N, H, W) in [0, 1] -> network input (N, H, W, 1) float32, (v - mean) / std."""
-    return ((v.astype(np.float32) - np.float32(mean)) / np.float32(std))[..., None]
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """(N, K) -> (N, K) probabilities, computed stably."""
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
@@ -262,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")
     p.add_argument("--data", type=Path, help="prepared data file for the pixel mean/std and class names "
                                              "(default: the one the checkpoint was trained on)")
-    p.add_argument("--top", type=int, default=1, metavar="K", help="print the K most probable classes (default 1)")
+    p.add_argument("--top", type=positive_int, default=1, metavar="K", help="print the K most probable classes (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every prediction")
     p.add_argument("--save-input", type=Path, metavar="DIR",
                    help="also write each image's 28x28 preprocessed version to DIR as PNG (what the model sees)")
@@ -272,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unique_stem(path: Path, inputs: list[Path]) -> str:
+    """The file's stem, or its whole path as one name when another input has the same stem."""
+    if sum(p.stem == path.stem for p in inputs) == 1:
+        return path.stem
+    return str(path).replace("/", "_").replace("\\", "_").lstrip("_")
+
+
 def _fmt(name: str, p: float) -> str:
     return f"{name} (p={p:.3f})"
 
@@ -279,8 +281,6 @@ def _fmt(name: str, p: float) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error(f"--top must be >= 1, got {args.top}")
     setup_logging(args.verbose, args.quiet)
 
     try:
@@ -304,8 +304,8 @@ def main(argv=None) -> int:
             labels, v, u8 = load_inputs(path, H)
             if u8 is not None and args.save_input:
                 from PIL import Image
-                Image.fromarray(u8, "L").save(args.save_input / f"{path.stem}.28x28.png")
-            probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std)))
+                Image.fromarray(u8, "L").save(args.save_input / f"{_unique_stem(path, args.images)}.28x28.png")
+            probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std, scale=1.0)))
         except KeyboardInterrupt as e:
             report_error(e, args.debug)
             return 130

@@ -25,8 +25,12 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
+
+from .cli import int_list, nonneg_int, positive_float, positive_int
+from .model import ModelSpec
 
 
 def _free_port() -> int:
@@ -40,11 +44,13 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
     from threadpoolctl import threadpool_limits
 
     from .comm import MPIComm
+    from .malloc import keep_freed_memory
     from .model import CNN
     from .optim import SGD
 
     comm = MPIComm()
     threadpool_limits(1)
+    keep_freed_memory()
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
@@ -54,6 +60,7 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
     opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
     t = np.zeros(3)                                   # compute, wait, transfer
     compute = np.zeros(steps)                         # this rank's compute time per timed step
+    start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         model.loss_and_grad(x, y, denom=1)
@@ -95,7 +102,6 @@ def worker_torch(batch: int, steps: int, warmup: int) -> dict | None:
     from torch import nn
 
     from .bench import torch_model
-    from .model import ModelSpec
 
     rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
     torch.set_num_threads(1)
@@ -105,6 +111,7 @@ def worker_torch(batch: int, steps: int, warmup: int) -> dict | None:
     loss_fn = nn.CrossEntropyLoss()
     torch.manual_seed(rank)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    start = time.perf_counter()
     for i in range(warmup + steps):
         opt.zero_grad(set_to_none=True)
         loss_fn(ddp(x), y).backward()
@@ -143,23 +150,32 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="examples:\n  python -m dpcnn.scaling --ranks 1,2,4,8,16\n"
                                         "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")
-    ap.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
-    ap.add_argument("--per-rank-batch", type=int, default=32, help="images per rank per step (default 32)")
-    ap.add_argument("--steps", type=int, default=200, help="timed steps (default 200)")
-    ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    ap.add_argument("--ranks", type=int_list, default=(1, 2), help="comma-separated rank counts (default 1,2)")
+    ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
+    ap.add_argument("--steps", type=positive_int, default=200, help="timed steps (default 200)")
+    ap.add_argument("--warmup", type=nonneg_int, default=20, help="untimed steps first (default 20)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch DDP even if installed")
     ap.add_argument("--json", action="store_true", help="print one JSON object per measurement")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per launch (default 600)")
+    ap.add_argument("--timeout", type=positive_float, default=600, help="seconds allowed per launch (default 600)")
     ap.add_argument("--bind-to", choices=("none", "core"), default="none",
                     help="pin each rank to a core (mpiexec -bind-to core, MPICH hydra); default none")
     ap.add_argument("--worker", choices=("dpcnn", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        res = (worker_dpcnn if args.worker == "dpcnn" else worker_torch)(args.per_rank_batch, args.steps, args.warmup)
+        try:
+            res = (worker_dpcnn if args.worker == "dpcnn" else worker_torch)(args.per_rank_batch, args.steps,
+                                                                            args.warmup)
+        except BaseException:                   # end the launch now rather than leave ranks waiting
+            traceback.print_exc()
+            sys.stderr.flush()
+            if args.worker == "dpcnn":
+                from .comm import MPIComm
+                MPIComm().abort(1)
+            os._exit(1)
         if res:
             print(json.dumps(res), flush=True)
         return 0
-    ranks = [int(p) for p in args.ranks.split(",")]
+    ranks = args.ranks
     try:
         import torch  # noqa: F401
         use_torch = not args.no_torch
@@ -169,7 +185,7 @@ def main(argv=None) -> int:
     if not args.json:
         print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, bind-to "
               f"{args.bind_to}; "
-              f"allreduce of {4 * (103018 + 3) / 1e3:.0f} KB per step")
+              f"allreduce of {4 * (ModelSpec().num_params + 3) / 1e3:.0f} KB per step")
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} {'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))
     for P in ranks:

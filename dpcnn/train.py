@@ -34,9 +34,11 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cli import UserError, add_common_flags, report_error, setup_logging
+from .cli import (UserError, add_common_flags, int_list, nonneg_float, nonneg_int, positive_int, report_error,
+                  setup_logging)
 from .comm import CommError, blas_summary, default_threads, get_comm, hostname
 from .data import DATASETS, DataError, ShardedLoader, Split, default_data_path, prepare, shard_bounds
+from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
 from .model import CNN, ModelSpec
 from .optim import SCHEDULES, SGD, Schedule
@@ -64,30 +66,6 @@ examples:
 exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint written
 (resume with --resume auto), 1 error, 2 bad command line.
 """
-
-
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
-def nonneg_float(s: str) -> float:
-    v = float(s)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
-    return v
-
-
-def int_list(s: str) -> tuple[int, ...]:
-    try:
-        v = tuple(int(t) for t in s.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if any(t < 1 for t in v):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
-    return v
 
 
 def float_list(s: str) -> tuple[float, ...]:
@@ -132,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden", type=int_list, default=(128,), help="dense hidden widths (default 128)")
     r = p.add_argument_group("run directory, evaluation, checkpoints")
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default runs/latest)")
-    r.add_argument("--eval-every", type=int, default=0,
+    r.add_argument("--eval-every", type=nonneg_int, default=0,
                    help="also evaluate every N steps (default 0: at each epoch's end only)")
-    r.add_argument("--checkpoint-every", type=int, default=0,
+    r.add_argument("--checkpoint-every", type=nonneg_int, default=0,
                    help="also checkpoint every N steps (default 0: at epoch ends only)")
     r.add_argument("--checkpoint-minutes", type=nonneg_float, default=0.0,
                    help="also checkpoint when this many minutes passed since the last one (default 0: off)")
@@ -148,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BLAS threads per rank (default: the node's cores / ranks on the node)")
     s.add_argument("--comm", choices=("auto", "mpi", "serial"), default="auto",
                    help="communicator (default auto: MPI when started by an MPI launcher)")
-    s.add_argument("--check-every", type=int, default=500,
+    s.add_argument("--check-every", type=nonneg_int, default=500,
                    help="verify every N steps that all ranks hold identical parameters (default 500)")
-    s.add_argument("--log-every", type=int, default=0, help="log a line every N steps (default: ~10 an epoch)")
+    s.add_argument("--log-every", type=nonneg_int, default=0, help="log a line every N steps (default: ~10 an epoch)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     add_common_flags(p)
     return p
@@ -217,11 +195,7 @@ def ensure_data(args, comm) -> Path:
 def versions(comm) -> dict:
     v = {"dpcnn": __version__, "python": platform.python_version(), "numpy": np.__version__,
          "h5py": h5py.__version__}
-    if comm.size > 1 or comm.name == "mpi":
-        import mpi4py
-        v["mpi4py"] = mpi4py.__version__
-        v["mpi"] = comm.MPI.Get_library_version().splitlines()[0].strip()
-    return v
+    return {**v, **comm.versions()}
 
 
 def params_digest(params: np.ndarray) -> str:
@@ -264,7 +238,7 @@ class Run:
         self.t_start = time.perf_counter()
         self.node_cpus = comm.node_cpus()                    # collective on the node
         self.threads = args.threads or default_threads(comm, self.node_cpus)
-        self._limits = threadpool_limits(self.threads)       # held for the whole run
+        threadpool_limits(self.threads)                      # BLAS threads of this process from now on
         self.data_path = ensure_data(args, comm)
         self.train_set, self.test_set = Split(self.data_path, "train"), Split(self.data_path, "test")
         ts = self.train_set
@@ -548,9 +522,7 @@ class Run:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("eval_every", "checkpoint_every", "check_every", "log_every"):
-        if getattr(args, flag) < 0:
-            build_parser().error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    keep_freed_memory()                        # every step reuses, not re-faults, its temporaries
     try:
         comm = get_comm(args.comm)
     except CommError as e:

@@ -6,20 +6,23 @@ import pytest
 
 from conftest import mpiexec, run_job
 from dpcnn import bench
+from dpcnn.model import ModelSpec
 
 
 def test_bench_json_fields(capsys):
     assert bench.main(["--batch-size", "8", "--steps", "2", "--rounds", "1", "--no-torch", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["batch_size"] == 8 and r["threads"] == 1 and r["num_params"] == 103018
+    assert r["batch_size"] == 8 and r["threads"] == 1 and r["num_params"] == ModelSpec().num_params == 103018
     assert r["images_per_second"] > 0 and r["peak_memory_mb"] > 0 and "torch_images_per_second" not in r
 
 
 def test_bench_profile_accounts_for_the_step():
     rows = dict(bench.profile(batch_size=8, threads=1, steps=3))
     assert {"im2col", "conv_backward", "maxpool_forward", "softmax_cross_entropy"} <= set(rows)
-    parts = sum(ms for name, ms in rows.items() if name != "total")
-    assert parts == pytest.approx(rows["total"]) and all(ms >= 0 for ms in rows.values())
+    # own times exclude nested calls (im2col inside conv_forward...): counted twice, the layer
+    # functions would add up to more than the step, leaving "everything else" negative
+    rest = rows.pop("everything else (model glue, SGD update)")
+    assert 0 <= rest < rows.pop("total") and all(ms > 0 for ms in rows.values())
 
 
 @pytest.mark.timeout(120)
@@ -33,4 +36,4 @@ def test_scaling_reports_efficiency_and_allreduce_split():
     assert all(x["allreduce_wait_ms"] >= 0 and x["allreduce_transfer_ms"] >= 0 for x in rows)
     assert rows[0]["imbalance_ms"] == 0 and rows[1]["imbalance_ms"] >= 0   # one rank: no imbalance
     assert all(x["compute_p99_ms"] >= 0.5 * x["compute_ms"] for x in rows)
-    assert rows[1]["allreduce_bytes"] == 4 * (103018 + 3)
+    assert rows[1]["allreduce_bytes"] == 4 * (ModelSpec().num_params + 3)
