@@ -309,3 +309,16 @@ def test_first_signal_sets_the_flag_second_exits_at_once():
     r = run_job(["-c", code], timeout=30)
     assert r.stdout.strip() == "flag set" and r.returncode == 128 + signal.SIGTERM
     assert "second signal" in r.stderr
+
+
+def test_schedule_flags_become_steps():
+    """--milestones below 1 are fractions of the run, others epochs; warm-up is in epochs."""
+    from dpcnn.train import build_parser, make_schedule
+    args = build_parser().parse_args(["--schedule", "step", "--epochs", "10", "--milestones", "0.5,8",
+                                      "--gamma", "0.1", "--lr", "1", "--warmup-epochs", "0.25"])
+    s = make_schedule(args, steps_per_epoch=12, total_steps=120)
+    assert s.milestones == (60, 96) and s.warmup_steps == 3
+    assert [s(k) for k in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1])
+    assert (s(59), s(60), s(95), s(96)) == pytest.approx((1, 0.1, 0.1, 0.01))
+    cos = make_schedule(build_parser().parse_args(["--lr", "1"]), steps_per_epoch=12, total_steps=96)
+    assert cos(0) == 1 and cos(48) == pytest.approx(0.5) and cos(95) < 0.001
