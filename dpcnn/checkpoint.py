@@ -56,6 +56,7 @@ class State:
     elapsed: float = 0.0                   # training wall time so far, seconds, over all attempts
     version: str = __version__
     world_size: int = 1
+    interval: dict = field(default_factory=dict)   # training loss/correct/samples summed since the last record
 
 
 def step_path(run_dir: Path, step: int) -> Path:
@@ -74,7 +75,7 @@ def save(path: Path, s: State) -> Path:
             a["spec"], a["config"] = json.dumps(s.spec), json.dumps(s.config)
             a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
             a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
-            a["written_at"] = time.time()
+            a["written_at"], a["interval"] = time.time(), json.dumps(s.interval)
             # The only randomness of training: the sample order, a permutation drawn from (seed, epoch)
             # alone (dpcnn.data.epoch_order). Recorded here so the file says how to continue.
             a["sample_order"] = json.dumps({"generator": "numpy.random.default_rng([seed, epoch]).permutation(N)",
@@ -128,7 +129,7 @@ def load(path: Path) -> State:
                          spec=json.loads(a["spec"]), config=json.loads(a["config"]),
                          data_fingerprint=str(a["data_fingerprint"]), metrics=json.loads(a["metrics"]),
                          best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]), version=str(a["dpcnn_version"]),
-                         world_size=int(a["world_size"]))
+                         world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:

@@ -11,7 +11,7 @@ global batch size and applies the same SGD update, so the parameters stay
 identical everywhere. Rank 0 logs, records metrics and writes checkpoints; the
 test set is evaluated by all ranks, a slice each, and reduced.
 
-Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint
+Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a checkpoint
 (run again with --resume auto); 1 error; 2 bad command line.
 """
 
@@ -63,7 +63,7 @@ examples:
   srun --mpi=pmi2 python -m dpcnn.train --out runs/$SLURM_JOB_ID --resume auto
   python -m dpcnn.train --dataset fashion-mnist --epochs 15
 
-exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint written
+exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C with a checkpoint written
 (resume with --resume auto), 1 error, 2 bad command line.
 """
 
@@ -138,12 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag that the ranks agree on at the next step boundary.
+    """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C, which mpiexec forwards to every rank) set a flag
+    that the ranks agree on at the next step boundary.
 
     A second signal ends the process at once (status 128 + signal number).
     """
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
 
     def __init__(self):
         self.signum = 0
@@ -265,11 +266,11 @@ class Run:
         self.metrics, self.best_accuracy, self.elapsed0 = [], -1.0, 0.0
         self.hosts = comm.allgather_obj(hostname())
         self.config = self._config()
+        self._reset_interval()
         self.resumed_from = self._resume()
         self.xt, self.yt = eval_shard(self.test_set, comm)
         self.stop = StopRequest()
         self.last_ckpt_time = time.monotonic()
-        self._reset_interval()
 
     def _config(self) -> dict:
         a, c = self.args, self.comm
@@ -315,10 +316,12 @@ class Run:
                 v[...] = saved[name]
         self.step = s.step
         self.metrics, self.best_accuracy, self.elapsed0 = s.metrics, s.best_accuracy, s.elapsed
+        for key in ("loss", "correct", "samples"):        # the training totals since the last record
+            self.iv[key] = s.interval.get(key, 0)
         if self.comm.is_root:
-            epoch, batch = divmod(s.step, self.steps_per_epoch)
-            log.info("resuming from %s: epoch %d, batch %d, step %d (saved on %d rank(s))",
-                     path, epoch, batch, s.step, s.world_size)
+            epoch, done = divmod(s.step, self.steps_per_epoch)
+            log.info("resuming from %s at step %d (epoch %d, %d of %d batches done; saved on %d rank(s))",
+                     path, s.step, epoch + 1, done, self.steps_per_epoch, s.world_size)
         return path
 
     def state(self) -> ckpt.State:
@@ -329,7 +332,8 @@ class Run:
             velocity={k: v.copy() for k, v in m.unflatten(self.opt.velocity).items()},
             epoch=epoch, next_batch=next_batch, step=self.step, spec=self.spec.to_dict(),
             config=self.config, data_fingerprint=self.train_set.fingerprint, metrics=self.metrics,
-            best_accuracy=self.best_accuracy, elapsed=self.elapsed(), world_size=self.comm.size)
+            best_accuracy=self.best_accuracy, elapsed=self.elapsed(), world_size=self.comm.size,
+            interval={k: self.iv[k] for k in ("loss", "correct", "samples")})
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Rank 0 writes ckpt-stepN.h5 (and best.h5), then prunes old ones; once per step."""
@@ -394,7 +398,7 @@ class Run:
 
     def start(self) -> None:
         c = self.comm
-        if c.is_root:
+        if c.is_root and self.step < self.end_step:    # (a finished run's files stay as they are)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # a resumed run keeps exactly the records its checkpoint knew of
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))

@@ -67,9 +67,10 @@ def test_resume_is_bit_identical(tiny_h5, tmp_path):
     assert_same_state(final_state(a), final_state(b))
     assert metrics(a)[-1]["test_loss"] == metrics(b)[-1]["test_loss"]
     assert json.loads((b / "config.json").read_text())["resumed_from"].endswith("ckpt-step000000007.h5")
-    before = metrics(b)
-    assert train(tiny_h5, b, "--max-steps", "17") == 0            # rerun of a finished run: nothing to do
+    before, config = metrics(b), (b / "config.json").read_text()
+    assert train(tiny_h5, b, "--max-steps", "17", "--threads", "2") == 0   # a finished run: nothing to do
     assert metrics(b) == before and final_state(b).step == 17
+    assert (b / "config.json").read_text() == config              # still describes the run that trained
 
 
 @pytest.mark.parametrize("stop_at", [12, 8, 5], ids=["epoch-end", "eval-step", "plain-step"])
@@ -92,7 +93,8 @@ def test_stop_and_resume_records_like_an_uninterrupted_run(tiny_h5, tmp_path, mo
     monkeypatch.setattr(T.Run, "train_step", orig)
     assert train(tiny_h5, run, *args) == 0
     assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(ref)] == [4, 8, 12, 16, 20, 24]
-    assert [m["test_loss"] for m in metrics(run)] == [m["test_loss"] for m in metrics(ref)]
+    for key in ("test_loss", "train_loss", "train_accuracy"):      # the training totals survive the stop
+        assert [m[key] for m in metrics(run)] == [m[key] for m in metrics(ref)], key
     assert_same_state(final_state(ref), final_state(run))
 
 
@@ -295,13 +297,14 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
     assert abs(a - b) / a < 1e-5
 
 
-def test_first_signal_sets_the_flag_second_exits_at_once():
+@pytest.mark.parametrize("first", ["SIGUSR1", "SIGINT"])
+def test_first_signal_sets_the_flag_second_exits_at_once(first):
     code = ("import os, signal, time\n"
             "from dpcnn.train import StopRequest\n"
             "s = StopRequest().install()\n"
-            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            f"os.kill(os.getpid(), signal.{first})\n"
             "time.sleep(0.1)\n"
-            "assert s.signum == signal.SIGUSR1, s.signum\n"
+            f"assert s.signum == signal.{first}, s.signum\n"
             "print('flag set', flush=True)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "time.sleep(5)\n"
