@@ -24,7 +24,7 @@ import tracemalloc
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .cli import positive_int
+from .cli import entry_point, positive_int
 from .comm import blas_summary
 from .malloc import keep_freed_memory
 from .model import CNN, ModelSpec
@@ -197,6 +197,7 @@ def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = 
     return rows
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dpcnn.bench", description=__doc__.split("\n\n")[0],

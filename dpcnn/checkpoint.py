@@ -128,7 +128,8 @@ def load(path: Path) -> State:
                          next_batch=int(a["next_batch"]), step=int(a["step"]),
                          spec=json.loads(a["spec"]), config=json.loads(a["config"]),
                          data_fingerprint=str(a["data_fingerprint"]), metrics=json.loads(a["metrics"]),
-                         best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]), version=str(a["dpcnn_version"]),
+                         best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]),
+                         version=str(a["dpcnn_version"]),
                          world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
     except CheckpointError:
         raise

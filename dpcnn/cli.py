@@ -8,7 +8,9 @@ Errors print as one line (``error: ...``) unless ``--debug`` asks for the traceb
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 import traceback
 
@@ -85,9 +87,35 @@ def error_line(e: BaseException) -> str:
 
 
 def report_error(e: BaseException, debug: bool = False, prefix: str = "") -> str:
-    """Print ``error: <one line>`` to stderr (the traceback first with --debug); return the line."""
+    """Print ``error: <one line>`` to stderr (the traceback first with --debug); return the line.
+
+    A closed stdout (``... | head``) is not an error: nothing is printed."""
+    if isinstance(e, BrokenPipeError):
+        _stdout_to_devnull()
+        return ""
     if debug:
         traceback.print_exc()
     line = prefix + error_line(e)
     print(f"error: {line}", file=sys.stderr, flush=True)
     return line
+
+
+def _stdout_to_devnull() -> None:
+    """After the reader of stdout went away: send the rest, and the flush at exit, nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def entry_point(main):
+    """Decorate a command's main(): stop quietly when stdout's reader goes away, like Unix tools
+    (``python -m dpcnn.data info data/mnist.h5 | head -3``)."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            code = main(*args, **kwargs)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            return 1
+    return wrapper

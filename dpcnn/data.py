@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .cli import UserError, report_error, setup_logging
+from .cli import UserError, entry_point, report_error, setup_logging
 
 try:
     from tqdm import tqdm
@@ -684,6 +684,7 @@ def info_lines(path) -> list[str]:
     return lines
 
 
+@entry_point
 def prepare_main(argv=None) -> int:
     """`python -m dpcnn.data prepare|info ...`; also the `dpcnn-prepare` script (no verb)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
-from .cli import add_common_flags, positive_int, report_error, setup_logging
+from .cli import add_common_flags, entry_point, positive_int, report_error, setup_logging
 from .data import Split
 from .malloc import keep_freed_memory
 from .metrics import evaluate
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()

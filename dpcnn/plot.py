@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import UserError, add_common_flags, report_error, setup_logging
+from .cli import UserError, add_common_flags, entry_point, report_error, setup_logging
 
 log = logging.getLogger("dpcnn")
 
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .cli import UserError, add_common_flags, positive_int, report_error, setup_logging
+from .cli import UserError, add_common_flags, entry_point, positive_int, report_error, setup_logging
 from .data import DATASETS, Split, standardise
 from .evaluate import check_data, load_model, recorded_data_path
 
@@ -278,6 +278,7 @@ def _fmt(name: str, p: float) -> str:
     return f"{name} (p={p:.3f})"
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

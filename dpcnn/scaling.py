@@ -29,7 +29,7 @@ import traceback
 
 import numpy as np
 
-from .cli import int_list, nonneg_int, positive_float, positive_int
+from .cli import entry_point, int_list, nonneg_int, positive_float, positive_int
 from .model import ModelSpec
 
 
@@ -145,6 +145,7 @@ def launch(framework: str, P: int, args) -> dict:
     return json.loads(lines[-1])
 
 
+@entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dpcnn.scaling", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
         print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, bind-to "
               f"{args.bind_to}; "
               f"allreduce of {4 * (ModelSpec().num_params + 3) / 1e3:.0f} KB per step")
-        print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} {'wait':>7} {'xfer':>7}"
+        print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} "
+              f"{'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))
     for P in ranks:
         r = launch("dpcnn", P, args)

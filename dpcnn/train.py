@@ -34,8 +34,8 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cli import (UserError, add_common_flags, int_list, nonneg_float, nonneg_int, positive_int, report_error,
-                  setup_logging)
+from .cli import (UserError, add_common_flags, entry_point, int_list, nonneg_float, nonneg_int, positive_int,
+                  report_error, setup_logging)
 from .comm import CommError, blas_summary, default_threads, get_comm, hostname
 from .data import DATASETS, DataError, ShardedLoader, Split, default_data_path, prepare, shard_bounds
 from .malloc import keep_freed_memory
@@ -524,6 +524,7 @@ class Run:
         return tqdm(total=self.end_step, initial=self.step, unit="step", dynamic_ncols=True, leave=False)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()                        # every step reuses, not re-faults, its temporaries

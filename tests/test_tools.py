@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from _idx import info_for, make_arrays, payloads
+from conftest import child_env
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot, predict
 from dpcnn.data import Split, write_h5
@@ -291,3 +292,16 @@ def test_help_has_examples(module):
     assert r.returncode == 0 and "examples:" in r.stdout and f"python -m dpcnn.{module}" in r.stdout
     for flag in ("-v, --verbose", "-q, --quiet", "--debug"):
         assert flag in r.stdout
+
+
+
+@pytest.mark.parametrize("command", ["info", "decorated"])
+def test_closed_stdout_ends_a_command_quietly(tiny_h5, command):
+    """`python -m dpcnn.data info FILE | true`: no traceback, no error line, status 1."""
+    code = {"info": f"import sys, dpcnn.data as d; sys.exit(d.prepare_main(['info', {str(tiny_h5)!r}]))",
+            "decorated": ("import sys, dpcnn.cli as c\n"
+                          "main = c.entry_point(lambda: [print('line', i) for i in range(10**5)] and 0)\n"
+                          "sys.exit(main())")}[command]
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0" | true; exit ${{PIPESTATUS[0]}}', code],
+                       capture_output=True, text=True, timeout=60, env=child_env())
+    assert r.stderr == "" and r.returncode == 1, r.stderr
