@@ -66,6 +66,10 @@ class DataError(UserError):
     """One-line, user-facing message naming the file and the problem."""
 
 
+class DownloadError(DataError):
+    """No mirror delivered a file that verifies (offline, blocked, or wrong files)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a data set is and how to verify it.
@@ -275,6 +279,7 @@ def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
         except DataError as e:
             logger.warning("discarding cached download: %s", e)
             dest.unlink()
+    created = [d for d in (cache, *cache.parents) if not d.exists()]     # deepest first
     cache.mkdir(parents=True, exist_ok=True)
     failures = []
     for base in urls:
@@ -292,7 +297,12 @@ def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
         except DataError as e:
             logger.warning("%s", e)
             failures.append(str(e))
-    raise DataError(f"{name}.gz: no source worked: " + "; ".join(failures))
+    for d in created:                              # leave no empty directories behind
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})")
 
 
 def _from_dir(src: Path, name: str, *, info: DatasetInfo) -> tuple[np.ndarray, str]:
@@ -701,6 +711,10 @@ def prepare_main(argv=None) -> int:
     except KeyboardInterrupt as e:
         report_error(e, args.debug)
         return 130
+    except DownloadError as e:
+        report_error(UserError(f"{e}; without internet, prepare from a directory holding the IDX files: "
+                               f"python -m dpcnn.data prepare --dataset {args.dataset} --source DIR"), args.debug)
+        return 1
     except Exception as e:
         report_error(e, args.debug)
         return 1
