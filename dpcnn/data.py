@@ -4,7 +4,7 @@ Preparing (no MPI needed; run it on a cluster's login node)::
 
     python -m dpcnn.data prepare                        # MNIST from the public mirrors
     python -m dpcnn.data prepare --dataset fashion-mnist
-    python -m dpcnn.data prepare --source ../shared/data/mnist   # four files, .gz or raw
+    python -m dpcnn.data prepare --source ~/datasets/mnist       # four files, .gz or raw
     python -m dpcnn.data info data/mnist.h5
 
 The HDF5 file holds groups ``train`` and ``test``, each with ``images (N, H, W) uint8`` and
@@ -414,7 +414,7 @@ def prepare(dataset="mnist", source=None, out=None, *, force=False,
         cache = out.parent / "downloads" / info.name
         load = functools.partial(_fetch, info=info, urls=urls, cache=cache, timeout=timeout)
     else:
-        src = Path(source)
+        src = Path(source).expanduser()
         if not src.is_dir():
             raise DataError(f"--source {source}: not a directory or an http(s) URL")
         load = functools.partial(_from_dir, src, info=info)
@@ -644,7 +644,7 @@ EPILOG = """\
 examples:
   python -m dpcnn.data prepare                         MNIST from the public mirrors
   python -m dpcnn.data prepare --dataset fashion-mnist
-  python -m dpcnn.data prepare --source ../shared/data/mnist
+  python -m dpcnn.data prepare --source ~/datasets/mnist
   python -m dpcnn.data prepare --source https://example.org/mnist/ --out /scratch/mnist.h5
   python -m dpcnn.data info data/mnist.h5
   dpcnn-prepare --dataset mnist                        the same, as a console script

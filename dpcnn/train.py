@@ -57,7 +57,7 @@ class SharedError(UserError):
 EPILOG = """\
 examples:
   python -m dpcnn.train                                  MNIST, defaults, one process
-  python -m dpcnn.train --data-source ../shared/data/mnist   prepare from local IDX files if needed
+  python -m dpcnn.train --data-source ~/datasets/mnist      prepare from local IDX files if needed
   mpirun -n 4 python -m dpcnn.train --epochs 8 --out runs/four
   python -m dpcnn.train --max-steps 200 --eval-every 100 --out runs/quick
   srun --mpi=pmi2 python -m dpcnn.train --out runs/$SLURM_JOB_ID --resume auto

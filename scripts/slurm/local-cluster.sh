@@ -3,9 +3,13 @@
 #
 #   scripts/slurm/local-cluster.sh start [STATE_DIR]    # install if missing, start, wait for idle
 #   scripts/slurm/local-cluster.sh status [STATE_DIR]
-#   scripts/slurm/local-cluster.sh stop [STATE_DIR]     # stop the daemons this script started
+#   scripts/slurm/local-cluster.sh stop [STATE_DIR]     # stop what start started, restore the link
 #
 # STATE_DIR (default /tmp/dpcnn-slurm) holds slurm.conf, the daemons' state, logs and PID files.
+# What it changes outside STATE_DIR: it installs Debian's Slurm and MUNGE packages if missing,
+# points /etc/slurm/slurm.conf (a symlink; a real file is never replaced) at STATE_DIR/slurm.conf,
+# and starts munged if it is not running. `stop` puts the previous link back (or removes it) and
+# stops munged if start started it.
 # The node has this machine's CPUs and MpiDefault=pmi2, so plain `srun` starts MPICH ranks that
 # see each other; `srun --mpi=none` gives independent singletons. Daemons are stopped by the PIDs
 # saved at start, never by name. Starting twice only reports that the cluster is up.
@@ -66,7 +70,21 @@ EOF
     if [[ -e $CONF && ! -L $CONF ]] && ! grep -q "local-cluster.sh" "$CONF"; then
         die "$CONF exists and was not written by this script; not replacing it"
     fi
+    if [[ -L $CONF && $(readlink "$CONF") != "$DIR/slurm.conf" && ! -e $DIR/conf.previous ]]; then
+        readlink "$CONF" > "$DIR/conf.previous"          # put back by stop
+    fi
     ln -sfn "$DIR/slurm.conf" "$CONF"
+}
+
+restore_conf() {
+    [[ -L $CONF && $(readlink "$CONF") == "$DIR/slurm.conf" ]] || return 0
+    if [[ -s $DIR/conf.previous ]]; then
+        ln -sfn "$(cat "$DIR/conf.previous")" "$CONF"
+        say "$CONF points at $(cat "$DIR/conf.previous") again"
+    else
+        rm -f "$CONF"
+    fi
+    rm -f "$DIR/conf.previous"
 }
 
 start_munge() {
@@ -75,6 +93,7 @@ start_munge() {
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     [[ -s /etc/munge/munge.key ]] || die "/etc/munge/munge.key is missing (reinstall munge)"
     runuser -u munge -- /usr/sbin/munged
+    touch "$DIR/munged.started"                      # stopped again by stop
     for _ in $(seq 50); do [[ -S /run/munge/munge.socket.2 ]] && return 0; sleep 0.1; done
     die "munged did not start (see /var/log/munge/munged.log)"
 }
@@ -122,7 +141,13 @@ stop_daemons() {
 
 case $cmd in
     start) start ;;
-    stop) stop_daemons ;;        # munged is left running: it is shared and harmless
+    stop)
+        stop_daemons
+        restore_conf
+        if [[ -e $DIR/munged.started ]] && alive /run/munge/munged.pid; then
+            kill "$(cat /run/munge/munged.pid)" && say "stopped munged"
+        fi
+        rm -f "$DIR/munged.started" ;;
     status)
         if alive "$DIR/ctld.pid" && alive "$DIR/slurmd.pid.launch"; then
             echo "running in $DIR (node: $(node_state))"
