@@ -234,7 +234,8 @@ def main(argv=None) -> int:
               f"torch {r['torch']})")
         print(f"ratio dpcnn/PyTorch: {r['ratio']:.2f} (median of per-round ratios {r['ratio_median_of_rounds']:.2f})")
     else:
-        print("PyTorch not importable: no comparison (pip install torch to add one)")
+        print("PyTorch not importable: no comparison "
+              "(add one: pip install torch --index-url https://download.pytorch.org/whl/cpu)")
     print(f"BLAS: {r['blas']}; NumPy {r['numpy']}")
     return 0
 

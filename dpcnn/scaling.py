@@ -177,6 +177,10 @@ def main(argv=None) -> int:
             print(json.dumps(res), flush=True)
         return 0
     ranks = args.ranks
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if max(ranks) > cores:
+        print(f"warning: P = {max(ranks)} ranks on {cores} usable cores: oversubscribed, the figures for "
+              f"P > {cores} measure time-sharing, not scaling", file=sys.stderr)
     try:
         import torch  # noqa: F401
         use_torch = not args.no_torch
