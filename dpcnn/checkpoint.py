@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .cli import UserError
+from .data import write_h5_atomic
 from .model import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -64,49 +64,27 @@ def step_path(run_dir: Path, step: int) -> Path:
 
 
 def save(path: Path, s: State) -> Path:
-    """Write State s to path atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            a = f.attrs
-            a["format"], a["format_version"], a["dpcnn_version"] = FORMAT, VERSION, s.version
-            a["epoch"], a["next_batch"], a["step"] = s.epoch, s.next_batch, s.step
-            a["spec"], a["config"] = json.dumps(s.spec), json.dumps(s.config)
-            a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
-            a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
-            a["written_at"], a["interval"] = time.time(), json.dumps(s.interval)
-            # The only randomness of training: the sample order, a permutation drawn from (seed, epoch)
-            # alone (dpcnn.data.epoch_order). Recorded here so the file says how to continue.
-            a["sample_order"] = json.dumps({"generator": "numpy.random.default_rng([seed, epoch]).permutation(N)",
-                                            "seed": s.config.get("seed"), "epoch": s.epoch,
-                                            "next_batch": s.next_batch})
-            for group, arrays in (("params", s.params), ("velocity", s.velocity)):
-                g = f.create_group(group)
-                for name, v in arrays.items():
-                    g.create_dataset(name, data=v)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write State s to path atomically (built in memory, one write, fsync, rename)."""
 
+    def fill(f: h5py.File) -> None:
+        a = f.attrs
+        a["format"], a["format_version"], a["dpcnn_version"] = FORMAT, VERSION, s.version
+        a["epoch"], a["next_batch"], a["step"] = s.epoch, s.next_batch, s.step
+        a["spec"], a["config"] = json.dumps(s.spec), json.dumps(s.config)
+        a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
+        a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
+        a["written_at"], a["interval"] = time.time(), json.dumps(s.interval)
+        # The only randomness of training: the sample order, a permutation drawn from (seed, epoch)
+        # alone (dpcnn.data.epoch_order). Recorded here so the file says how to continue.
+        a["sample_order"] = json.dumps({"generator": "numpy.random.default_rng([seed, epoch]).permutation(N)",
+                                        "seed": s.config.get("seed"), "epoch": s.epoch,
+                                        "next_batch": s.next_batch})
+        for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+            g = f.create_group(group)
+            for name, v in arrays.items():
+                g.create_dataset(name, data=v)
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_h5_atomic(path, fill)
 
 
 def load(path: Path) -> State:
@@ -124,17 +102,32 @@ def load(path: Path) -> State:
                                       f"this dpcnn reads {VERSION}")
             params = {k: v[...] for k, v in f["params"].items()}
             velocity = {k: v[...] for k, v in f["velocity"].items()}
-            return State(params=params, velocity=velocity, epoch=int(a["epoch"]),
-                         next_batch=int(a["next_batch"]), step=int(a["step"]),
-                         spec=json.loads(a["spec"]), config=json.loads(a["config"]),
-                         data_fingerprint=str(a["data_fingerprint"]), metrics=json.loads(a["metrics"]),
-                         best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]),
-                         version=str(a["dpcnn_version"]),
-                         world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
+            s = State(params=params, velocity=velocity, epoch=int(a["epoch"]),
+                      next_batch=int(a["next_batch"]), step=int(a["step"]),
+                      spec=json.loads(a["spec"]), config=json.loads(a["config"]),
+                      data_fingerprint=str(a["data_fingerprint"]), metrics=json.loads(a["metrics"]),
+                      best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]),
+                      version=str(a["dpcnn_version"]),
+                      world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
+        _check_contents(s)
+        return s
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    # RuntimeError: what h5py raises for some damage inside an otherwise readable file
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable or incomplete checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _check_contents(s: State) -> None:
+    """ValueError unless the arrays are exactly the spec's parameters and the records are lists."""
+    shapes = dict(ModelSpec.from_dict(s.spec).param_shapes())
+    for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+        got = {k: tuple(v.shape) for k, v in arrays.items()}
+        if got != shapes:
+            raise ValueError(f"{group} {got} do not match the saved model spec's {shapes}")
+    if s.step < 0 or not isinstance(s.metrics, list) or not all(isinstance(m, dict) for m in s.metrics) \
+            or not isinstance(s.interval, dict) or not isinstance(s.config, dict):
+        raise ValueError("malformed step, metrics, interval or config attribute")
 
 
 def listed(run_dir: Path) -> list[Path]:

@@ -29,13 +29,14 @@ import functools
 import gzip
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
 import sys
 import urllib.request
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import h5py
@@ -64,6 +65,10 @@ _CHUNK_BYTES = 1 << 16
 
 class DataError(UserError):
     """One-line, user-facing message naming the file and the problem."""
+
+
+class WriteError(UserError):
+    """An output file could not be written (full disk, read-only, not a directory, ...)."""
 
 
 class DownloadError(DataError):
@@ -344,28 +349,70 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, split: str, num_classes:
         raise DataError(f"{lab}: label {labels.max()} out of range 0..{num_classes - 1}")
 
 
+def write_h5_atomic(path: Path, fill: Callable[[h5py.File], None]) -> Path:
+    """Create the HDF5 file `path` with fill(f): all of it or nothing, even on a full disk.
+
+    The file is built in memory, then written to a temporary name beside `path` in one
+    plain write, fsynced and renamed. A failing write (full disk, quota) is then one clean
+    OSError with the temporary file removed; failing writes inside the HDF5 library itself
+    can crash the process. Meant for files that fit in memory (checkpoints, MNIST-sized data).
+    """
+    path = Path(path)
+    mem = io.BytesIO()
+    with h5py.File(mem, "w") as f:
+        fill(f)
+    tmp = _temp_name(path, ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(mem.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: could not write it ({e.strerror or e}); nothing was written") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in directory d durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
              sha: Mapping[str, str]) -> None:
-    """Write the prepared file atomically: to a temporary name, then rename onto `out`.
+    """Write the prepared file atomically (write_h5_atomic), chunked by rows, with a Fletcher-32
+    checksum on every chunk so that a damaged file is detected when read.
 
     arrays: split -> (images (N, H, W) uint8, labels (N,) uint8). sha: file name -> SHA-256.
     """
     mean, std = pixel_stats(arrays["train"][0])
+
+    def fill(f: h5py.File) -> None:
+        f.attrs.update(dataset=info.name, class_names=json.dumps(list(info.class_names)),
+                       format_version=FORMAT_VERSION, source_sha256=json.dumps(dict(sha)),
+                       mean=mean, std=std, dpcnn_version=__version__)
+        for split, (x, y) in arrays.items():
+            g = f.create_group(split)
+            g.create_dataset("images", data=x, chunks=(min(ROW_CHUNK, max(len(x), 1)), *x.shape[1:]),
+                             fletcher32=True)
+            g.create_dataset("labels", data=y, chunks=(min(ROW_CHUNK * 16, max(len(y), 1)),), fletcher32=True)
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(out, ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(dataset=info.name, class_names=json.dumps(list(info.class_names)),
-                           format_version=FORMAT_VERSION, source_sha256=json.dumps(dict(sha)),
-                           mean=mean, std=std, dpcnn_version=__version__)
-            for split, (x, y) in arrays.items():
-                g = f.create_group(split)
-                g.create_dataset("images", data=x, chunks=(min(ROW_CHUNK, max(len(x), 1)), *x.shape[1:]))
-                g.create_dataset("labels", data=y, chunks=(min(ROW_CHUNK * 16, max(len(y), 1)),))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_h5_atomic(out, fill)
 
 
 def default_data_path(dataset="mnist") -> Path:
@@ -470,8 +517,8 @@ class Split:
         f, a = self._f, self._f.attrs
         if "format_version" not in a:
             self._fail("not a dpcnn data file (no format_version); run `python -m dpcnn.data prepare`")
-        if int(a["format_version"]) != FORMAT_VERSION:
-            self._fail(f"format version {int(a['format_version'])}, this dpcnn reads {FORMAT_VERSION}; "
+        if str(a["format_version"]) != str(FORMAT_VERSION):
+            self._fail(f"format version {a['format_version']}, this dpcnn reads {FORMAT_VERSION}; "
                        "prepare it again with --force")
         try:
             self.dataset = str(a["dataset"])
@@ -491,7 +538,7 @@ class Split:
             self._fail(f"{self.split}/images is {x.shape} {x.dtype}, expected (N, H, W) uint8")
         if y.shape != (x.shape[0],) or y.dtype != np.uint8:
             self._fail(f"{self.split}/labels is {y.shape} {y.dtype}, expected ({x.shape[0]},) uint8")
-        self._images, self.labels = x, y[...]
+        self._images, self.labels = x, self._read(lambda: y[...], "labels")
         self.num_classes = len(self.class_names)
         if len(self.labels) and self.labels.max() >= self.num_classes:
             self._fail(f"{self.split}/labels has label {self.labels.max()}, "
@@ -506,7 +553,15 @@ class Split:
         Reads the chunk-aligned blocks that hold wanted rows and keeps only those rows, so
         the result is all that stays in memory (see `_read_rows` for the why).
         """
-        return _read_rows(self._images, idx)
+        return self._read(lambda: _read_rows(self._images, idx), "images")
+
+    def _read(self, read, what: str):
+        """read(), with a damaged file (a chunk's checksum fails) reported as a DataError."""
+        try:
+            return read()
+        except OSError as e:
+            self._fail(f"cannot read {self.split}/{what} ({e}); the file is damaged: "
+                       "prepare it again with --force")
 
     def standardise(self, u8: np.ndarray) -> np.ndarray:
         """Images (m, H, W) uint8 -> (m, H, W, 1) float32, (x/255 - mean) / std."""
@@ -514,7 +569,8 @@ class Split:
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous rows [lo, hi): x (m, H, W, 1) float32 standardised, y (m,) int64."""
-        return self.standardise(self._images[lo:hi]), self.labels[lo:hi].astype(np.int64)
+        return (self.standardise(self._read(lambda: self._images[lo:hi], "images")),
+                self.labels[lo:hi].astype(np.int64))
 
     def close(self):
         self._f.close()

@@ -435,3 +435,20 @@ def test_real_mnist(tmp_path):
         L = ShardedLoader(tr, batch_size=128, rank=1, size=4, seed=0)
         x, y, M = L.batch(0, 0)
         assert x.shape == (32, 28, 28, 1) and M == 128 and len(L._images) == 468 * 32
+
+
+def test_damaged_chunk_is_detected_on_read(tmp_path):
+    """Every chunk carries a Fletcher-32 checksum: flipped bytes fail the read, naming the file."""
+    from conftest import write_tiny
+    path = write_tiny(tmp_path / "tiny.h5")
+    with h5py.File(path, "r") as f:
+        assert f["train/images"].fletcher32 and f["train/labels"].fletcher32
+        info = f["train/images"].id.get_chunk_info(0)
+    raw = bytearray(path.read_bytes())
+    raw[info.byte_offset + 100: info.byte_offset + 110] = b"\xff" * 10
+    path.write_bytes(bytes(raw))
+    s = Split(path)
+    with pytest.raises(DataError, match=r"tiny\.h5: cannot read train/images .*damaged"):
+        s.rows(np.arange(s.n))
+    with pytest.raises(DataError, match="damaged"):
+        ShardedLoader(s, batch_size=8, rank=0, size=1, seed=0).batch(0, 0)

@@ -128,6 +128,20 @@ def test_corrupt_newest_checkpoint_is_skipped(tiny_h5, tmp_path, capsys):
     assert_same_state(final_state(a), final_state(b))
 
 
+def test_checkpoint_damaged_inside_is_skipped(tiny_h5, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(tiny_h5, a, "--max-steps", "10") == 0
+    assert train(tiny_h5, b, "--max-steps", "8", "--checkpoint-every", "4") == 0
+    with h5py.File(ckpt.listed(b)[0], "a") as f:            # step 8: one parameter missing
+        del f["params/conv1.b"]
+    with pytest.raises(ckpt.CheckpointError, match=r"step000000008\.h5: .*params .* do not match"):
+        ckpt.load(ckpt.listed(b)[0])
+    capsys.readouterr()
+    assert train(tiny_h5, b, "--max-steps", "10", "-v") == 0
+    assert "skipping checkpoint" in capsys.readouterr().err
+    assert_same_state(final_state(a), final_state(b))
+
+
 def test_mismatched_checkpoint_is_refused(tiny_h5, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--max-steps", "3") == 0
@@ -168,9 +182,9 @@ c.save(c.step_path({str(out)!r}, 99), s)
 """
     p = subprocess.Popen([sys.executable, "-c", code], env=child_env())
     deadline = time.time() + 60
-    while not list(out.glob(".ckpt-step000000099.h5.tmp*")) and time.time() < deadline and p.poll() is None:
+    while not list(out.glob(".ckpt-step000000099.h5.*.tmp")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.01)
-    assert list(out.glob(".ckpt-step000000099.h5.tmp*")), "the write never started"
+    assert list(out.glob(".ckpt-step000000099.h5.*.tmp")), "the write never started"
     time.sleep(0.2)
     p.kill()
     assert p.wait(timeout=30) == -signal.SIGKILL, "the write finished before the kill"
