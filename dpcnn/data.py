@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .cli import UserError, entry_point, report_error, setup_logging
+from .cli import UserError, entry_point, positive_float, report_error, setup_logging
 
 try:
     from tqdm import tqdm
@@ -727,7 +727,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "http(s) base URL; default: the public mirrors in order")
     pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")
     pp.add_argument("--force", action="store_true", help="rewrite even if up to date")
-    pp.add_argument("--timeout", type=float, default=TIMEOUT_S, help="network timeout, seconds")
+    pp.add_argument("--timeout", type=positive_float, default=TIMEOUT_S, help="network timeout, seconds")
     pi = sub.add_parser("info", parents=[common], help="print a prepared file's attributes and counts")
     pi.add_argument("path", type=Path)
     return p

@@ -34,8 +34,8 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cli import (UserError, add_common_flags, entry_point, int_list, nonneg_float, nonneg_int, positive_int,
-                  report_error, setup_logging)
+from .cli import (UserError, add_common_flags, entry_point, error_line, int_list, nonneg_float, nonneg_int,
+                  positive_int, report_error, setup_logging)
 from .comm import CommError, blas_summary, default_threads, get_comm, hostname
 from .data import DATASETS, DataError, ShardedLoader, Split, default_data_path, prepare, shard_bounds
 from .malloc import keep_freed_memory
@@ -70,9 +70,19 @@ exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C with a checkpoint writ
 
 def float_list(s: str) -> tuple[float, ...]:
     try:
-        return tuple(float(t) for t in s.split(",") if t.strip())
+        v = tuple(float(t) for t in s.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not all(0 < t < float("inf") for t in v):
+        raise argparse.ArgumentTypeError(f"expected finite numbers > 0, got {s!r}")
+    return v
+
+
+def unit_interval(s: str) -> float:
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive_int, default=64,
                    help="GLOBAL batch size, split across ranks (default 64)")
     t.add_argument("--lr", type=nonneg_float, default=0.05, help="peak learning rate (default 0.05)")
-    t.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum, 0 <= m < 1 (default 0.9)")
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
                    help="Nesterov momentum (default on)")
     t.add_argument("--weight-decay", type=nonneg_float, default=5e-4, help="L2 weight decay (default 5e-4)")
@@ -101,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --schedule step: when to multiply the rate by --gamma, as fractions of "
                         "the run if < 1 else epochs (default 0.5,0.75)")
     t.add_argument("--gamma", type=nonneg_float, default=0.1, help="step schedule factor (default 0.1)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights and sample order (default 0)")
+    t.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initial weights and sample order (default 0)")
     t.add_argument("--max-steps", type=positive_int, help="stop after this many updates (still evaluates, "
                                                           "records and checkpoints)")
     m = p.add_argument_group("model")
@@ -169,28 +179,69 @@ class StopRequest:
 # ----------------------------------------------------------------------------- set-up
 
 
+def on_root(comm, check):
+    """Run check() on rank 0 while the others wait; every rank gets its result, or its error as a
+    SharedError (so one message is printed and all ranks exit together)."""
+    result = err = None
+    if comm.is_root:
+        try:
+            result = check()
+        except UserError as e:
+            err = error_line(e)
+    result, err = comm.bcast_obj((result, err))
+    if err:
+        raise SharedError(err)
+    return result
+
+
 def ensure_data(args, comm) -> Path:
     """The data file, prepared by rank 0 if missing while the others wait; validated on rank 0 first."""
     path = Path(args.data) if args.data else default_data_path(args.dataset)
-    err = None
-    if comm.is_root:
-        try:
-            if not path.exists():
-                log.info("%s not found: preparing %s", path, args.dataset)
-                try:
-                    prepare(args.dataset, args.data_source, path)
-                except DataError as e:
-                    src = f" --source {args.data_source}" if args.data_source else " --source DIR"
-                    raise DataError(f"{e}. Prepare it from local IDX files with: python -m dpcnn.data "
-                                    f"prepare --dataset {args.dataset}{src} --out {path}") from None
-            for split in ("train", "test"):
-                Split(path, split).close()
-        except DataError as e:
-            err = str(e)
-    err = comm.bcast_obj(err)
-    if err:
-        raise SharedError(err)
-    return path
+
+    def check() -> Path:
+        if not path.exists():
+            log.info("%s not found: preparing %s", path, args.dataset)
+            try:
+                prepare(args.dataset, args.data_source, path)
+            except DataError as e:
+                src = f" --source {args.data_source}" if args.data_source else " --source DIR"
+                raise DataError(f"{e}. Prepare it from local IDX files with: python -m dpcnn.data "
+                                f"prepare --dataset {args.dataset}{src} --out {path}") from None
+        with Split(path, "train") as tr, Split(path, "test") as te:
+            if (te.image_shape, te.num_classes) != (tr.image_shape, tr.num_classes):
+                raise DataError(f"{path}: test images {te.image_shape} in {te.num_classes} classes, training "
+                                f"images {tr.image_shape} in {tr.num_classes}")
+            try:
+                model_spec(args, tr)
+            except ValueError as e:
+                raise DataError(f"{path}: its {tr.image_shape[0]}x{tr.image_shape[1]} images do not fit the "
+                                f"model of --channels/--kernel/--hidden ({e})") from None
+        return path
+
+    return on_root(comm, check)
+
+
+def model_spec(args, train_set: Split) -> ModelSpec:
+    return ModelSpec(input_shape=train_set.image_shape + (1,), channels=args.channels, kernel=args.kernel,
+                     hidden=args.hidden, classes=train_set.num_classes)
+
+
+def prepare_run_dir(path: Path) -> None:
+    """Create the run directory, check that files can be written there, and remove the temporary
+    files of an earlier process that was killed while writing (rank 0)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+    for stale in path.glob(".*.tmp*"):
+        if stale.name.startswith((".ckpt-step", ".best.h5", ".metrics.jsonl", ".config.json")):
+            log.debug("removing %s, left by an interrupted write", stale)
+            stale.unlink(missing_ok=True)
 
 
 def versions(comm) -> dict:
@@ -241,10 +292,11 @@ class Run:
         self.threads = args.threads or default_threads(comm, self.node_cpus)
         threadpool_limits(self.threads)                      # BLAS threads of this process from now on
         self.data_path = ensure_data(args, comm)
+        self.run_dir = Path(args.out)
+        on_root(comm, lambda: prepare_run_dir(self.run_dir))
         self.train_set, self.test_set = Split(self.data_path, "train"), Split(self.data_path, "test")
         ts = self.train_set
-        self.spec = ModelSpec(input_shape=ts.image_shape + (1,), channels=args.channels, kernel=args.kernel,
-                              hidden=args.hidden, classes=ts.num_classes)
+        self.spec = model_spec(args, ts)
         self.loader = ShardedLoader(ts, batch_size=args.batch_size, rank=comm.rank, size=comm.size,
                                     seed=args.seed, drop_last=not args.keep_last)
         self.steps_per_epoch = self.loader.steps_per_epoch
@@ -260,12 +312,12 @@ class Run:
                        nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
         self.schedule = make_schedule(args, self.steps_per_epoch, self.total_steps)
 
-        self.run_dir = Path(args.out)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.saved_step = None                   # step of the last checkpoint this process wrote
         self.metrics, self.best_accuracy, self.elapsed0 = [], -1.0, 0.0
         self.hosts = comm.allgather_obj(hostname())
         self.config = self._config()
+        self._check_same_settings()
         self._reset_interval()
         self.resumed_from = self._resume()
         self.xt, self.yt = eval_shard(self.test_set, comm)
@@ -283,30 +335,36 @@ class Run:
                    data_fingerprint=self.train_set.fingerprint, versions=versions(c))
         return cfg
 
+    def _check_same_settings(self) -> None:
+        """Every rank must train the same run: same flags, same data (by content), same model."""
+        local = ("threads_per_rank", "versions", "blas", "data")      # may differ between nodes
+        mine = {k: v for k, v in self.config.items() if k not in local}
+        everyone = self.comm.allgather_obj(mine)
+        differ = sorted({k for c in everyone for k in c.keys() | mine.keys() if c.get(k) != everyone[0].get(k)})
+        if differ:
+            ranks = [r for r, c in enumerate(everyone) if c != everyone[0]]
+            raise SharedError(f"rank(s) {ranks} were started with other settings than rank 0 (differing: "
+                              f"{', '.join(differ)}); start every rank with the same command and data")
+
     # -- resume / checkpoint ---------------------------------------------------
 
     def _resume(self) -> str | None:
         """Load the checkpoint --resume names (rank 0 reads it; everyone gets the state)."""
         choice = self.args.resume
-        state = err = None
-        if self.comm.is_root:
-            try:
-                path = None
-                if choice == "auto":
-                    found = ckpt.newest_valid(self.run_dir) if self.run_dir.is_dir() else None
-                    path, state = found if found else (None, None)
-                elif choice != "none":
-                    path, state = Path(choice), ckpt.load(Path(choice))
-                if state is not None:
-                    ckpt.check_compatible(state, path, self.spec, self.train_set.fingerprint, self.config)
-                if choice != "auto":
-                    ckpt.check_no_later(self.run_dir, state.step if state else 0, path)
-                state = (str(path), state) if state is not None else None
-            except ckpt.CheckpointError as e:
-                err = str(e)
-        state, err = self.comm.bcast_obj((state, err))
-        if err:
-            raise SharedError(err)
+
+        def find():
+            path = state = None
+            if choice == "auto":
+                path, state = ckpt.newest_valid(self.run_dir) or (None, None)
+            elif choice != "none":
+                path, state = Path(choice), ckpt.load(Path(choice))
+            if state is not None:
+                ckpt.check_compatible(state, path, self.spec, self.train_set.fingerprint, self.config)
+            if choice != "auto":
+                ckpt.check_no_later(self.run_dir, state.step if state else 0, path)
+            return (str(path), state) if state is not None else None
+
+        state = on_root(self.comm, find)
         if state is None:
             return None
         path, s = state
@@ -339,6 +397,9 @@ class Run:
         """Rank 0 writes ckpt-stepN.h5 (and best.h5), then prunes old ones; once per step."""
         if not self.comm.is_root or self.saved_step == self.step:
             return
+        if not np.isfinite(self.model.params).all():     # diverging: the next loss check stops every rank
+            log.warning("warning: not saving a checkpoint at step %d: the weights are not finite", self.step)
+            return
         t0 = time.perf_counter()
         state = self.state()
         path = ckpt.save(ckpt.step_path(self.run_dir, self.step), state)
@@ -360,8 +421,11 @@ class Run:
     def record(self, final: bool = False) -> dict:
         """Evaluate on the test set (all ranks) and, on rank 0, append one line to metrics.jsonl."""
         t0 = time.perf_counter()
-        totals = evaluate_shared(self.model, self.xt, self.yt, self.comm)
+        with np.errstate(over="ignore", invalid="ignore"):
+            totals = evaluate_shared(self.model, self.xt, self.yt, self.comm)
         t_eval = time.perf_counter() - t0
+        if not np.isfinite(totals.loss):
+            self.diverged(f"the test loss is {totals.loss}")
         iv = self.iv
         train_time = t0 - iv["t0"]
         rec = {
@@ -424,12 +488,15 @@ class Run:
         t0 = time.perf_counter()
         x, y, M = self.loader.batch(epoch, k)
         t1 = time.perf_counter()
-        loss_sum, correct = self.model.loss_and_grad(x, y, denom=1)    # sums over this rank's slice
+        with np.errstate(over="ignore", invalid="ignore"):            # divergence is caught below
+            loss_sum, correct = self.model.loss_and_grad(x, y, denom=1)    # sums over this rank's slice
         t2 = time.perf_counter()
         n, buf = self.n, self.buf
         buf[n], buf[n + 1], buf[n + 2] = loss_sum, correct, 1.0 if self.stop.signum else 0.0
         self.comm.allreduce(buf)                                      # one collective per step
         t3 = time.perf_counter()
+        if not np.isfinite(buf[n]):                                   # the same sum on every rank
+            self.diverged(f"the training loss is {buf[n]}")
         self.model.grads *= np.float32(1.0 / M)                       # the mean over the global batch
         self.opt.step(self.schedule(self.step))
         self.step += 1
@@ -443,6 +510,11 @@ class Run:
         iv["allreduce"] += t3 - t2
         iv["update"] += t4 - t3
         return buf[n + 2] > 0
+
+    def diverged(self, what: str):
+        """Stop every rank (they all see the same reduced value) before non-finite weights are saved."""
+        raise SharedError(f"training diverged at step {self.step}: {what}; nothing was saved at this step "
+                          f"(try a lower --lr than {self.args.lr}, or --warmup-epochs)")
 
     def check_in_sync(self) -> None:
         digests = self.comm.allgather_obj(params_digest(self.model.params))

@@ -248,6 +248,16 @@ def test_one_rank_raising_ends_every_rank(tiny_h5, tmp_path):
     assert "error: rank 1: MemoryError: simulated failure" in r.stderr
 
 
+@pytest.mark.timeout(120)
+def test_ranks_started_with_different_settings_are_refused(tiny_h5, tmp_path):
+    args = [sys.executable, *map(str, job_args(tiny_h5, tmp_path / "r", "--max-steps", "2"))]
+    r = subprocess.run([mpiexec(), "-n", "1", *args, ":", "-n", "1", *args, "--seed", "3"], capture_output=True,
+                       text=True, timeout=60, env=child_env())
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr
+    assert "rank(s) [1] were started with other settings than rank 0 (differing: seed)" in errors[0]
+
+
 def rank_pids(launcher_pid: int) -> list[int]:
     """PIDs of the python processes below an mpiexec (its proxy's children)."""
     kids = {}
@@ -339,3 +349,31 @@ def test_schedule_flags_become_steps():
     assert (s(59), s(60), s(95), s(96)) == pytest.approx((1, 0.1, 0.1, 0.01))
     cos = make_schedule(build_parser().parse_args(["--lr", "1"]), steps_per_epoch=12, total_steps=96)
     assert cos(0) == 1 and cos(48) == pytest.approx(0.5) and cos(95) < 0.001
+
+
+def test_divergence_stops_before_saving_nonfinite_weights(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--lr", "1e10", "--max-steps", "5", "--checkpoint-every", "1") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged at step") and err.count("\n") == 1, err
+    assert "--lr" in err
+    for path in out.glob("*.h5"):                        # what was saved before the loss blew up is finite
+        assert all(np.isfinite(v).all() for v in ckpt.load(path).params.values()), path
+    for flag, value in (("--momentum", "1"), ("--seed", "-1"), ("--milestones", "nan"), ("--lr", "inf")):
+        with pytest.raises(SystemExit) as e:
+            main([flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_unusable_run_directory_is_named(tiny_h5, tmp_path, capsys):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        assert train(tiny_h5, out, "--max-steps", "1") == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and err.count("\n") == 1, err
+    run = tmp_path / "run"                          # temporary files of a killed writer are cleared
+    run.mkdir()
+    (run / ".ckpt-step000000004.h5.999.tmp").write_bytes(b"partial")
+    assert train(tiny_h5, run, "--max-steps", "1") == 0
+    assert not list(run.glob(".*tmp*"))
