@@ -415,6 +415,16 @@ def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray
     write_h5_atomic(out, fill)
 
 
+def _check_writable(out: Path) -> None:
+    """WriteError unless `out` could be created: its nearest existing ancestor is a writable
+    directory (checked without creating anything)."""
+    d = out.absolute().parent
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir() or not os.access(d, os.W_OK | os.X_OK):
+        raise WriteError(f"--out {out}: cannot write there ({d} is not a writable directory)")
+
+
 def default_data_path(dataset="mnist") -> Path:
     """Where `prepare` writes by default: data/<dataset>.h5 (relative to the working dir)."""
     return Path("data") / f"{dataset}.h5"
@@ -451,9 +461,12 @@ def prepare(dataset="mnist", source=None, out=None, *, force=False,
             raise DataError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
         info = DATASETS[dataset]
     out = Path(out) if out is not None else default_data_path(info.name)
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a directory; give a file name, e.g. {out / (info.name + '.h5')}")
     if out.exists() and not force and _up_to_date(out, info):
         logger.info("%s is already prepared and verified; use --force to redo it", out)
         return out
+    _check_writable(out)                           # before minutes of downloading and verifying
     if source is None or _is_url(source):
         urls = info.mirrors if source is None else (source,)
         if not urls:
@@ -485,6 +498,8 @@ def prepare(dataset="mnist", source=None, out=None, *, force=False,
 
 def _open_h5(path: Path) -> h5py.File:
     """Open read-only with HDF5 file locking off, so many ranks can share the file."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a prepared HDF5 file (e.g. data/mnist.h5)")
     if not path.is_file():
         raise DataError(f"{path}: no such file; run `python -m dpcnn.data prepare` first")
     try:

@@ -56,7 +56,7 @@ def read_metrics(path: Path) -> list[dict]:
         raise PlotError(f"{path}: no such file; is {path.parent} a dpcnn run directory "
                         "(python -m dpcnn.train --out DIR)?")
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:     # binary junk: "not a JSON line"
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpcnn.plot", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory (or its metrics.jsonl)")
-    p.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/metrics.png)")
+    p.add_argument("--out", type=Path, help="image to write: .png, .pdf or .svg, or a directory "
+                                            "(default RUN_DIR/metrics.png)")
     add_common_flags(p)
     return p
 
@@ -184,7 +185,12 @@ def main(argv=None) -> int:
     try:
         src = metrics_path(args.run)
         records = read_metrics(src)
-        out = plot(records, args.out or src.parent / "metrics.png", title_of(records, src))
+        out = args.out or src.parent / "metrics.png"
+        if out.is_dir():
+            out = out / "metrics.png"
+        if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise PlotError(f"--out {out}: expected a .png, .pdf or .svg file name (or a directory)")
+        out = plot(records, out, title_of(records, src))
     except (Exception, KeyboardInterrupt) as e:
         report_error(e, args.debug)
         return EXIT_ERROR

@@ -311,7 +311,8 @@ def main(argv=None) -> int:
             report_error(e, args.debug)
             return 130
         except Exception as e:
-            errors.append({"input": str(path), "error": report_error(e, args.debug)})
+            prefix = "" if str(path) in str(e) else f"{path}: "      # every line names its file
+            errors.append({"input": str(path), "error": report_error(e, args.debug, prefix=prefix)})
             continue
         for label, pr in zip(labels, probs):
             top = np.argsort(-pr, kind="stable")[:k]

@@ -138,10 +138,14 @@ def launch(framework: str, P: int, args) -> dict:
     bind = ["-bind-to", args.bind_to] if args.bind_to != "none" else []      # MPICH hydra's syntax
     cmd = [mpiexec, "-n", str(P), *bind, sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
            "--per-rank-batch", str(args.per_rank_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: {framework} at P={P} did not finish within --timeout {args.timeout:g} s") from None
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode or not lines:
-        raise SystemExit(f"error: {framework} at P={P} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+        last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        raise SystemExit(f"error: {framework} at P={P} failed (exit {r.returncode}): {last[0].strip()}")
     return json.loads(lines[-1])
 
 

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --schedule step: when to multiply the rate by --gamma, as fractions of "
                         "the run if < 1 else epochs (default 0.5,0.75)")
     t.add_argument("--gamma", type=nonneg_float, default=0.1, help="step schedule factor (default 0.1)")
-    t.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initial weights and sample order (default 0)")
+    t.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the initial weights and sample order (default 0)")
     t.add_argument("--max-steps", type=positive_int, help="stop after this many updates (still evaluates, "
                                                           "records and checkpoints)")
     m = p.add_argument_group("model")
@@ -208,6 +209,8 @@ def ensure_data(args, comm) -> Path:
                 raise DataError(f"{e}. Prepare it from local IDX files with: python -m dpcnn.data "
                                 f"prepare --dataset {args.dataset}{src} --out {path}") from None
         with Split(path, "train") as tr, Split(path, "test") as te:
+            if te.n == 0:
+                raise DataError(f"{path}: the test split is empty; nothing to evaluate on")
             if (te.image_shape, te.num_classes) != (tr.image_shape, tr.num_classes):
                 raise DataError(f"{path}: test images {te.image_shape} in {te.num_classes} classes, training "
                                 f"images {tr.image_shape} in {tr.num_classes}")
@@ -468,13 +471,15 @@ class Run:
             atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
             atomic_write_text(self.run_dir / "config.json",
                               json.dumps({**self.config, "resumed_from": self.resumed_from}, indent=2) + "\n")
-            per_rank = shard_bounds(self.args.batch_size, 0, c.size)
+            B = self.args.batch_size
+            sizes = sorted({hi - lo for lo, hi in (shard_bounds(B, r, c.size) for r in range(c.size))})
+            per_rank = "-".join(map(str, sizes[::max(len(sizes) - 1, 1)]))     # "32", or "21-22" when uneven
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
                      __version__, c.size, c.num_nodes, self.threads, blas_summary(),
                      f", {self.config['versions'].get('mpi', '')}" if c.size > 1 else "")
-            log.info("data %s (%d train, %d test); model %s params; global batch %d (%d per rank); "
+            log.info("data %s (%d train, %d test); model %s params; global batch %d (%s per rank); "
                      "%d steps/epoch, %d epochs; run dir %s", self.data_path, self.train_set.n, self.test_set.n,
-                     f"{self.spec.num_params:,}", self.args.batch_size, per_rank[1] - per_rank[0],
+                     f"{self.spec.num_params:,}", self.args.batch_size, per_rank,
                      self.steps_per_epoch, self.args.epochs, self.run_dir)
             if self.threads * c.local_size > self.node_cpus:
                 log.warning("warning: %d rank(s) x %d thread(s) on a node with %d usable CPUs: oversubscribed",
