@@ -174,7 +174,7 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
         fields, text = job_fields(job, env), log.read_text()
         assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, text)
         assert "restart 1" in text and "exit status 0" in text, text
-        assert f"ckpt-step{stopped_at:09d}.h5: epoch" in text, text     # "resuming from ..."
+        assert f"ckpt-step{stopped_at:09d}.h5 at step {stopped_at}" in text, text     # "resuming from ..."
 
         # 4. The second run continued from the checkpoint and finished the schedule.
         m = metrics(run_dir)
