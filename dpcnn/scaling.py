@@ -2,15 +2,17 @@
 
     python -m dpcnn.scaling --ranks 1,2,4,8,16 --per-rank-batch 32
     python -m dpcnn.scaling --ranks 1,2 --json        # one JSON line per P
+    python -m dpcnn.scaling --ranks 1,2 --repeat 5    # median of 5 launches per P (default 3)
 
-For each P it launches ``mpiexec -n P python -m dpcnn.scaling --worker`` and reports
-total images/s, parallel efficiency against P = 1, and the time per step in the
-allreduce, split into waiting for slower ranks (a barrier just before it) and the
-transfer itself. Beside the wait it prints the compute imbalance (per step, the
-slowest rank's compute time minus the mean; averaged) and the 99th percentile of
-compute time: a wait much larger than the imbalance means ranks lose time outside
-compute (descheduled, page faults in MPI, a slow barrier), not to uneven work. With PyTorch importable it also runs PyTorch DDP (gloo, CPU) on
-the same model, per-rank batch and thread count, launched the same way, and
+For each P it launches ``mpiexec -n P python -m dpcnn.scaling --worker`` (``--repeat``
+times, reporting the median) and reports total images/s, parallel efficiency against
+P = 1, and the time per step in the allreduce, split into waiting for slower ranks (a
+barrier just before it) and the transfer itself. Beside the wait it prints the compute
+imbalance (per step, the slowest rank's compute time minus the mean; averaged) and the
+99th percentile of compute time: a wait much larger than the imbalance means ranks lose
+time outside compute (descheduled, page faults in MPI, a slow barrier), not to uneven
+work. With PyTorch importable it also runs PyTorch DDP (gloo, CPU) on the same model,
+per-rank batch and thread count, launched the same way and alternating with dpcnn, and
 prints its images/s beside ours. Inputs are random: this measures compute and
 communication, not reading.
 """
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -129,6 +132,15 @@ def worker_torch(batch: int, steps: int, warmup: int) -> dict | None:
             "torch": torch.__version__}
 
 
+def median_run(runs: list[dict]) -> dict | None:
+    """The run with the median images/s (the lower middle one for an even count), with all the
+    launches' images/s beside it."""
+    if not runs:
+        return None
+    ordered = sorted(runs, key=lambda x: x["images_per_second"])
+    return {**ordered[(len(ordered) - 1) // 2], "images_per_second_runs": [x["images_per_second"] for x in runs]}
+
+
 def launch(framework: str, P: int, args) -> dict:
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     if mpiexec is None:
@@ -159,8 +171,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
     ap.add_argument("--steps", type=positive_int, default=200, help="timed steps (default 200)")
     ap.add_argument("--warmup", type=nonneg_int, default=20, help="untimed steps first (default 20)")
+    ap.add_argument("--repeat", type=positive_int, default=3,
+                    help="launches per P and framework, alternating; the median is reported (default 3)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch DDP even if installed")
     ap.add_argument("--json", action="store_true", help="print one JSON object per measurement")
+    ap.add_argument("--save", type=Path, metavar="FILE", help="also append the JSON objects to FILE")
     ap.add_argument("--timeout", type=positive_float, default=600, help="seconds allowed per launch (default 600)")
     ap.add_argument("--bind-to", choices=("none", "core"), default="none",
                     help="pin each rank to a core (mpiexec -bind-to core, MPICH hydra); default none")
@@ -192,27 +207,35 @@ def main(argv=None) -> int:
         use_torch = False
     base = None
     if not args.json:
-        print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, bind-to "
-              f"{args.bind_to}; "
+        print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, median of "
+              f"{args.repeat} launch(es), bind-to {args.bind_to}; "
               f"allreduce of {4 * (ModelSpec().num_params + 3) / 1e3:.0f} KB per step")
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} "
               f"{'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))
     for P in ranks:
-        r = launch("dpcnn", P, args)
+        runs, truns = [], []
+        for _ in range(args.repeat):          # alternate, so both frameworks see the same noise
+            runs.append(launch("dpcnn", P, args))
+            if use_torch:
+                truns.append(launch("torch", P, args))
+        r, t = median_run(runs), median_run(truns)
         base = base or (r["images_per_second"] if P == 1 else None)
         if base:
             r["efficiency"] = round(r["images_per_second"] / (P * base), 3)
-        t = launch("torch", P, args) if use_torch else None
         if t:
             r["torch_ddp_images_per_second"] = t["images_per_second"]
             r["ratio_vs_torch_ddp"] = round(r["images_per_second"] / t["images_per_second"], 3)
+        if args.save:
+            with open(args.save, "a") as f:
+                f.write(json.dumps({**r, "bind_to": args.bind_to}) + "\n")
         if args.json:
             print(json.dumps(r), flush=True)
         else:
             eff = f"{100 * r['efficiency']:5.1f}%" if "efficiency" in r else "     -"
             line = (f"{P:>3} {r['images_per_second']:>9.0f} {eff} {r['ms_per_step']:>8.2f} "
-                    f"{r['compute_ms']:>8.2f} {r['compute_p99_ms']:>6.2f} {r['imbalance_ms']:>6.2f} {r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f}")
+                    f"{r['compute_ms']:>8.2f} {r['compute_p99_ms']:>6.2f} {r['imbalance_ms']:>6.2f} "
+                    f"{r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f}")
             if t:
                 line += f" {t['images_per_second']:>10.0f} {r['ratio_vs_torch_ddp']:>6.2f}"
             print(line, flush=True)

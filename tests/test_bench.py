@@ -29,10 +29,12 @@ def test_bench_profile_accounts_for_the_step():
 def test_scaling_reports_efficiency_and_allreduce_split():
     mpiexec()                                     # skips without an MPI launcher
     r = run_job(["-m", "dpcnn.scaling", "--ranks", "1,2", "--steps", "3", "--warmup", "1",
-                 "--no-torch", "--json"], timeout=100)
+                 "--repeat", "2", "--no-torch", "--json"], timeout=100)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["ranks"] for x in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
+    assert all(len(x["images_per_second_runs"]) == 2 and x["images_per_second"] == min(x["images_per_second_runs"])
+               for x in rows)                     # the lower middle of two launches
     assert all(x["allreduce_wait_ms"] >= 0 and x["allreduce_transfer_ms"] >= 0 for x in rows)
     assert rows[0]["imbalance_ms"] == 0 and rows[1]["imbalance_ms"] >= 0   # one rank: no imbalance
     assert all(x["compute_p99_ms"] >= 0.5 * x["compute_ms"] for x in rows)
