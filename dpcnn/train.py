@@ -418,7 +418,9 @@ class Run:
         return self.elapsed0 + time.perf_counter() - self.t_start
 
     def _reset_interval(self):
-        self.iv = dict(loss=0.0, correct=0.0, samples=0, data=0.0, compute=0.0, allreduce=0.0,
+        # loss/correct/samples: the training totals since the last record (kept in checkpoints);
+        # trained: samples trained by this process since then (for images/s)
+        self.iv = dict(loss=0.0, correct=0.0, samples=0, trained=0, data=0.0, compute=0.0, allreduce=0.0,
                        update=0.0, t0=time.perf_counter())
 
     def record(self, final: bool = False) -> dict:
@@ -437,7 +439,7 @@ class Run:
             "train_accuracy": iv["correct"] / iv["samples"] if iv["samples"] else None,
             "test_loss": totals.loss, "test_accuracy": totals.accuracy,
             "test_per_class_accuracy": totals.summary()["per_class_accuracy"],     # None: no samples
-            "images_per_second": round(iv["samples"] / train_time, 1) if iv["samples"] else None,
+            "images_per_second": round(iv["trained"] / train_time, 1) if iv["trained"] else None,
             "elapsed_seconds": round(self.elapsed(), 3), "world_size": self.comm.size,
             "global_batch_size": self.args.batch_size, "lr": self.schedule(max(self.step - 1, 0)),
             "time_data_s": round(iv["data"], 4), "time_compute_s": round(iv["compute"], 4),
@@ -510,6 +512,7 @@ class Run:
         iv["loss"] += float(buf[n])
         iv["correct"] += float(buf[n + 1])
         iv["samples"] += M
+        iv["trained"] += M
         iv["data"] += t1 - t0
         iv["compute"] += t2 - t1
         iv["allreduce"] += t3 - t2
@@ -538,6 +541,7 @@ class Run:
             log.info("the run in %s is complete at step %d: nothing to train (a larger --max-steps continues "
                      "it up to --epochs; another --out starts a new run)", self.run_dir, self.step)
         self.stop.install()
+        self.iv["t0"] = time.perf_counter()                       # images/s counts training only
         try:
             stopped = False
             while self.step < self.end_step and not stopped:
@@ -588,7 +592,7 @@ class Run:
         iv = self.iv
         if not iv["samples"]:
             return ""
-        rate = iv["samples"] / max(time.perf_counter() - iv["t0"], 1e-9)
+        rate = iv["trained"] / max(time.perf_counter() - iv["t0"], 1e-9)
         return f"loss {iv['loss'] / iv['samples']:.4f} acc {100 * iv['correct'] / iv['samples']:.1f}% {rate:.0f} img/s"
 
     def _progress_bar(self):
