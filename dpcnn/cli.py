@@ -64,7 +64,9 @@ def nonneg_float(s: str) -> float:
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
+    from . import __version__
     g = p.add_argument_group("output")
+    g.add_argument("--version", action="version", version=f"dpcnn {__version__}")
     g.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

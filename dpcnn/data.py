@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .cli import UserError, entry_point, positive_float, report_error, setup_logging
+from .cli import UserError, add_common_flags, entry_point, positive_float, report_error, setup_logging
 
 try:
     from tqdm import tqdm
@@ -731,9 +731,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Prepare MNIST-style data sets as verified HDF5 files.")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_common_flags(common)
     pp = sub.add_parser("prepare", parents=[common], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="download or read, verify, and write data/<dataset>.h5")
