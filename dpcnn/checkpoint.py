@@ -90,6 +90,8 @@ def save(path: Path, s: State) -> Path:
 def load(path: Path) -> State:
     """Read a checkpoint; CheckpointError (naming the file) when it is not a valid one."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file (e.g. {path}/best.h5)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -175,13 +177,20 @@ def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, co
     keys = SAME_ON_RESUME + (SAME_ON_RESUME_STEP if config.get("schedule") == "step" else ())
     for key in keys:
         if key in s.config and s.config[key] != config.get(key):
-            raise CheckpointError(f"{path}: saved with --{key.replace('_', '-')} {_flag(s.config[key])}, this "
-                                  f"run has {_flag(config.get(key))}; resume with the same value to continue "
+            raise CheckpointError(f"{path}: saved with {_flag(key, s.config[key])}, this run has "
+                                  f"{_flag(key, config.get(key))}; resume with the same setting to continue "
                                   "the same run, or give another --out for a new one")
 
 
-def _flag(v) -> str:
-    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+def _flag(key: str, value) -> str:
+    """A config entry as the command-line flag that sets it: '--lr 0.05', '--no-nesterov', ..."""
+    if key == "drop_last":                           # set by --keep-last
+        return "--keep-last" if not value else "no --keep-last"
+    if isinstance(value, bool):
+        return f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"--{key.replace('_', '-')} {value}"
 
 
 def check_no_later(run_dir: Path, start_step: int, resumed: Path | None) -> None:

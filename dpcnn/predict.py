@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")
     p.add_argument("--data", type=Path, help="prepared data file for the pixel mean/std and class names "
                                              "(default: the one the checkpoint was trained on)")
-    p.add_argument("--top", type=positive_int, default=1, metavar="K", help="print the K most probable classes (default 1)")
+    p.add_argument("--top", type=positive_int, default=1, metavar="K",
+                   help="print the K most probable classes (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every prediction")
     p.add_argument("--save-input", type=Path, metavar="DIR",
                    help="also write each image's 28x28 preprocessed version to DIR as PNG (what the model sees)")

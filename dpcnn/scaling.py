@@ -188,9 +188,9 @@ def main(argv=None) -> int:
         except BaseException:                   # end the launch now rather than leave ranks waiting
             traceback.print_exc()
             sys.stderr.flush()
-            if args.worker == "dpcnn":
-                from .comm import MPIComm
-                MPIComm().abort(1)
+            if args.worker == "dpcnn":           # (a new MPIComm would wait in its own collectives)
+                from mpi4py import MPI
+                MPI.COMM_WORLD.Abort(1)
             os._exit(1)
         if res:
             print(json.dumps(res), flush=True)

@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .cli import (UserError, add_common_flags, entry_point, error_line, int_list, nonneg_float, nonneg_int,
                   positive_int, report_error, setup_logging)
 from .comm import CommError, blas_summary, default_threads, get_comm, hostname
-from .data import DATASETS, DataError, ShardedLoader, Split, default_data_path, prepare, shard_bounds
+from .data import DATASETS, DataError, ShardedLoader, WriteError, Split, default_data_path, prepare, shard_bounds
 from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
 from .model import CNN, ModelSpec
@@ -276,10 +276,19 @@ def make_schedule(args, steps_per_epoch: int, total_steps: int) -> Schedule:
                     milestones=milestones, gamma=args.gamma)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str, append: bool = False) -> None:
+    """Write (atomically: temporary file, rename) or append text; WriteError naming the file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        if append:
+            with open(path, "a") as f:
+                f.write(text)
+        else:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: could not write it ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -306,6 +315,10 @@ class Run:
         self.total_steps = args.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, args.max_steps or self.total_steps)
 
+        self.hosts = comm.allgather_obj(hostname())
+        self.config = self._config()
+        self._check_same_settings()                           # before any collective that depends on them
+
         n = self.spec.num_params
         self.buf = np.zeros(n + 3, dtype=np.float32)    # [gradients..., loss sum, correct, stop flag]
         self.n = n
@@ -318,9 +331,6 @@ class Run:
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.saved_step = None                   # step of the last checkpoint this process wrote
         self.metrics, self.best_accuracy, self.elapsed0 = [], -1.0, 0.0
-        self.hosts = comm.allgather_obj(hostname())
-        self.config = self._config()
-        self._check_same_settings()
         self._reset_interval()
         self.resumed_from = self._resume()
         self.xt, self.yt = eval_shard(self.test_set, comm)
@@ -430,7 +440,7 @@ class Run:
             totals = evaluate_shared(self.model, self.xt, self.yt, self.comm)
         t_eval = time.perf_counter() - t0
         if not np.isfinite(totals.loss):
-            self.diverged(f"the test loss is {totals.loss}")
+            self.diverged(self.step, f"the test loss after it is {totals.loss}")
         iv = self.iv
         train_time = t0 - iv["t0"]
         rec = {
@@ -448,8 +458,7 @@ class Run:
         }
         self.metrics.append(rec)
         if self.comm.is_root:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            write_text(self.run_dir / "metrics.jsonl", json.dumps(rec) + "\n", append=True)
             train = (f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%  "
                      if iv["samples"] else "")
             log.info("epoch %.2f step %d  %stest loss %.4f acc %.2f%%  %s img/s  %.1f s",
@@ -470,12 +479,11 @@ class Run:
         if c.is_root and self.step < self.end_step:    # (a finished run's files stay as they are)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # a resumed run keeps exactly the records its checkpoint knew of
-            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
-            atomic_write_text(self.run_dir / "config.json",
+            write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
+            write_text(self.run_dir / "config.json",
                               json.dumps({**self.config, "resumed_from": self.resumed_from}, indent=2) + "\n")
-            B = self.args.batch_size
-            sizes = sorted({hi - lo for lo, hi in (shard_bounds(B, r, c.size) for r in range(c.size))})
-            per_rank = "-".join(map(str, sizes[::max(len(sizes) - 1, 1)]))     # "32", or "21-22" when uneven
+            sizes = [hi - lo for lo, hi in (shard_bounds(self.args.batch_size, r, c.size) for r in range(c.size))]
+            per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
                      __version__, c.size, c.num_nodes, self.threads, blas_summary(),
                      f", {self.config['versions'].get('mpi', '')}" if c.size > 1 else "")
@@ -503,7 +511,7 @@ class Run:
         self.comm.allreduce(buf)                                      # one collective per step
         t3 = time.perf_counter()
         if not np.isfinite(buf[n]):                                   # the same sum on every rank
-            self.diverged(f"the training loss is {buf[n]}")
+            self.diverged(self.step + 1, f"the training loss is {buf[n]}")
         self.model.grads *= np.float32(1.0 / M)                       # the mean over the global batch
         self.opt.step(self.schedule(self.step))
         self.step += 1
@@ -519,10 +527,10 @@ class Run:
         iv["update"] += t4 - t3
         return buf[n + 2] > 0
 
-    def diverged(self, what: str):
+    def diverged(self, step: int, what: str):
         """Stop every rank (they all see the same reduced value) before non-finite weights are saved."""
-        raise SharedError(f"training diverged at step {self.step}: {what}; nothing was saved at this step "
-                          f"(try a lower --lr than {self.args.lr}, or --warmup-epochs)")
+        raise SharedError(f"training diverged in step {step}: {what}; nothing of this step was saved "
+                          f"(try a lower --lr than {self.args.lr:g}, or --warmup-epochs)")
 
     def check_in_sync(self) -> None:
         digests = self.comm.allgather_obj(params_digest(self.model.params))
@@ -533,13 +541,16 @@ class Run:
 
     def run(self) -> int:
         a, c = self.args, self.comm
+        if self.step >= self.end_step:                              # resumed: nothing to train
+            if c.is_root:
+                log.info("the run in %s is at step %d of %d: nothing to train (a larger --max-steps continues "
+                         "it up to --epochs; another --out starts a new run)", self.run_dir, self.step,
+                         self.end_step)
+            return EXIT_OK
         self.start()
         bar = self._progress_bar()
         log_every = a.log_every or max(self.steps_per_epoch // 10, 1)
         spe = self.steps_per_epoch
-        if c.is_root and self.resumed_from and self.step >= self.end_step:
-            log.info("the run in %s is complete at step %d: nothing to train (a larger --max-steps continues "
-                     "it up to --epochs; another --out starts a new run)", self.run_dir, self.step)
         self.stop.install()
         self.iv["t0"] = time.perf_counter()                       # images/s counts training only
         try:
@@ -561,7 +572,7 @@ class Run:
                     self.record_and_checkpoint(final=s == self.end_step)
                 elif a.eval_every and s % a.eval_every == 0:
                     self.record()
-                elif c.is_root and self._checkpoint_due(s):
+                if c.is_root and self._checkpoint_due(s):               # (once per step: saved_step)
                     self.save_checkpoint()
             if bar is not None:
                 bar.close()
@@ -571,8 +582,6 @@ class Run:
                                 "(resume with --resume auto)", self.step, EXIT_STOPPED)
                 self.save_checkpoint()
                 return EXIT_STOPPED
-            if not self.metrics or self.metrics[-1]["step"] != self.step:
-                self.record_and_checkpoint(final=True)                  # e.g. a resume past --max-steps
             self.check_in_sync()
             if c.is_root:
                 last = self.metrics[-1]

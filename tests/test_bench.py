@@ -1,6 +1,7 @@
 """The benchmark commands run and report what the README says they report (no timing asserted)."""
 
 import json
+import time
 
 import pytest
 
@@ -39,3 +40,19 @@ def test_scaling_reports_efficiency_and_allreduce_split():
     assert rows[0]["imbalance_ms"] == 0 and rows[1]["imbalance_ms"] >= 0   # one rank: no imbalance
     assert all(x["compute_p99_ms"] >= 0.5 * x["compute_ms"] for x in rows)
     assert rows[1]["allreduce_bytes"] == 4 * (ModelSpec().num_params + 3)
+
+
+@pytest.mark.timeout(120)
+def test_scaling_worker_failure_ends_the_launch_promptly():
+    code = ("import sys, dpcnn.model as m, dpcnn.scaling as s\n"
+            "orig = m.CNN.loss_and_grad\n"
+            "def failing(self, *a, **k):\n"
+            "    from mpi4py import MPI\n"
+            "    if MPI.COMM_WORLD.rank == 1: raise MemoryError('simulated')\n"
+            "    return orig(self, *a, **k)\n"
+            "m.CNN.loss_and_grad = failing\n"
+            "sys.exit(s.main(['--worker', 'dpcnn', '--per-rank-batch', '8', '--steps', '5', '--warmup', '1']))\n")
+    t0 = time.time()
+    r = run_job(["-c", code], nprocs=2, timeout=60)
+    assert r.returncode != 0 and time.time() - t0 < 30, r.stderr
+    assert "MemoryError: simulated" in r.stderr

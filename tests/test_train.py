@@ -6,6 +6,7 @@ hang fails the test instead of the CI run.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,14 +99,34 @@ def test_stop_and_resume_records_like_an_uninterrupted_run(tiny_h5, tmp_path, mo
     assert_same_state(final_state(ref), final_state(run))
 
 
+def test_checkpoint_every_also_on_evaluation_steps(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "5", "--checkpoint-every", "10", "--keep", "10") == 0
+    assert [int(ckpt.NAME.match(p.name).group(1)) for p in ckpt.listed(out)] == [24, 20, 12, 10]
+    assert [m["step"] for m in metrics(out)] == [5, 10, 12, 15, 20, 24]
+
+
+def test_resume_past_max_steps_changes_nothing(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "7") == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert train(tiny_h5, out, "--max-steps", "3", "-v") == 0
+    assert "at step 7 of 3: nothing to train" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
 def test_resume_refuses_another_schedule_and_mixing_runs(tiny_h5, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "6") == 0
     capsys.readouterr()
-    for flag, value in (("--lr", "0.5"), ("--epochs", "8"), ("--schedule", "step"), ("--momentum", "0.5")):
-        assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "12", flag, value) == 1
+    for extra, said in ((["--lr", "0.5"], "saved with --lr 0.05, this run has --lr 0.5"),
+                        (["--epochs", "8"], "saved with --epochs 4"), (["--schedule", "step"], "--schedule cosine"),
+                        (["--momentum", "0.5"], "--momentum 0.9"), (["--no-nesterov"], "this run has --no-nesterov"),
+                        (["--keep-last"], "saved with no --keep-last, this run has --keep-last")):
+        assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "12", *extra) == 1
         err = capsys.readouterr().err
-        assert f"saved with {flag}" in err and err.count("\n") == 1, err
+        assert said in err and err.count("\n") == 1, err
     # a new run in a directory that holds another run's checkpoints would be pruned in their favour
     assert train(tiny_h5, out, "--epochs", "4", "--resume", "none") == 1
     err = capsys.readouterr().err
@@ -251,11 +272,12 @@ def test_one_rank_raising_ends_every_rank(tiny_h5, tmp_path):
 @pytest.mark.timeout(120)
 def test_ranks_started_with_different_settings_are_refused(tiny_h5, tmp_path):
     args = [sys.executable, *map(str, job_args(tiny_h5, tmp_path / "r", "--max-steps", "2"))]
-    r = subprocess.run([mpiexec(), "-n", "1", *args, ":", "-n", "1", *args, "--seed", "3"], capture_output=True,
-                       text=True, timeout=60, env=child_env())
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 1 and len(errors) == 1, r.stderr
-    assert "rank(s) [1] were started with other settings than rank 0 (differing: seed)" in errors[0]
+    for other, differing in ((["--seed", "3"], "seed"), (["--channels", "4,8"], "channels, model, num_params")):
+        r = subprocess.run([mpiexec(), "-n", "1", *args, ":", "-n", "1", *args, *other], capture_output=True,
+                           text=True, timeout=60, env=child_env())
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert f"rank(s) [1] were started with other settings than rank 0 (differing: {differing})" in errors[0]
 
 
 def rank_pids(launcher_pid: int) -> list[int]:
@@ -355,9 +377,11 @@ def test_divergence_stops_before_saving_nonfinite_weights(tiny_h5, tmp_path, cap
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--lr", "1e10", "--max-steps", "5", "--checkpoint-every", "1") == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: training diverged at step") and err.count("\n") == 1, err
-    assert "--lr" in err
-    for path in out.glob("*.h5"):                        # what was saved before the loss blew up is finite
+    m = re.match(r"error: training diverged in step (\d+): .* lower --lr than 1e\+10", err)
+    assert m and err.count("\n") == 1, err
+    saved = ckpt.listed(out)
+    assert saved and ckpt.step_path(out, int(m.group(1))) not in saved    # the steps before it, not it
+    for path in saved:                                   # and what was saved is finite
         assert all(np.isfinite(v).all() for v in ckpt.load(path).params.values()), path
     for flag, value in (("--momentum", "1"), ("--seed", "-1"), ("--milestones", "nan"), ("--lr", "inf")):
         with pytest.raises(SystemExit) as e:
