@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,9 +150,13 @@ def read_image(path: Path, size: int = 28) -> np.ndarray:
     if Image is None:
         raise InputError(f"{path}: {PIL_MISSING}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            grey = grey_levels(img)
+        with warnings.catch_warnings():       # an image too large to be a digit: an error, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                grey = grey_levels(img)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
