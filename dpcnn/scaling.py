@@ -57,12 +57,11 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    n = CNN().spec.num_params
+    n = ModelSpec().num_params
     buf = np.zeros(n + 3, np.float32)
     model = CNN(seed=0, grads=buf[:n])
     opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    t = np.zeros(3)                                   # compute, wait, transfer
-    compute = np.zeros(steps)                         # this rank's compute time per timed step
+    times = np.zeros((steps, 3))                      # per timed step: compute, wait, transfer
     start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -77,17 +76,15 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
         if i == warmup - 1:
             comm.barrier()
             start = time.perf_counter()
-            t[:] = 0
         elif i >= warmup:
-            t += (t1 - t0, t2 - t1, t3 - t2)
-            compute[i - warmup] = t1 - t0
+            times[i - warmup] = (t1 - t0, t2 - t1, t3 - t2)
     comm.barrier()
     wall = time.perf_counter() - start
-    per_rank = comm.allgather_obj(t.tolist())
-    c = np.array(comm.allgather_obj(compute.tolist()))   # (ranks, steps)
+    every = np.array(comm.allgather_obj(times.tolist()))   # (ranks, steps, 3)
     if not comm.is_root:
         return None
-    tm = np.mean(per_rank, axis=0) / steps
+    tm = every.mean(axis=(0, 1))
+    c = every[:, :, 0]                                     # compute, (ranks, steps)
     # The wait a step costs when ranks differ only in compute time: slowest rank minus the mean.
     imbalance = np.mean(c.max(axis=0) - c.mean(axis=0))
     return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
