@@ -238,7 +238,7 @@ class _Progress:
             self.bar.close()
 
 
-def _temp_name(path: Path, suffix: str) -> Path:
+def temp_name(path: Path, suffix: str) -> Path:
     """A hidden temporary name beside `path`, unique to this process."""
     return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
 
@@ -248,7 +248,7 @@ def _download(url: str, dest: Path, timeout: float) -> Path:
 
     Raises DataError when the transfer fails or ends before its Content-Length.
     """
-    tmp = _temp_name(dest, ".part")
+    tmp = temp_name(dest, ".part")
     try:
         with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
             length = r.headers.get("Content-Length")
@@ -364,7 +364,7 @@ def write_h5_atomic(path: Path, fill: Callable[[h5py.File], None]) -> Path:
     mem = io.BytesIO()
     with h5py.File(mem, "w") as f:
         fill(f)
-    tmp = _temp_name(path, ".tmp")
+    tmp = temp_name(path, ".tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(mem.getbuffer())

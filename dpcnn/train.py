@@ -37,7 +37,8 @@ from . import checkpoint as ckpt
 from .cli import (UserError, add_common_flags, entry_point, error_line, int_list, nonneg_float, nonneg_int,
                   positive_int, report_error, setup_logging)
 from .comm import CommError, blas_summary, default_threads, get_comm, hostname
-from .data import DATASETS, DataError, ShardedLoader, WriteError, Split, default_data_path, prepare, shard_bounds
+from .data import (DATASETS, DataError, ShardedLoader, Split, WriteError, default_data_path, prepare, shard_bounds,
+                   temp_name)
 from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
 from .model import CNN, ModelSpec
@@ -46,6 +47,7 @@ from .optim import SCHEDULES, SGD, Schedule
 log = logging.getLogger("dpcnn")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 75
+CARRIED = ("loss", "correct", "samples")      # interval totals a checkpoint carries across a resume
 
 
 class SharedError(UserError):
@@ -278,7 +280,7 @@ def make_schedule(args, steps_per_epoch: int, total_steps: int) -> Schedule:
 
 def write_text(path: Path, text: str, append: bool = False) -> None:
     """Write (atomically: temporary file, rename) or append text; WriteError naming the file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_name(path, ".tmp")
     try:
         if append:
             with open(path, "a") as f:
@@ -387,7 +389,7 @@ class Run:
                 v[...] = saved[name]
         self.step = s.step
         self.metrics, self.best_accuracy, self.elapsed0 = s.metrics, s.best_accuracy, s.elapsed
-        for key in ("loss", "correct", "samples"):        # the training totals since the last record
+        for key in CARRIED:                               # the training totals since the last record
             self.iv[key] = s.interval.get(key, 0)
         if self.comm.is_root:
             epoch, done = divmod(s.step, self.steps_per_epoch)
@@ -404,7 +406,7 @@ class Run:
             epoch=epoch, next_batch=next_batch, step=self.step, spec=self.spec.to_dict(),
             config=self.config, data_fingerprint=self.train_set.fingerprint, metrics=self.metrics,
             best_accuracy=self.best_accuracy, elapsed=self.elapsed(), world_size=self.comm.size,
-            interval={k: self.iv[k] for k in ("loss", "correct", "samples")})
+            interval={k: self.iv[k] for k in CARRIED})
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Rank 0 writes ckpt-stepN.h5 (and best.h5), then prunes old ones; once per step."""
@@ -428,7 +430,7 @@ class Run:
         return self.elapsed0 + time.perf_counter() - self.t_start
 
     def _reset_interval(self):
-        # loss/correct/samples: the training totals since the last record (kept in checkpoints);
+        # CARRIED: the training totals since the last record (kept in checkpoints);
         # trained: samples trained by this process since then (for images/s)
         self.iv = dict(loss=0.0, correct=0.0, samples=0, trained=0, data=0.0, compute=0.0, allreduce=0.0,
                        update=0.0, t0=time.perf_counter())
@@ -476,12 +478,11 @@ class Run:
 
     def start(self) -> None:
         c = self.comm
-        if c.is_root and self.step < self.end_step:    # (a finished run's files stay as they are)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if c.is_root:
             # a resumed run keeps exactly the records its checkpoint knew of
             write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics))
             write_text(self.run_dir / "config.json",
-                              json.dumps({**self.config, "resumed_from": self.resumed_from}, indent=2) + "\n")
+                       json.dumps({**self.config, "resumed_from": self.resumed_from}, indent=2) + "\n")
             sizes = [hi - lo for lo, hi in (shard_bounds(self.args.batch_size, r, c.size) for r in range(c.size))]
             per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
