@@ -134,12 +134,12 @@ def _check_contents(s: State) -> None:
 
 def listed(run_dir: Path) -> list[Path]:
     """The step checkpoints in run_dir, newest (highest step) first."""
-    found = []
-    for p in Path(run_dir).glob("ckpt-step*.h5"):
-        m = NAME.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found, reverse=True)]
+    return sorted((p for p in Path(run_dir).glob("ckpt-step*.h5") if NAME.match(p.name)), key=step_of, reverse=True)
+
+
+def step_of(path: Path) -> int:
+    """The step in a step checkpoint's name: ckpt-step000000012.h5 -> 12."""
+    return int(NAME.match(Path(path).name).group(1))
 
 
 def newest_valid(run_dir: Path) -> tuple[Path, State] | None:
@@ -199,7 +199,7 @@ def check_no_later(run_dir: Path, start_step: int, resumed: Path | None) -> None
     Pruning keeps the highest steps and --resume auto takes the newest, so such files
     would outlive and replace the new run's own checkpoints."""
     later = [p for p in listed(run_dir)
-             if int(NAME.match(p.name).group(1)) >= start_step and (resumed is None or not p.samefile(resumed))]
+             if step_of(p) >= start_step and (resumed is None or not p.samefile(resumed))]
     if later:
         more = f" and {len(later) - 1} more" if len(later) > 1 else ""
         raise CheckpointError(f"--out {run_dir} already holds checkpoints at or after step {start_step} "

@@ -72,7 +72,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def setup_logging(verbose: bool = False, quiet: bool = False, rank: int = 0, size: int = 1) -> None:
+def setup_logging(verbose: bool = False, quiet: bool = False, rank: int = 0) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if (quiet or rank != 0) else logging.INFO
     fmt = f"[rank {rank}] %(message)s" if rank else "%(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)

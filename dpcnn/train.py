@@ -624,7 +624,7 @@ def main(argv=None) -> int:
     except CommError as e:
         report_error(e, args.debug)
         return EXIT_ERROR
-    setup_logging(args.verbose, args.quiet, comm.rank, comm.size)
+    setup_logging(args.verbose, args.quiet, comm.rank)
     try:
         return Run(args, comm).run()
     except SharedError as e:                   # every rank knows: only rank 0 speaks, all exit together

@@ -102,7 +102,7 @@ def test_stop_and_resume_records_like_an_uninterrupted_run(tiny_h5, tmp_path, mo
 def test_checkpoint_every_also_on_evaluation_steps(tiny_h5, tmp_path):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "5", "--checkpoint-every", "10", "--keep", "10") == 0
-    assert [int(ckpt.NAME.match(p.name).group(1)) for p in ckpt.listed(out)] == [24, 20, 12, 10]
+    assert [ckpt.step_of(p) for p in ckpt.listed(out)] == [24, 20, 12, 10]
     assert [m["step"] for m in metrics(out)] == [5, 10, 12, 15, 20, 24]
 
 
