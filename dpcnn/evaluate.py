@@ -49,15 +49,12 @@ exit status: 0 done, 1 error, 2 bad command line.
 
 
 def load_model(path: Path) -> tuple[CNN, ckpt.State]:
-    """A checkpoint -> (the CNN with its saved parameters, the State). CheckpointError if unreadable."""
+    """A checkpoint -> (the CNN with its saved parameters, the State). CheckpointError if unreadable
+    or if its arrays do not fit its spec (``checkpoint.load`` checks both)."""
     state = ckpt.load(path)
-    try:
-        model = CNN(ModelSpec.from_dict(state.spec))
-        for name, v in model.p.items():
-            v[...] = state.params[name]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: parameters do not match the saved model spec ({type(e).__name__}: {e})") \
-            from None
+    model = CNN(ModelSpec.from_dict(state.spec))
+    for name, v in model.p.items():
+        v[...] = state.params[name]
     return model, state
 
 
