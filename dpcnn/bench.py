@@ -29,6 +29,7 @@ from .comm import blas_summary
 from .malloc import keep_freed_memory
 from .model import CNN, ModelSpec
 from .optim import SGD
+from .torchref import torch_model
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +47,6 @@ def numpy_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
         opt.step(0.01)
 
     return step
-
-
-def torch_model(spec: ModelSpec):
-    """The same network as dpcnn's CNN(spec), in PyTorch (NCHW); torch must be importable."""
-    from torch import nn
-
-    H, W, C = spec.input_shape
-    pad = spec.kernel // 2 if spec.padding == "same" else 0
-    mods = []
-    for F in spec.channels:
-        mods += [nn.Conv2d(C, F, spec.kernel, padding=pad), nn.ReLU(), nn.MaxPool2d(2)]
-        if spec.padding == "valid":
-            H, W = H - spec.kernel + 1, W - spec.kernel + 1
-        H, W, C = H // 2, W // 2, F
-    mods.append(nn.Flatten())
-    D = H * W * C
-    for F in spec.hidden:
-        mods += [nn.Linear(D, F), nn.ReLU()]
-        D = F
-    mods.append(nn.Linear(D, spec.classes))
-    return nn.Sequential(*mods)
 
 
 def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0):

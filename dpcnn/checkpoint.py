@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,15 @@ import numpy as np
 
 from . import __version__
 from .cli import UserError
-from .data import write_h5_atomic
-from .model import ModelSpec
+from .config import Config
+from .data import Split
+from .fileio import write_h5_atomic
+from .model import CNN, ModelSpec
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dpcnn-checkpoint"
 VERSION = 1
-NAME = re.compile(r"^ckpt-step(\d+)\.h5$")
 
 
 class CheckpointError(UserError):
@@ -57,10 +57,6 @@ class State:
     version: str = __version__
     world_size: int = 1
     interval: dict = field(default_factory=dict)   # training loss/correct/samples summed since the last record
-
-
-def step_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-step{step:09d}.h5"
 
 
 def save(path: Path, s: State) -> Path:
@@ -132,40 +128,8 @@ def _check_contents(s: State) -> None:
         raise ValueError("malformed step, metrics, interval or config attribute")
 
 
-def listed(run_dir: Path) -> list[Path]:
-    """The step checkpoints in run_dir, newest (highest step) first."""
-    return sorted((p for p in Path(run_dir).glob("ckpt-step*.h5") if NAME.match(p.name)), key=step_of, reverse=True)
-
-
-def step_of(path: Path) -> int:
-    """The step in a step checkpoint's name: ckpt-step000000012.h5 -> 12."""
-    return int(NAME.match(Path(path).name).group(1))
-
-
-def newest_valid(run_dir: Path) -> tuple[Path, State] | None:
-    """The newest checkpoint in run_dir that loads; corrupt ones are reported and skipped."""
-    for p in listed(run_dir):
-        try:
-            return p, load(p)
-        except CheckpointError as e:
-            log.warning("skipping checkpoint: %s", e)
-    return None
-
-
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step checkpoints (best.h5 is separate and kept)."""
-    for p in listed(run_dir)[keep:]:
-        p.unlink(missing_ok=True)
-
-
-# Settings a resumed run must share with its checkpoint: the sample order (seed, batch size,
-# drop_last) and the optimizer and learning-rate schedule (epochs sets the schedule's length).
-SAME_ON_RESUME = ("seed", "batch_size", "drop_last", "epochs", "lr", "schedule", "warmup_epochs",
-                  "momentum", "nesterov", "weight_decay")
-SAME_ON_RESUME_STEP = ("milestones", "gamma")      # only for --schedule step
-
-
-def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, config: dict) -> None:
+def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, config: Config,
+                     data: Path) -> None:
     """Refuse a checkpoint that belongs to another model, data set, sample order or schedule."""
     if ModelSpec.from_dict(s.spec) != spec:
         raise CheckpointError(f"{path}: saved for model {ModelSpec.from_dict(s.spec)}, "
@@ -173,35 +137,45 @@ def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, co
     if s.data_fingerprint != fingerprint:
         raise CheckpointError(f"{path}: saved for another data set "
                               f"({s.config.get('dataset', '?')}, fingerprint {s.data_fingerprint[:12]}), "
-                              f"this run reads {config.get('data')} (fingerprint {fingerprint[:12]})")
-    keys = SAME_ON_RESUME + (SAME_ON_RESUME_STEP if config.get("schedule") == "step" else ())
-    for key in keys:
-        if key in s.config and s.config[key] != config.get(key):
-            raise CheckpointError(f"{path}: saved with {_flag(key, s.config[key])}, this run has "
-                                  f"{_flag(key, config.get(key))}; resume with the same setting to continue "
-                                  "the same run, or give another --out for a new one")
+                              f"this run reads {data} (fingerprint {fingerprint[:12]})")
+    conflict = config.resume_conflict(s.config)
+    if conflict:
+        raise CheckpointError(f"{path}: {conflict}; resume with the same setting to continue "
+                              "the same run, or give another --out for a new one")
 
 
-def _flag(key: str, value) -> str:
-    """A config entry as the command-line flag that sets it: '--lr 0.05', '--no-nesterov', ..."""
-    if key == "drop_last":                           # set by --keep-last
-        return "--keep-last" if not value else "no --keep-last"
-    if isinstance(value, bool):
-        return f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}"
-    if isinstance(value, (list, tuple)):
-        value = ",".join(map(str, value))
-    return f"--{key.replace('_', '-')} {value}"
+# ----------------------------------------------------------------------------- for evaluate and predict
 
 
-def check_no_later(run_dir: Path, start_step: int, resumed: Path | None) -> None:
-    """Refuse to start at start_step in a run directory that holds checkpoints at or past it.
+def load_model(path: Path) -> tuple[CNN, State]:
+    """A checkpoint -> (the CNN with its saved parameters, the State). CheckpointError if unreadable
+    or if its arrays do not fit its spec (``load`` checks both)."""
+    state = load(path)
+    model = CNN(ModelSpec.from_dict(state.spec))
+    for name, v in model.p.items():
+        v[...] = state.params[name]
+    return model, state
 
-    Pruning keeps the highest steps and --resume auto takes the newest, so such files
-    would outlive and replace the new run's own checkpoints."""
-    later = [p for p in listed(run_dir)
-             if step_of(p) >= start_step and (resumed is None or not p.samefile(resumed))]
-    if later:
-        more = f" and {len(later) - 1} more" if len(later) > 1 else ""
-        raise CheckpointError(f"--out {run_dir} already holds checkpoints at or after step {start_step} "
-                              f"({later[-1].name}{more}) that would mix with this run; give another --out, "
-                              "delete them, or continue their run with --resume auto")
+
+def recorded_data_path(state: State, path: Path) -> Path:
+    """The data file the checkpoint was trained on, from its configuration."""
+    data = state.config.get("data")
+    if not data:
+        raise CheckpointError(f"{path}: the checkpoint does not record its data file; pass --data")
+    return Path(data)
+
+
+def check_data(state: State, ckpt_path: Path, split: Split, model: CNN, force: bool) -> None:
+    """Refuse data the model cannot read; refuse another data set (fingerprint) unless force."""
+    want = tuple(model.spec.input_shape)
+    if tuple(split.image_shape) + (1,) != want or split.num_classes != model.spec.classes:
+        raise CheckpointError(f"{ckpt_path}: the model takes {want[0]}x{want[1]} images in {model.spec.classes} "
+                              f"classes, {split.path} has {split.image_shape[0]}x{split.image_shape[1]} images "
+                              f"in {split.num_classes}")
+    if state.data_fingerprint != split.fingerprint:
+        msg = (f"{ckpt_path}: trained on another data set ({state.config.get('dataset', '?')}, fingerprint "
+               f"{state.data_fingerprint[:12]}) than {split.path} ({split.dataset}, fingerprint "
+               f"{split.fingerprint[:12]})")
+        if not force:
+            raise CheckpointError(f"{msg}; use --force to evaluate anyway")
+        log.warning("warning: %s", msg)

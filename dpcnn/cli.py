@@ -14,6 +14,9 @@ import os
 import sys
 import traceback
 
+# Exit statuses of every command. 75 is EX_TEMPFAIL: the Slurm script requeues on it.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+
 
 class UserError(Exception):
     """An error the user can fix, whose message says it all: printed as is, on one line.
@@ -60,6 +63,25 @@ def nonneg_float(s: str) -> float:
     v = float(s)
     if not 0 <= v < float("inf"):                 # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def unit_interval(s: str) -> float:
+    """A number in [0, 1)."""
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s}")
+    return v
+
+
+def float_list(s: str) -> tuple[float, ...]:
+    """'0.5,0.75' -> (0.5, 0.75): comma-separated finite numbers > 0."""
+    try:
+        v = tuple(float(t) for t in s.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not all(0 < t < float("inf") for t in v):
+        raise argparse.ArgumentTypeError(f"expected finite numbers > 0, got {s!r}")
     return v
 
 

@@ -4,7 +4,11 @@
 ``MPIComm`` under ``mpirun``/``mpiexec``/``srun``. mpi4py is imported only inside
 ``MPIComm``, so a single process needs no MPI library, and the math never imports it.
 Method names follow MPI: ``allreduce`` (in-place sum of a NumPy buffer), ``bcast``,
-``bcast_obj``, ``allgather_obj``, ``barrier``, ``abort``.
+``bcast_obj``, ``allgather_obj``, ``barrier``, ``abort``; ``Comm`` is their protocol type.
+
+Beside them live the distributed helpers every command shares: ``on_root`` (rank 0 does a
+job, every rank gets its result or its error as one ``SharedError``), ``check_in_sync``
+(parameters identical on every rank) and ``find_mpiexec``.
 
 This module also decides how many BLAS threads each rank uses: the cores the
 ranks on a node share, divided by the ranks on that node (found with an MPI
@@ -13,13 +17,19 @@ shared-memory split), so a node is never oversubscribed.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from .cli import UserError
+from .cli import UserError, error_line
+
+T = TypeVar("T")
 
 # Environment variables that MPI launchers set in every rank they start.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -28,6 +38,31 @@ LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
 
 class CommError(UserError):
     """A launch or communication problem with a one-line explanation."""
+
+
+class SharedError(UserError):
+    """An error every rank has learned about (from rank 0): all exit together, no abort needed."""
+
+
+class Comm(Protocol):
+    """What dpcnn needs of a communicator (``SerialComm``, ``MPIComm``)."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    num_nodes: int
+    is_root: bool
+    name: str
+
+    def allreduce(self, buf: np.ndarray) -> None: ...
+    def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any: ...
+    def allgather_obj(self, obj: Any) -> list: ...
+    def barrier(self) -> None: ...
+    def abort(self, code: int = 1) -> None: ...
+    def node_cpus(self) -> int: ...
+    def versions(self) -> dict: ...
 
 
 class SerialComm:
@@ -182,3 +217,51 @@ def blas_summary() -> str:
 
 def hostname() -> str:
     return socket.gethostname()
+
+
+def find_mpiexec() -> str | None:
+    """The mpiexec beside this Python (a venv with the mpich wheel) or on PATH."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("mpiexec", path=path)
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+def on_root(comm: Comm, job: Callable[[], T]) -> T:
+    """Run job() on rank 0 while the others wait; every rank gets its result, or its error as a
+    SharedError (so one message is printed and all ranks exit together)."""
+    result = err = None
+    if comm.is_root:
+        try:
+            result = job()
+        except UserError as e:
+            err = error_line(e)
+    result, err = comm.bcast_obj((result, err))
+    if err:
+        raise SharedError(err)
+    return result  # type: ignore[return-value]
+
+
+def digest(a: np.ndarray) -> str:
+    """A short hash of an array's bytes: equal digests, equal bits."""
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def check_in_sync(comm: Comm, params: np.ndarray, step: int) -> None:
+    """RuntimeError unless every rank holds bit-identical parameters (collective)."""
+    digests = comm.allgather_obj(digest(params))
+    if len(set(digests)) > 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"parameters differ across ranks at step {step} (ranks {bad} differ "
+                           "from rank 0): stopping")
+
+
+def check_same(comm: Comm, settings: dict, what: str = "settings") -> None:
+    """SharedError on every rank unless every rank passed equal `settings` (collective)."""
+    everyone = comm.allgather_obj(settings)
+    differ = sorted({k for c in everyone for k in c.keys() | settings.keys() if c.get(k) != everyone[0].get(k)})
+    if differ:
+        ranks = [r for r, c in enumerate(everyone) if c != everyone[0]]
+        raise SharedError(f"rank(s) {ranks} were started with other {what} than rank 0 (differing: "
+                          f"{', '.join(differ)}); start every rank with the same command and data")

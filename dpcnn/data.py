@@ -1,16 +1,10 @@
-"""MNIST-style IDX files -> verified HDF5, and sharded reading of a rank's rows.
+"""Prepared HDF5 data: its layout, validated reading, and each rank's rows of every batch.
 
-Preparing (no MPI needed; run it on a cluster's login node)::
-
-    python -m dpcnn.data prepare                        # MNIST from the public mirrors
-    python -m dpcnn.data prepare --dataset fashion-mnist
-    python -m dpcnn.data prepare --source ~/datasets/mnist       # four files, .gz or raw
-    python -m dpcnn.data info data/mnist.h5
-
-The HDF5 file holds groups ``train`` and ``test``, each with ``images (N, H, W) uint8`` and
-``labels (N,) uint8``, chunked by rows. Root attributes: ``dataset``, ``class_names`` (JSON),
-``format_version``, ``source_sha256`` (JSON, file name -> SHA-256 of the uncompressed IDX),
-``mean`` and ``std`` (of training pixels / 255, float64), ``dpcnn_version``.
+The file (written by ``dpcnn.prepare``, or by anyone with h5py) holds groups ``train`` and
+``test``, each with ``images (N, H, W) uint8`` and ``labels (N,) uint8``, chunked by rows. Root
+attributes: ``dataset``, ``class_names`` (JSON), ``format_version``, ``source_sha256`` (JSON, file
+name -> SHA-256 of the uncompressed IDX), ``mean`` and ``std`` (of training pixels / 255,
+float64), ``dpcnn_version``.
 
 Reading on P ranks: the order of epoch e is ``epoch_order(N, seed, e)``; global batch k is
 ``order[k*B : (k+1)*B]`` whatever P is, and rank r takes the contiguous slice
@@ -18,483 +12,34 @@ Reading on P ranks: the order of epoch e is ``epoch_order(N, seed, e)``; global 
 all its slices (about N/P) as uint8 and converts one batch at a time to standardised float32
 NHWC ``(m, H, W, 1)``.
 
+``python -m dpcnn.data prepare|info`` is the data command; it lives in ``dpcnn.prepare``.
 This module never imports mpi4py.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import gzip
 import hashlib
-import http.client
-import io
 import json
-import logging
-import os
 import sys
-import urllib.request
-import zlib
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from . import __version__
-from .cli import UserError, add_common_flags, entry_point, positive_float, report_error, setup_logging
-
-try:
-    from tqdm import tqdm
-except ImportError:  # optional extra `progress`
-    tqdm = None
-
-logger = logging.getLogger(__name__)
+from .cli import UserError
 
 FORMAT_VERSION: int = 1
 SPLITS = ("train", "test")
-FILES = {  # split -> (images file, labels file), the names used by every mirror
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 ROW_CHUNK = 1024  # HDF5 chunk: (ROW_CHUNK, H, W) images
-TIMEOUT_S = 30.0  # per network operation
-_CHUNK_BYTES = 1 << 16
 
 
 class DataError(UserError):
     """One-line, user-facing message naming the file and the problem."""
 
 
-class WriteError(UserError):
-    """An output file could not be written (full disk, read-only, not a directory, ...)."""
-
-
-class DownloadError(DataError):
-    """No mirror delivered a file that verifies (offline, blocked, or wrong files)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a data set is and how to verify it.
-
-    sha256: file name (without .gz) -> SHA-256 of the uncompressed IDX payload, so any
-        mirror and any compression verifies.
-    gz_sha256: file name -> SHA-256 of the official .gz file; used only for files whose
-        uncompressed SHA-256 is not pinned (such files must then be given as that .gz).
-    """
-
-    name: str
-    class_names: tuple[str, ...]
-    mirrors: tuple[str, ...] = ()
-    sha256: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    gz_sha256: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(
-        name="mnist",
-        class_names=tuple(str(d) for d in range(10)),
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
-        ),
-        sha256={  # uncompressed payloads
-            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        },
-    ),
-    "fashion-mnist": DatasetInfo(
-        name="fashion-mnist",
-        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        # Only the official .gz files' SHA-256 are published widely (their MD5s are in
-        # zalandoresearch/fashion-mnist's README); uncompressed ones are not pinned yet.
-        gz_sha256={
-            "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-            "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-            "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-            "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-        },
-    ),
-}
-
-
-# ----------------------------------------------------------------------------- IDX files
-
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == _GZIP_MAGIC
-
-
-def read_payload(path) -> bytes:
-    """The uncompressed bytes of `path`, gzip-compressed (detected by magic) or raw."""
-    path = Path(path)
-    try:
-        if _is_gzip(path):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def parse_idx(payload: bytes, name="IDX data") -> np.ndarray:
-    """Decode an uncompressed IDX payload; `name` labels errors.
-
-    Header: two zero bytes, a type code, the rank d, then d big-endian uint32 dimensions.
-    Returns an array of shape (dim_1, ..., dim_d) in native byte order.
-    """
-    if len(payload) < 4:
-        raise DataError(f"{name}: not an IDX file (only {len(payload)} bytes)")
-    if payload[:2] != b"\x00\x00" or payload[2] not in _IDX_DTYPES:
-        raise DataError(f"{name}: not an IDX file (bad magic number 0x{payload[:4].hex()})")
-    dtype, ndim = np.dtype(_IDX_DTYPES[payload[2]]), payload[3]
-    if ndim == 0:
-        raise DataError(f"{name}: IDX rank is 0, expected at least 1")
-    head = 4 + 4 * ndim
-    if len(payload) < head:
-        raise DataError(f"{name}: truncated header ({len(payload)} bytes, rank {ndim} needs {head})")
-    shape = tuple(int(d) for d in np.frombuffer(payload, ">u4", ndim, 4))
-    want = head + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(payload) != want:
-        what = "truncated" if len(payload) < want else "too long"
-        dims = "x".join(map(str, shape))
-        raise DataError(f"{name}: {what}: header says {dims} {dtype.name} ({want} bytes), "
-                        f"file has {len(payload)} bytes")
-    return np.frombuffer(payload, dtype, offset=head).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def read_idx(path) -> np.ndarray:
-    """Read an IDX file (.gz or raw), validating magic, rank and dimensions against its size."""
-    return parse_idx(read_payload(path), str(path))
-
-
-def _verify(path: Path, name: str, info: DatasetInfo, label: str) -> tuple[np.ndarray, str]:
-    """Check `path` (IDX file `name` of `info`) against its pinned SHA-256 and decode it.
-
-    Returns (array, SHA-256 of the uncompressed payload). `label` names the file in errors.
-    """
-    payload = read_payload(path)
-    sha = hashlib.sha256(payload).hexdigest()
-    if name in info.sha256:
-        if sha != info.sha256[name]:
-            raise DataError(f"{label}: SHA-256 of the uncompressed data is {sha}, "
-                            f"expected {info.sha256[name]} ({info.name} {name})")
-    elif name in info.gz_sha256:
-        if not _is_gzip(path):
-            raise DataError(f"{label}: {info.name} pins only the official {name}.gz; "
-                            "give that .gz file instead of the uncompressed one")
-        gz_sha = _sha256_file(path)
-        if gz_sha != info.gz_sha256[name]:
-            raise DataError(f"{label}: SHA-256 is {gz_sha}, expected {info.gz_sha256[name]} "
-                            f"(official {info.name} {name}.gz)")
-    else:
-        raise DataError(f"{label}: no pinned SHA-256 for {info.name} {name}")
-    return parse_idx(payload, label), sha
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- sources
-
-class _Progress:
-    """A byte counter: a tqdm bar when tqdm is installed, else a log line every 25%."""
-
-    def __init__(self, total: int | None, desc: str):
-        self.total, self.desc, self.done, self._next = total, desc, 0, 0.25
-        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
-                        disable=None if logger.isEnabledFor(logging.INFO) else True) if tqdm else None
-
-    def update(self, k: int):
-        self.done += k
-        if self.bar is not None:
-            self.bar.update(k)
-        elif self.total and self.done >= self._next * self.total:
-            logger.info("%s: %d%% of %d bytes", self.desc, 100 * self.done // self.total, self.total)
-            self._next += 0.25
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def temp_name(path: Path, suffix: str) -> Path:
-    """A hidden temporary name beside `path`, unique to this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
-
-
-def _download(url: str, dest: Path, timeout: float) -> Path:
-    """Stream `url` into a temporary file beside `dest`; return that file (caller renames).
-
-    Raises DataError when the transfer fails or ends before its Content-Length.
-    """
-    tmp = temp_name(dest, ".part")
-    try:
-        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            length = r.headers.get("Content-Length")
-            total = int(length) if length else None
-            bar = _Progress(total, dest.name)
-            try:
-                while block := r.read(_CHUNK_BYTES):
-                    f.write(block)
-                    bar.update(len(block))
-            finally:
-                bar.close()
-        if total is not None and bar.done != total:
-            raise DataError(f"{url}: transfer cut short ({bar.done} of {total} bytes)")
-        return tmp
-    except (OSError, http.client.HTTPException) as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{url}: download failed ({type(e).__name__}: {e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
-           timeout: float) -> tuple[np.ndarray, str]:
-    """IDX file `name` from the download cache, else from the first base URL that verifies.
-
-    A download is renamed to `cache/<name>.gz` only once complete and verified.
-    """
-    dest = cache / f"{name}.gz"
-    if dest.exists():
-        try:
-            return _verify(dest, name, info, str(dest))
-        except DataError as e:
-            logger.warning("discarding cached download: %s", e)
-            dest.unlink()
-    created = [d for d in (cache, *cache.parents) if not d.exists()]     # deepest first
-    cache.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for base in urls:
-        url = base.rstrip("/") + f"/{name}.gz"
-        logger.info("downloading %s", url)
-        try:
-            tmp = _download(url, dest, timeout)
-            try:
-                out = _verify(tmp, name, info, url)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            os.replace(tmp, dest)
-            return out
-        except DataError as e:
-            logger.warning("%s", e)
-            failures.append(str(e))
-    for d in created:                              # leave no empty directories behind
-        try:
-            d.rmdir()
-        except OSError:
-            pass
-    raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})")
-
-
-def _from_dir(src: Path, name: str, *, info: DatasetInfo) -> tuple[np.ndarray, str]:
-    """IDX file `name` (or `name`.gz) from directory `src`, verified."""
-    for cand in (src / name, src / f"{name}.gz"):
-        if cand.is_file():
-            return _verify(cand, name, info, str(cand))
-    raise DataError(f"{src}: missing {name} (or {name}.gz)")
-
-
-def _is_url(source) -> bool:
-    return isinstance(source, str) and source.startswith(("http://", "https://"))
-
-
-# ----------------------------------------------------------------------------- HDF5 writing
-
-def pixel_stats(images: np.ndarray) -> tuple[float, float]:
-    """Exact mean and standard deviation of images / 255, via a histogram of the 256 values.
-
-    images: (N, H, W) uint8 -> (mean, std) as Python floats (float64).
-    """
-    # bincount widens its input to int64: in blocks of 4 Mi values that is 32 MB, not 8 bytes a pixel
-    flat, counts = images.reshape(-1), np.zeros(256, np.float64)
-    for i in range(0, flat.size, 1 << 22):
-        counts += np.bincount(flat[i:i + (1 << 22)], minlength=256)
-    v = np.arange(256) / 255.0
-    mean = counts @ v / counts.sum()
-    var = counts @ (v - mean) ** 2 / counts.sum()
-    return float(mean), float(np.sqrt(var))
-
-
-def _check_pair(images: np.ndarray, labels: np.ndarray, split: str, num_classes: int):
-    """Images (N, H, W) uint8 and labels (N,) uint8 < num_classes, else DataError."""
-    img, lab = FILES[split]
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{img}: expected (N, H, W) uint8 images, got {images.shape} {images.dtype}")
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{lab}: expected (N,) uint8 labels, got {labels.shape} {labels.dtype}")
-    if len(images) != len(labels):
-        raise DataError(f"{lab}: {len(labels)} labels for {len(images)} images in {img}")
-    if len(labels) and labels.max() >= num_classes:
-        raise DataError(f"{lab}: label {labels.max()} out of range 0..{num_classes - 1}")
-
-
-def write_h5_atomic(path: Path, fill: Callable[[h5py.File], None]) -> Path:
-    """Create the HDF5 file `path` with fill(f): all of it or nothing, even on a full disk.
-
-    The file is built in memory, then written to a temporary name beside `path` in one
-    plain write, fsynced and renamed. A failing write (full disk, quota) is then one clean
-    OSError with the temporary file removed; failing writes inside the HDF5 library itself
-    can crash the process. Meant for files that fit in memory (checkpoints, MNIST-sized data).
-    """
-    path = Path(path)
-    mem = io.BytesIO()
-    with h5py.File(mem, "w") as f:
-        fill(f)
-    tmp = temp_name(path, ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(mem.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: could not write it ({e.strerror or e}); nothing was written") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make a rename in directory d durable (best effort: not every file system allows it)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
-             sha: Mapping[str, str]) -> None:
-    """Write the prepared file atomically (write_h5_atomic), chunked by rows, with a Fletcher-32
-    checksum on every chunk so that a damaged file is detected when read.
-
-    arrays: split -> (images (N, H, W) uint8, labels (N,) uint8). sha: file name -> SHA-256.
-    """
-    mean, std = pixel_stats(arrays["train"][0])
-
-    def fill(f: h5py.File) -> None:
-        f.attrs.update(dataset=info.name, class_names=json.dumps(list(info.class_names)),
-                       format_version=FORMAT_VERSION, source_sha256=json.dumps(dict(sha)),
-                       mean=mean, std=std, dpcnn_version=__version__)
-        for split, (x, y) in arrays.items():
-            g = f.create_group(split)
-            g.create_dataset("images", data=x, chunks=(min(ROW_CHUNK, max(len(x), 1)), *x.shape[1:]),
-                             fletcher32=True)
-            g.create_dataset("labels", data=y, chunks=(min(ROW_CHUNK * 16, max(len(y), 1)),), fletcher32=True)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_h5_atomic(out, fill)
-
-
-def _check_writable(out: Path) -> None:
-    """WriteError unless `out` could be created: its nearest existing ancestor is a writable
-    directory (checked without creating anything)."""
-    d = out.absolute().parent
-    while not d.exists():
-        d = d.parent
-    if not d.is_dir() or not os.access(d, os.W_OK | os.X_OK):
-        raise WriteError(f"--out {out}: cannot write there ({d} is not a writable directory)")
-
-
 def default_data_path(dataset="mnist") -> Path:
     """Where `prepare` writes by default: data/<dataset>.h5 (relative to the working dir)."""
     return Path("data") / f"{dataset}.h5"
-
-
-def _up_to_date(out: Path, info: DatasetInfo) -> bool:
-    """Whether `out` is a valid prepared file of `info` (pinned checksums included)."""
-    try:
-        for split in SPLITS:
-            with Split(out, split) as s:
-                stored = s.source_sha256
-                if s.dataset != info.name or any(stored.get(k) != v for k, v in info.sha256.items()):
-                    raise DataError(f"{out}: made from other data than {info.name}")
-        return True
-    except DataError as e:
-        logger.warning("%s; preparing it again", e)
-        return False
-
-
-def prepare(dataset="mnist", source=None, out=None, *, force=False,
-            info: DatasetInfo | None = None, timeout: float = TIMEOUT_S) -> Path:
-    """Verify the four IDX files of `dataset` and write them as one HDF5 file.
-
-    source: None (the data set's mirrors, in order), a local directory holding the four
-        files (.gz or raw), or an http(s) base URL serving the four .gz files.
-    out: the HDF5 file; default data/<dataset>.h5. Downloads are kept, verified, in
-        <out's directory>/downloads/<dataset>/ and reused.
-    force: rewrite `out` even if it is already a valid file of this data set.
-    info: the data set description (default DATASETS[dataset]); tests inject their own.
-    Returns the path written (or found up to date). Raises DataError on any bad input.
-    """
-    if info is None:
-        if dataset not in DATASETS:
-            raise DataError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
-        info = DATASETS[dataset]
-    out = Path(out) if out is not None else default_data_path(info.name)
-    if out.is_dir():
-        raise DataError(f"--out {out}: is a directory; give a file name, e.g. {out / (info.name + '.h5')}")
-    if out.exists() and not force and _up_to_date(out, info):
-        logger.info("%s is already prepared and verified; use --force to redo it", out)
-        return out
-    _check_writable(out)                           # before minutes of downloading and verifying
-    if source is None or _is_url(source):
-        urls = info.mirrors if source is None else (source,)
-        if not urls:
-            raise DataError(f"{info.name}: no mirrors known; give --source")
-        cache = out.parent / "downloads" / info.name
-        load = functools.partial(_fetch, info=info, urls=urls, cache=cache, timeout=timeout)
-    else:
-        src = Path(source).expanduser()
-        if not src.is_dir():
-            raise DataError(f"--source {source}: not a directory or an http(s) URL")
-        load = functools.partial(_from_dir, src, info=info)
-
-    arrays, sha = {}, {}
-    for split in SPLITS:
-        (x, sx), (y, sy) = (load(name) for name in FILES[split])
-        _check_pair(x, y, split, len(info.class_names))
-        arrays[split] = (x, y)
-        sha.update(zip(FILES[split], (sx, sy)))
-        if x.shape[1:] != arrays["train"][0].shape[1:]:
-            raise DataError(f"{FILES[split][0]}: images are {x.shape[1:]}, training images "
-                            f"{arrays['train'][0].shape[1:]}")
-        logger.info("%s %s: %d images of %dx%d, verified", info.name, split, len(x), *x.shape[1:])
-    write_h5(out, info, arrays, sha)
-    logger.info("wrote %s", out)
-    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -712,43 +257,6 @@ class ShardedLoader:
         return x, self.split.labels[idx].astype(np.int64), m
 
 
-# ----------------------------------------------------------------------------- command line
-
-EPILOG = """\
-examples:
-  python -m dpcnn.data prepare                         MNIST from the public mirrors
-  python -m dpcnn.data prepare --dataset fashion-mnist
-  python -m dpcnn.data prepare --source ~/datasets/mnist
-  python -m dpcnn.data prepare --source https://example.org/mnist/ --out /scratch/mnist.h5
-  python -m dpcnn.data info data/mnist.h5
-  dpcnn-prepare --dataset mnist                        the same, as a console script
-
-Preparing needs only numpy and h5py (no MPI), so it runs on a cluster's login node:
-  pip install numpy h5py tqdm && python -m dpcnn.data prepare
-"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpcnn.data", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Prepare MNIST-style data sets as verified HDF5 files.")
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    add_common_flags(common)
-    pp = sub.add_parser("prepare", parents=[common], epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        help="download or read, verify, and write data/<dataset>.h5")
-    pp.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
-    pp.add_argument("--source", help="directory with the four IDX files (.gz or raw), or an "
-                                     "http(s) base URL; default: the public mirrors in order")
-    pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")
-    pp.add_argument("--force", action="store_true", help="rewrite even if up to date")
-    pp.add_argument("--timeout", type=positive_float, default=TIMEOUT_S, help="network timeout, seconds")
-    pi = sub.add_parser("info", parents=[common], help="print a prepared file's attributes and counts")
-    pi.add_argument("path", type=Path)
-    return p
-
-
 def info_lines(path) -> list[str]:
     """Human-readable summary of a prepared file: attributes, sizes and class counts."""
     lines = []
@@ -766,31 +274,8 @@ def info_lines(path) -> list[str]:
     return lines
 
 
-@entry_point
-def prepare_main(argv=None) -> int:
-    """`python -m dpcnn.data prepare|info ...`; also the `dpcnn-prepare` script (no verb)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("prepare", "info", "-h", "--help"):
-        argv.insert(0, "prepare")
-    args = _parser().parse_args(argv)
-    setup_logging(args.verbose, args.quiet)
-    try:
-        if args.command == "info":
-            print("\n".join(info_lines(args.path)))
-        else:
-            prepare(args.dataset, args.source, args.out, force=args.force, timeout=args.timeout)
-        return 0
-    except KeyboardInterrupt as e:
-        report_error(e, args.debug)
-        return 130
-    except DownloadError as e:
-        report_error(UserError(f"{e}; without internet, prepare from a directory holding the IDX files: "
-                               f"python -m dpcnn.data prepare --dataset {args.dataset} --source DIR"), args.debug)
-        return 1
-    except Exception as e:
-        report_error(e, args.debug)
-        return 1
 
+if __name__ == "__main__":             # python -m dpcnn.data prepare|info ...
+    from .prepare import main
 
-if __name__ == "__main__":
-    sys.exit(prepare_main())
+    sys.exit(main())

@@ -19,17 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .checkpoint import CheckpointError
-from .cli import add_common_flags, entry_point, positive_int, report_error, setup_logging
+from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
+from .cli import EXIT_ERROR, EXIT_OK, add_common_flags, entry_point, positive_int, report_error, setup_logging
 from .data import Split
 from .malloc import keep_freed_memory
 from .metrics import evaluate
-from .model import CNN, EVAL_BATCH, ModelSpec
+from .model import EVAL_BATCH
 
 log = logging.getLogger("dpcnn")
-
-EXIT_OK, EXIT_ERROR = 0, 1
 
 EPILOG = """\
 examples:
@@ -43,43 +40,6 @@ examples:
 class, columns: predicted class), class_names, checkpoint, data, split, step.
 exit status: 0 done, 1 error, 2 bad command line.
 """
-
-
-# ----------------------------------------------------------------------------- shared with predict
-
-
-def load_model(path: Path) -> tuple[CNN, ckpt.State]:
-    """A checkpoint -> (the CNN with its saved parameters, the State). CheckpointError if unreadable
-    or if its arrays do not fit its spec (``checkpoint.load`` checks both)."""
-    state = ckpt.load(path)
-    model = CNN(ModelSpec.from_dict(state.spec))
-    for name, v in model.p.items():
-        v[...] = state.params[name]
-    return model, state
-
-
-def recorded_data_path(state: ckpt.State, path: Path) -> Path:
-    """The data file the checkpoint was trained on, from its configuration."""
-    data = state.config.get("data")
-    if not data:
-        raise CheckpointError(f"{path}: the checkpoint does not record its data file; pass --data")
-    return Path(data)
-
-
-def check_data(state: ckpt.State, ckpt_path: Path, split: Split, model: CNN, force: bool) -> None:
-    """Refuse data the model cannot read; refuse another data set (fingerprint) unless force."""
-    want = tuple(model.spec.input_shape)
-    if tuple(split.image_shape) + (1,) != want or split.num_classes != model.spec.classes:
-        raise CheckpointError(f"{ckpt_path}: the model takes {want[0]}x{want[1]} images in {model.spec.classes} "
-                              f"classes, {split.path} has {split.image_shape[0]}x{split.image_shape[1]} images "
-                              f"in {split.num_classes}")
-    if state.data_fingerprint != split.fingerprint:
-        msg = (f"{ckpt_path}: trained on another data set ({state.config.get('dataset', '?')}, fingerprint "
-               f"{state.data_fingerprint[:12]}) than {split.path} ({split.dataset}, fingerprint "
-               f"{split.fingerprint[:12]})")
-        if not force:
-            raise CheckpointError(f"{msg}; use --force to evaluate anyway")
-        log.warning("warning: %s", msg)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -221,6 +221,13 @@ def dense_backward(dout: np.ndarray, cache, need_dx: bool = True):
 # loss
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """logits (N, K) -> probabilities (N, K), computed stably (each row's maximum subtracted)."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
 def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray, denom: float | None = None):
     """Softmax cross-entropy, computed stably with log-sum-exp, and its fused gradient.
 

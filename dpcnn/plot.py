@@ -18,11 +18,10 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import UserError, add_common_flags, entry_point, report_error, setup_logging
+from .cli import EXIT_ERROR, EXIT_OK, UserError, add_common_flags, entry_point, report_error, setup_logging
 
 log = logging.getLogger("dpcnn")
 
-EXIT_OK, EXIT_ERROR = 0, 1
 METRICS = "metrics.jsonl"
 
 EPILOG = """\

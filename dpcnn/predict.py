@@ -41,14 +41,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError
-from .cli import UserError, add_common_flags, entry_point, positive_int, report_error, setup_logging
-from .data import DATASETS, Split, standardise
-from .evaluate import check_data, load_model, recorded_data_path
+from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
+from .cli import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    UserError,
+    add_common_flags,
+    entry_point,
+    positive_int,
+    report_error,
+    setup_logging,
+)
+from .data import Split, standardise
+from .layers import softmax
+from .prepare import DATASETS
 
 log = logging.getLogger("dpcnn")
-
-EXIT_OK, EXIT_ERROR = 0, 1
 
 # Pixel statistics of the MNIST training images / 255 (what `dpcnn.data prepare` stores),
 # used only when the data file a MNIST checkpoint was trained on is not at hand.
@@ -206,13 +215,6 @@ def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
     raise InputError(f"{path}: array dtype {a.dtype}, expected an integer (0-255) or float ([0, 1]) dtype")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """(N, K) -> (N, K) probabilities, computed stably."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -312,10 +314,10 @@ def main(argv=None) -> int:
             if u8 is not None and args.save_input:
                 from PIL import Image
                 Image.fromarray(u8, "L").save(args.save_input / f"{_unique_stem(path, args.images)}.28x28.png")
-            probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std, scale=1.0)))
+            probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std, scale=1.0)).astype(np.float64))
         except KeyboardInterrupt as e:
             report_error(e, args.debug)
-            return 130
+            return EXIT_INTERRUPTED
         except Exception as e:
             prefix = "" if str(path) in str(e) else f"{path}: "      # every line names its file
             errors.append({"input": str(path), "error": report_error(e, args.debug, prefix=prefix)})

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,9 +30,13 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .cli import entry_point, int_list, nonneg_int, positive_float, positive_int
+from .comm import Comm, find_mpiexec, get_comm
+from .malloc import keep_freed_memory
 from .model import ModelSpec
+from .step import TrainStep
 
 
 def _free_port() -> int:
@@ -42,37 +45,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
-    """One rank of the dpcnn measurement; returns the summary on rank 0."""
-    from threadpoolctl import threadpool_limits
-
-    from .comm import MPIComm
-    from .malloc import keep_freed_memory
-    from .model import CNN
-    from .optim import SGD
-
-    comm = MPIComm()
+def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int) -> dict | None:
+    """One rank of the dpcnn measurement (the trainer's TrainStep); returns the summary on rank 0."""
     threadpool_limits(1)
     keep_freed_memory()
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    n = ModelSpec().num_params
-    buf = np.zeros(n + 3, np.float32)
-    model = CNN(seed=0, grads=buf[:n])
-    opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = TrainStep(ModelSpec(), comm, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4)
     times = np.zeros((steps, 3))                      # per timed step: compute, wait, transfer
     start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        model.loss_and_grad(x, y, denom=1)
+        step.compute(x, y)
         t1 = time.perf_counter()
         comm.barrier()                                # waiting for the slowest rank
         t2 = time.perf_counter()
-        comm.allreduce(buf)                           # the transfer itself
+        step.reduce()                                 # the transfer itself
         t3 = time.perf_counter()
-        model.grads *= np.float32(1.0 / (batch * comm.size))
-        opt.step(0.01)
+        step.update(batch * comm.size, 0.01)
         if i == warmup - 1:
             comm.barrier()
             start = time.perf_counter()
@@ -83,16 +74,29 @@ def worker_dpcnn(batch: int, steps: int, warmup: int) -> dict | None:
     every = np.array(comm.allgather_obj(times.tolist()))   # (ranks, steps, 3)
     if not comm.is_root:
         return None
-    tm = every.mean(axis=(0, 1))
-    c = every[:, :, 0]                                     # compute, (ranks, steps)
-    # The wait a step costs when ranks differ only in compute time: slowest rank minus the mean.
-    imbalance = np.mean(c.max(axis=0) - c.mean(axis=0))
     return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
-            "images_per_second": round(comm.size * batch * steps / wall, 1),
-            "ms_per_step": round(1e3 * wall / steps, 3), "compute_ms": round(1e3 * tm[0], 3),
-            "allreduce_wait_ms": round(1e3 * tm[1], 3), "allreduce_transfer_ms": round(1e3 * tm[2], 3),
-            "compute_p99_ms": round(1e3 * np.percentile(c, 99), 3), "imbalance_ms": round(1e3 * imbalance, 3),
-            "allreduce_bytes": buf.nbytes}
+            **summarise(every, wall, batch), "allreduce_bytes": step.buf.array.nbytes}
+
+
+def summarise(times: np.ndarray, wall: float, batch: int) -> dict:
+    """Figures of a measurement from per-rank, per-step timings.
+
+    times: (ranks, steps, 3) seconds of compute, wait (barrier) and transfer (allreduce) per
+    step; wall: seconds for all the steps. The imbalance is what a step costs when ranks differ
+    only in compute time: per step, the slowest rank's compute minus the mean, averaged."""
+    P, steps, _ = times.shape
+    tm = times.mean(axis=(0, 1))
+    c = times[:, :, 0]
+    imbalance = np.mean(c.max(axis=0) - c.mean(axis=0))
+    return {"images_per_second": round(P * batch * steps / wall, 1), "ms_per_step": round(1e3 * wall / steps, 3),
+            "compute_ms": round(1e3 * tm[0], 3), "allreduce_wait_ms": round(1e3 * tm[1], 3),
+            "allreduce_transfer_ms": round(1e3 * tm[2], 3), "compute_p99_ms": round(1e3 * np.percentile(c, 99), 3),
+            "imbalance_ms": round(1e3 * imbalance, 3)}
+
+
+def efficiency(images_per_second: float, P: int, base: float) -> float:
+    """Weak-scaling efficiency: P ranks' throughput against P times one rank's (base)."""
+    return round(images_per_second / (P * base), 3)
 
 
 def worker_torch(batch: int, steps: int, warmup: int) -> dict | None:
@@ -101,7 +105,7 @@ def worker_torch(batch: int, steps: int, warmup: int) -> dict | None:
     import torch.distributed as dist
     from torch import nn
 
-    from .bench import torch_model
+    from .torchref import torch_model
 
     rank, size = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
     torch.set_num_threads(1)
@@ -139,7 +143,7 @@ def median_run(runs: list[dict]) -> dict | None:
 
 
 def launch(framework: str, P: int, args) -> dict:
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         raise SystemExit("error: mpiexec not found (pip install mpich, or load your site MPI)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -179,15 +183,17 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=("dpcnn", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        comm = get_comm("mpi") if args.worker == "dpcnn" else None
         try:
-            res = (worker_dpcnn if args.worker == "dpcnn" else worker_torch)(args.per_rank_batch, args.steps,
-                                                                            args.warmup)
+            if comm is not None:
+                res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup)
+            else:
+                res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
         except BaseException:                   # end the launch now rather than leave ranks waiting
             traceback.print_exc()
             sys.stderr.flush()
-            if args.worker == "dpcnn":           # (a new MPIComm would wait in its own collectives)
-                from mpi4py import MPI
-                MPI.COMM_WORLD.Abort(1)
+            if comm is not None:
+                comm.abort(1)
             os._exit(1)
         if res:
             print(json.dumps(res), flush=True)
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
         r, t = median_run(runs), median_run(truns)
         base = base or (r["images_per_second"] if P == 1 else None)
         if base:
-            r["efficiency"] = round(r["images_per_second"] / (P * base), 3)
+            r["efficiency"] = efficiency(r["images_per_second"], P, base)
         if t:
             r["torch_ddp_images_per_second"] = t["images_per_second"]
             r["ratio_vs_torch_ddp"] = round(r["images_per_second"] / t["images_per_second"], 3)

@@ -1,7 +1,6 @@
 """Shared test fixtures: a small, learnable data set in dpcnn's HDF5 format, and launch helpers."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpcnn.data import DatasetInfo, write_h5
+from dpcnn.comm import find_mpiexec
+from dpcnn.prepare import DatasetInfo, write_h5
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_INFO = DatasetInfo(name="tiny-blobs", class_names=tuple("0123456789"))
@@ -42,7 +42,7 @@ def tiny_h5(tmp_path_factory) -> Path:
 
 
 def mpiexec() -> str:
-    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    exe = find_mpiexec()
     if exe is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     return exe

@@ -14,10 +14,13 @@ import h5py
 import numpy as np
 import pytest
 
-from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
 from dpcnn import data
-from dpcnn.data import (DATASETS, FILES, FORMAT_VERSION, DataError, ShardedLoader, Split,
-                        epoch_order, num_batches, prepare, prepare_main, read_idx, shard_bounds)
+from dpcnn import prepare as prep
+from dpcnn.data import FORMAT_VERSION, DataError, ShardedLoader, Split, epoch_order, num_batches, shard_bounds
+from dpcnn.prepare import DATASETS, FILES, prepare, read_idx
+from dpcnn.prepare import main as prepare_main
+
+from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +111,7 @@ def test_prepare_accepts_raw_files_and_skips_when_up_to_date(tmp_path, caplog):
     out = tmp_path / "d" / "tiny.h5"
     prepare(source=tmp_path / "src", out=out, info=info)
     stamp = out.stat().st_mtime_ns
-    caplog.set_level("INFO", logger="dpcnn.data")
+    caplog.set_level("INFO", logger="dpcnn.prepare")
     assert prepare(source=tmp_path / "src", out=out, info=info) == out
     assert out.stat().st_mtime_ns == stamp and "already prepared" in caplog.text
     os.utime(out, ns=(0, 0))
@@ -127,7 +130,7 @@ def test_prepare_redoes_a_broken_output(tmp_path):
 def test_prepare_rejects_wrong_checksum_and_leaves_nothing(tmp_path):
     info, _ = make_source(tmp_path / "src")
     bad = dict(info.sha256, **{"t10k-labels-idx1-ubyte": "0" * 64})
-    info = data.DatasetInfo("tiny", info.class_names, sha256=bad)
+    info = prep.DatasetInfo("tiny", info.class_names, sha256=bad)
     out = tmp_path / "tiny.h5"
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: SHA-256 of the uncompressed") as e:
         prepare(source=tmp_path / "src", out=out, info=info)
@@ -178,7 +181,7 @@ def test_gz_only_pins_need_the_gz_file(tmp_path):
     """Fashion-MNIST pins only its official .gz files: they verify, raw files are refused."""
     files = payloads(make_arrays())
     gz = {k: gzip.compress(v, mtime=0) for k, v in files.items()}
-    info = data.DatasetInfo("tiny", tuple("0123456789"),
+    info = prep.DatasetInfo("tiny", tuple("0123456789"),
                             gz_sha256={k: hashlib.sha256(v).hexdigest() for k, v in gz.items()})
     (tmp_path / "gz").mkdir()
     (tmp_path / "raw").mkdir()

@@ -7,9 +7,11 @@ import threading
 import numpy as np
 import pytest
 
+from dpcnn import prepare as prep
+from dpcnn.data import DataError, Split
+from dpcnn.prepare import prepare
+
 from _idx import info_for, make_arrays, payloads
-from dpcnn import data
-from dpcnn.data import DataError, Split, prepare
 
 
 def serve(files: dict, mode="good"):
@@ -82,7 +84,7 @@ def test_download_from_url(tmp_path, source, server):
 
 def test_mirrors_tried_in_order(tmp_path, source, server, caplog):
     url, log = server
-    info = data.DatasetInfo("tiny", source[2].class_names, sha256=source[2].sha256,
+    info = prep.DatasetInfo("tiny", source[2].class_names, sha256=source[2].sha256,
                             mirrors=(url.replace("/mnist/", "/gone/"), url))
     prepare(out=tmp_path / "tiny.h5", info=info, timeout=5)
     assert log[:2] == ["/gone/train-images-idx3-ubyte.gz", "/mnist/train-images-idx3-ubyte.gz"]
@@ -113,8 +115,8 @@ def test_bad_cached_download_is_replaced(tmp_path, source, server):
 
 
 def test_progress_without_tqdm_logs(tmp_path, source, server, monkeypatch, caplog):
-    monkeypatch.setattr(data, "tqdm", None)
-    caplog.set_level("INFO", logger="dpcnn.data")
+    monkeypatch.setattr(prep, "tqdm", None)
+    caplog.set_level("INFO", logger="dpcnn.prepare")
     prepare(source=server[0], out=tmp_path / "tiny.h5", info=source[2], timeout=5)
     assert "train-images-idx3-ubyte.gz: 100% of" in caplog.text
 
@@ -129,7 +131,7 @@ def test_unreachable_server_fails_fast(tmp_path, source):
 def test_prepare_command_offline_names_the_offline_command(tmp_path, source, capsys):
     url, _, stop = serve(source[1])
     stop()
-    assert data.prepare_main(["prepare", "--source", url, "--out", str(tmp_path / "d" / "x.h5"),
+    assert prep.main(["prepare", "--source", url, "--out", str(tmp_path / "d" / "x.h5"),
                               "--timeout", "2", "-q"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "python -m dpcnn.data prepare --dataset mnist --source DIR" in err[-1]

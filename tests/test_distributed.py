@@ -5,14 +5,20 @@ global batch (3 ranks: an uneven split), and a whole training run that must leav
 identical parameters on every rank. Plain `pytest` skips these.
 """
 
+import json
+import socket
+
 import numpy as np
 import pytest
 
-from conftest import write_tiny
-from dpcnn.comm import MPIComm
+from dpcnn.comm import MPIComm, check_in_sync, digest
+from dpcnn.config import Config
 from dpcnn.data import ShardedLoader, Split, shard_bounds
-from dpcnn.model import CNN
-from dpcnn.train import Run, build_parser, params_digest
+from dpcnn.model import CNN, ModelSpec
+from dpcnn.step import TrainStep
+from dpcnn.train import train
+
+from conftest import write_tiny
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -42,7 +48,8 @@ def test_allreduce_bcast_closed_form(comm):
     assert np.array_equal(x, np.arange(5) * P)
     assert comm.bcast_obj({"rank": r}) == {"rank": 0}
     assert comm.allgather_obj(r) == list(range(P))
-    assert comm.num_nodes == 1 and comm.local_size == P
+    hosts = comm.allgather_obj(socket.gethostname())
+    assert comm.num_nodes == len(set(hosts)) and comm.local_size == hosts.count(hosts[r])
 
 
 @pytest.mark.parametrize("batch", [12, 10, 2])   # 10 on 3 ranks: 4, 3, 3; 2 on 3 ranks: one rank empty
@@ -66,21 +73,21 @@ def test_distributed_step_equals_single_process_step(comm, tiny, batch):
 
 
 def test_training_keeps_parameters_identical_on_every_rank(comm, tiny, mpi_tmp_path):
-    args = build_parser().parse_args(["--data", str(tiny), "--out", str(mpi_tmp_path / "run"), "--epochs", "2",
-                                      "--batch-size", "20", "--threads", "1", "--no-progress", "-q",
-                                      "--check-every", "7", "--resume", "none"])
-    run = Run(args, comm)
-    assert run.run() == 0
-    digests = comm.allgather_obj(params_digest(run.model.params))
-    assert len(set(digests)) == 1 and run.step == 2 * (384 // 20)
+    """A whole run; train() ends with check_in_sync, which raises if any rank's parameters differ."""
+    out = mpi_tmp_path / "run"
+    cfg = Config(data=tiny, out=out, epochs=2, batch_size=20, threads=1, progress=False, check_every=7,
+                 resume="none")
+    assert train(cfg, comm) == 0
+    if comm.is_root:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == 2 * (384 // 20) and records[-1]["world_size"] == comm.size
 
 
-def test_parameter_drift_is_detected(comm, tiny, mpi_tmp_path):
-    args = build_parser().parse_args(["--data", str(tiny), "--out", str(mpi_tmp_path / "drift"), "--max-steps", "2",
-                                      "--threads", "1", "--no-progress", "-q", "--resume", "none"])
-    run = Run(args, comm)
-    run.check_in_sync()                           # identical after the broadcast
+def test_parameter_drift_is_detected(comm):
+    step = TrainStep(ModelSpec(), comm, seed=comm.rank)      # the broadcast overrides each rank's seed
+    check_in_sync(comm, step.model.params, 0)
+    assert len(set(comm.allgather_obj(digest(step.model.params)))) == 1
     if comm.rank == comm.size - 1:
-        run.model.params[123] += 1e-6             # one rank drifts a little
+        step.model.params[123] += 1e-6                       # one rank drifts a little
     with pytest.raises(RuntimeError, match=f"ranks \\[{comm.size - 1}\\] differ"):
-        run.check_in_sync()
+        check_in_sync(comm, step.model.params, 5)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from dpcnn.prepare import write_h5
+
 from _idx import info_for, make_arrays, payloads
-from dpcnn.data import write_h5
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "scripts" / "slurm"
-EXIT_STOPPED = 75
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _idx import info_for, make_arrays, payloads
-from conftest import child_env
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot, predict
-from dpcnn.data import Split, write_h5
+from dpcnn.data import Split
 from dpcnn.metrics import evaluate as metrics_evaluate
 from dpcnn.model import CNN, ModelSpec
+from dpcnn.prepare import write_h5
+
+from _idx import info_for, make_arrays, payloads
+from conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,7 +300,7 @@ def test_help_has_examples(module):
 @pytest.mark.parametrize("command", ["info", "decorated"])
 def test_closed_stdout_ends_a_command_quietly(tiny_h5, command):
     """`python -m dpcnn.data info FILE | true`: no traceback, no error line, status 1."""
-    code = {"info": f"import sys, dpcnn.data as d; sys.exit(d.prepare_main(['info', {str(tiny_h5)!r}]))",
+    code = {"info": f"import sys, dpcnn.prepare as d; sys.exit(d.main(['info', {str(tiny_h5)!r}]))",
             "decorated": ("import sys, dpcnn.cli as c\n"
                           "main = c.entry_point(lambda: [print('line', i) for i in range(10**5)] and 0)\n"
                           "sys.exit(main())")}[command]

@@ -17,9 +17,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import child_env, mpiexec, run_job, write_tiny
 from dpcnn import checkpoint as ckpt
-from dpcnn.train import EXIT_STOPPED, main
+from dpcnn.cli import EXIT_STOPPED
+from dpcnn.rundir import RunDir, step_of
+from dpcnn.train import main
+
+from conftest import child_env, mpiexec, run_job, write_tiny
 
 # 384 training samples / batch 32 = 12 steps per epoch
 BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1"]
@@ -34,7 +37,7 @@ def metrics(run_dir) -> list[dict]:
 
 
 def final_state(run_dir) -> ckpt.State:
-    return ckpt.load(ckpt.listed(run_dir)[0])
+    return ckpt.load(RunDir(run_dir).checkpoints()[0])
 
 
 def assert_same_state(a: ckpt.State, b: ckpt.State):
@@ -81,17 +84,17 @@ def test_stop_and_resume_records_like_an_uninterrupted_run(tiny_h5, tmp_path, mo
     ref, run = tmp_path / "ref", tmp_path / "run"
     args = ("--epochs", "2", "--eval-every", "4")
     assert train(tiny_h5, ref, *args) == 0
-    orig = T.Run.train_step
+    orig = T.Trainer.train_step
 
     def step(self, *a):
         if self.step == stop_at - 1:                # the signal arrives during this step
             self.stop.signum = signal.SIGTERM
         return orig(self, *a)
 
-    monkeypatch.setattr(T.Run, "train_step", step)
+    monkeypatch.setattr(T.Trainer, "train_step", step)
     assert train(tiny_h5, run, *args) == EXIT_STOPPED
     assert final_state(run).step == stop_at
-    monkeypatch.setattr(T.Run, "train_step", orig)
+    monkeypatch.setattr(T.Trainer, "train_step", orig)
     assert train(tiny_h5, run, *args) == 0
     assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(ref)] == [4, 8, 12, 16, 20, 24]
     for key in ("test_loss", "train_loss", "train_accuracy"):      # the training totals survive the stop
@@ -102,7 +105,7 @@ def test_stop_and_resume_records_like_an_uninterrupted_run(tiny_h5, tmp_path, mo
 def test_checkpoint_every_also_on_evaluation_steps(tiny_h5, tmp_path):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "5", "--checkpoint-every", "10", "--keep", "10") == 0
-    assert [ckpt.step_of(p) for p in ckpt.listed(out)] == [24, 20, 12, 10]
+    assert [step_of(p) for p in RunDir(out).checkpoints()] == [24, 20, 12, 10]
     assert [m["step"] for m in metrics(out)] == [5, 10, 12, 15, 20, 24]
 
 
@@ -139,7 +142,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tiny_h5, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert train(tiny_h5, a, "--max-steps", "10") == 0
     assert train(tiny_h5, b, "--max-steps", "8", "--checkpoint-every", "4") == 0
-    newest = ckpt.listed(b)[0]
+    newest = RunDir(b).checkpoints()[0]
     assert newest.name == "ckpt-step000000008.h5"
     newest.write_bytes(newest.read_bytes()[:1000])                # a torn file
     capsys.readouterr()
@@ -153,10 +156,10 @@ def test_checkpoint_damaged_inside_is_skipped(tiny_h5, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert train(tiny_h5, a, "--max-steps", "10") == 0
     assert train(tiny_h5, b, "--max-steps", "8", "--checkpoint-every", "4") == 0
-    with h5py.File(ckpt.listed(b)[0], "a") as f:            # step 8: one parameter missing
+    with h5py.File(RunDir(b).checkpoints()[0], "a") as f:            # step 8: one parameter missing
         del f["params/conv1.b"]
     with pytest.raises(ckpt.CheckpointError, match=r"step000000008\.h5: .*params .* do not match"):
-        ckpt.load(ckpt.listed(b)[0])
+        ckpt.load(RunDir(b).checkpoints()[0])
     capsys.readouterr()
     assert train(tiny_h5, b, "--max-steps", "10", "-v") == 0
     assert "skipping checkpoint" in capsys.readouterr().err
@@ -193,13 +196,13 @@ def test_missing_data_and_bad_flags(tmp_path, capsys):
 def test_checkpoint_write_killed_leaves_previous_loadable(tiny_h5, tmp_path):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--max-steps", "2") == 0
-    good = ckpt.listed(out)[0]
+    good = RunDir(out).checkpoints()[0]
     # a child writes a large checkpoint at a later step and is SIGKILLed during the write
     code = f"""
-import numpy as np, dpcnn.checkpoint as c
+import numpy as np, dpcnn.checkpoint as c, dpcnn.rundir as r
 s = c.load({str(good)!r}); s.step = 99
 s.params = {{f"p{{i}}": np.ones(2**22, np.float32) for i in range(64)}}
-c.save(c.step_path({str(out)!r}, 99), s)
+c.save(r.RunDir({str(out)!r}).step_path(99), s)
 """
     p = subprocess.Popen([sys.executable, "-c", code], env=child_env())
     deadline = time.time() + 60
@@ -210,7 +213,7 @@ c.save(c.step_path({str(out)!r}, 99), s)
     p.kill()
     assert p.wait(timeout=30) == -signal.SIGKILL, "the write finished before the kill"
     assert not (out / "ckpt-step000000099.h5").exists()
-    path, state = ckpt.newest_valid(out)
+    path, state = RunDir(out).newest_valid()
     assert path == good and state.step == 2
 
 
@@ -257,11 +260,11 @@ def test_job_with_missing_data_exits_promptly(tmp_path):
 @pytest.mark.timeout(120)
 def test_one_rank_raising_ends_every_rank(tiny_h5, tmp_path):
     code = ("import sys, dpcnn.train as t\n"
-            "orig = t.Run.train_step\n"
+            "orig = t.Trainer.train_step\n"
             "def step(self, *a):\n"
             "    if self.comm.rank == 1 and self.step == 3: raise MemoryError('simulated failure')\n"
             "    return orig(self, *a)\n"
-            "t.Run.train_step = step\n"
+            "t.Trainer.train_step = step\n"
             f"sys.exit(t.main({[str(a) for a in job_args(tiny_h5, tmp_path / 'r', '--epochs', '50')[2:]]!r}))\n")
     t0 = time.time()
     r = run_job(["-c", code], nprocs=2, timeout=60)
@@ -337,7 +340,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
     # resume the stopped checkpoint on 3 ranks instead: same sample order, rank-count tolerance
     other = tmp_path / "other"
     r = run_job(job_args(tiny_h5, other, "--epochs", "400", "--max-steps", target,
-                         "--resume", ckpt.step_path(run, stopped.step)), nprocs=3)
+                         "--resume", RunDir(run).step_path(stopped.step)), nprocs=3)
     assert r.returncode == 0, r.stderr
     a, b = metrics(ref)[-1]["test_loss"], metrics(other)[-1]["test_loss"]
     assert abs(a - b) / a < 1e-5
@@ -362,14 +365,15 @@ def test_first_signal_sets_the_flag_second_exits_at_once(first):
 
 def test_schedule_flags_become_steps():
     """--milestones below 1 are fractions of the run, others epochs; warm-up is in epochs."""
-    from dpcnn.train import build_parser, make_schedule
-    args = build_parser().parse_args(["--schedule", "step", "--epochs", "10", "--milestones", "0.5,8",
-                                      "--gamma", "0.1", "--lr", "1", "--warmup-epochs", "0.25"])
-    s = make_schedule(args, steps_per_epoch=12, total_steps=120)
+    from dpcnn.config import parse_args
+    from dpcnn.train import make_schedule
+    cfg, _ = parse_args(["--schedule", "step", "--epochs", "10", "--milestones", "0.5,8",
+                         "--gamma", "0.1", "--lr", "1", "--warmup-epochs", "0.25"])
+    s = make_schedule(cfg, steps_per_epoch=12, total_steps=120)
     assert s.milestones == (60, 96) and s.warmup_steps == 3
     assert [s(k) for k in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1])
     assert (s(59), s(60), s(95), s(96)) == pytest.approx((1, 0.1, 0.1, 0.01))
-    cos = make_schedule(build_parser().parse_args(["--lr", "1"]), steps_per_epoch=12, total_steps=96)
+    cos = make_schedule(parse_args(["--lr", "1"])[0], steps_per_epoch=12, total_steps=96)
     assert cos(0) == 1 and cos(48) == pytest.approx(0.5) and cos(95) < 0.001
 
 
@@ -379,8 +383,8 @@ def test_divergence_stops_before_saving_nonfinite_weights(tiny_h5, tmp_path, cap
     err = capsys.readouterr().err
     m = re.match(r"error: training diverged in step (\d+): .* lower --lr than 1e\+10", err)
     assert m and err.count("\n") == 1, err
-    saved = ckpt.listed(out)
-    assert saved and ckpt.step_path(out, int(m.group(1))) not in saved    # the steps before it, not it
+    saved = RunDir(out).checkpoints()
+    assert saved and RunDir(out).step_path(int(m.group(1))) not in saved    # the steps before it, not it
     for path in saved:                                   # and what was saved is finite
         assert all(np.isfinite(v).all() for v in ckpt.load(path).params.values()), path
     for flag, value in (("--momentum", "1"), ("--seed", "-1"), ("--milestones", "nan"), ("--lr", "inf")):

@@ -1,0 +1,203 @@
+"""A training run's configuration: one typed, frozen object, built once from the command line.
+
+``Config`` is the single source of truth for what a run does. The trainer receives it;
+``config.json`` and every checkpoint store ``Config.to_dict()``; a resume must share the
+``RESUME_FIELDS`` with its checkpoint (a mismatch is named by its flag, ``flag_text``);
+every rank must have been given an equal one. Nothing else parses flags.
+
+    cfg = Config(epochs=2, out=Path("runs/quick"))       # from Python
+    cfg, out = parse_args(["--epochs", "2"])            # from a command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .cli import add_common_flags, float_list, int_list, nonneg_float, nonneg_int, positive_int, unit_interval
+from .data import default_data_path
+from .optim import SCHEDULES
+from .prepare import DATASETS
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a training run, with the command line's defaults."""
+
+    # data
+    data: Path | None = None                 # prepared HDF5 file; None: data/<dataset>.h5
+    dataset: str = "mnist"
+    data_source: str | None = None           # where to prepare a missing file from: directory or URL
+    keep_last: bool = False                  # keep the last partial global batch of an epoch
+    # training
+    epochs: int = 8
+    batch_size: int = 64                     # GLOBAL batch, split across ranks
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    seed: int = 0
+    max_steps: int | None = None
+    # model
+    channels: tuple[int, ...] = (8, 16)
+    kernel: int = 3
+    hidden: tuple[int, ...] = (128,)
+    # run directory, evaluation, checkpoints
+    out: Path = Path("runs/latest")
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 0.0
+    keep: int = 3
+    resume: str = "auto"                     # 'auto', 'none' or a checkpoint path
+    # parallelism and console
+    threads: int | None = None               # BLAS threads per rank; None: node's cores / its ranks
+    comm: str = "auto"
+    check_every: int = 500
+    log_every: int = 0
+    progress: bool = True                    # a progress bar on a terminal (rank 0)
+
+    def __post_init__(self):
+        for name in ("milestones", "channels", "hidden"):          # JSON and callers give lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("data", "out"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, None if v is None else Path(v))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, tuples as lists; console-only settings left out."""
+        out = {}
+        for f in fields(self):
+            if f.name in NOT_SAVED:
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        return out
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def resume_conflict(self, saved: Mapping[str, Any]) -> str | None:
+        """How a checkpoint's saved config differs in what a resume must share, or None."""
+        keys = RESUME_FIELDS + (RESUME_FIELDS_STEP if self.schedule == "step" else ())
+        mine = self.to_dict()
+        for key in keys:
+            if key in saved and saved[key] != mine[key]:
+                return f"saved with {flag_text(key, saved[key])}, this run has {flag_text(key, mine[key])}"
+        return None
+
+
+NOT_SAVED = ("progress",)
+# What a resumed run must share with its checkpoint: the sample order (seed, batch size,
+# keep_last) and the optimizer and learning-rate schedule (epochs sets the schedule's length).
+RESUME_FIELDS = ("seed", "batch_size", "keep_last", "epochs", "lr", "schedule", "warmup_epochs",
+                 "momentum", "nesterov", "weight_decay")
+RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
+STORE_TRUE = ("keep_last",)                            # flags without a --no- form
+
+
+def flag_text(key: str, value: Any) -> str:
+    """A setting as the flag that sets it: '--lr 0.05', '--no-nesterov', 'no --keep-last'."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        if key in STORE_TRUE:
+            return flag if value else f"no {flag}"
+        return flag if value else f"--no-{key.replace('_', '-')}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"{flag} {value}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+EPILOG = """\
+examples:
+  python -m dpcnn.train                                  MNIST, defaults, one process
+  python -m dpcnn.train --data-source ~/datasets/mnist      prepare from local IDX files if needed
+  mpirun -n 4 python -m dpcnn.train --epochs 8 --out runs/four
+  python -m dpcnn.train --max-steps 200 --eval-every 100 --out runs/quick
+  srun --mpi=pmi2 python -m dpcnn.train --out runs/$SLURM_JOB_ID --resume auto
+  python -m dpcnn.train --dataset fashion-mnist --epochs 15
+
+exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C with a checkpoint written
+(run the same command again to continue), 1 error, 2 bad command line.
+"""
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The trainer's command line; every default is Config's."""
+    D = Config()
+    p = argparse.ArgumentParser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", type=Path, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "
+                                             "rank 0 prepares it if missing")
+    d.add_argument("--dataset", default=D.dataset, choices=sorted(DATASETS), help="data set (default mnist)")
+    d.add_argument("--data-source", help="where to prepare a missing data file from: a directory with "
+                                         "the IDX files or a base URL (default: public mirrors)")
+    d.add_argument("--keep-last", action="store_true",
+                   help="use the last partial global batch of each epoch (default: drop it)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=positive_int, default=D.epochs, help="epochs (default 8)")
+    t.add_argument("--batch-size", type=positive_int, default=D.batch_size,
+                   help="GLOBAL batch size, split across ranks (default 64)")
+    t.add_argument("--lr", type=nonneg_float, default=D.lr, help="peak learning rate (default 0.05)")
+    t.add_argument("--momentum", type=unit_interval, default=D.momentum,
+                   help="SGD momentum, 0 <= m < 1 (default 0.9)")
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=D.nesterov,
+                   help="Nesterov momentum (default on)")
+    t.add_argument("--weight-decay", type=nonneg_float, default=D.weight_decay,
+                   help="L2 weight decay (default 5e-4)")
+    t.add_argument("--schedule", choices=SCHEDULES, default=D.schedule, help="learning-rate schedule (default cosine)")
+    t.add_argument("--warmup-epochs", type=nonneg_float, default=D.warmup_epochs,
+                   help="linear warm-up epochs (default 0)")
+    t.add_argument("--milestones", type=float_list, default=D.milestones,
+                   help="for --schedule step: when to multiply the rate by --gamma, as fractions of "
+                        "the run if < 1 else epochs (default 0.5,0.75)")
+    t.add_argument("--gamma", type=nonneg_float, default=D.gamma, help="step schedule factor (default 0.1)")
+    t.add_argument("--seed", type=nonneg_int, default=D.seed,
+                   help="seed of the initial weights and sample order (default 0)")
+    t.add_argument("--max-steps", type=positive_int, help="stop after this many updates (still evaluates, "
+                                                          "records and checkpoints)")
+    m = p.add_argument_group("model")
+    m.add_argument("--channels", type=int_list, default=D.channels, help="filters per conv block (default 8,16)")
+    m.add_argument("--kernel", type=positive_int, default=D.kernel, help="conv kernel size (default 3)")
+    m.add_argument("--hidden", type=int_list, default=D.hidden, help="dense hidden widths (default 128)")
+    r = p.add_argument_group("run directory, evaluation, checkpoints")
+    r.add_argument("--out", type=Path, default=D.out, help="run directory (default runs/latest)")
+    r.add_argument("--eval-every", type=nonneg_int, default=D.eval_every,
+                   help="also evaluate every N steps (default 0: at each epoch's end only)")
+    r.add_argument("--checkpoint-every", type=nonneg_int, default=D.checkpoint_every,
+                   help="also checkpoint every N steps (default 0: at epoch ends only)")
+    r.add_argument("--checkpoint-minutes", type=nonneg_float, default=D.checkpoint_minutes,
+                   help="also checkpoint when this many minutes passed since the last one (default 0: off)")
+    r.add_argument("--keep", type=positive_int, default=D.keep,
+                   help="step checkpoints to keep (default 3; best.h5 is kept besides)")
+    r.add_argument("--resume", default=D.resume,
+                   help="'auto' (newest valid checkpoint in --out, if any), 'none', or a checkpoint path "
+                        "(default auto)")
+    s = p.add_argument_group("parallelism")
+    s.add_argument("--threads", type=positive_int,
+                   help="BLAS threads per rank (default: the node's cores / ranks on the node)")
+    s.add_argument("--comm", choices=("auto", "mpi", "serial"), default=D.comm,
+                   help="communicator (default auto: MPI when started by an MPI launcher)")
+    s.add_argument("--check-every", type=nonneg_int, default=D.check_every,
+                   help="verify every N steps that all ranks hold identical parameters (default 500)")
+    s.add_argument("--log-every", type=nonneg_int, default=D.log_every,
+                   help="log a line every N steps (default: ~10 an epoch)")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar even on a terminal")
+    add_common_flags(p)
+    return p
+
+
+def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:
+    """(the Config, the console flags -v/-q/--debug) from a command line; exits 2 on a bad one."""
+    ns = build_parser(description).parse_args(argv)
+    return Config(**{f.name: getattr(ns, f.name) for f in fields(Config)}), ns
