@@ -199,19 +199,33 @@ def shard_bounds(m: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + q + (rank < r)
 
 
+def micro_bounds(M: int, m: int, rank: int, size: int) -> tuple[int, int]:
+    """This rank's samples [lo, hi) of a batch of M samples cut into micro-batches of m.
+
+    The ceil(M/m) micro-batches (the last may be shorter) are dealt out in contiguous runs
+    by shard_bounds, so each is computed whole by one rank whatever `size` is. m = 1 is
+    shard_bounds(M, rank, size) itself.
+    """
+    lo, hi = shard_bounds(-(-M // m), rank, size)
+    return min(lo * m, M), min(hi * m, M)
+
+
 class ShardedLoader:
     """What one rank iterates during training: its slice of every global batch.
 
     Global batch k of epoch e is order[k*B : (k+1)*B] with order = epoch_order(N, seed, e)
-    (or 0..N-1 with shuffle=False); the rank takes shard_bounds(M, rank, size) of it. The
-    rows of all its slices of the current epoch (about N/P) are cached as uint8, so
-    batch(e, k) never depends on which batches were asked for before.
+    (or 0..N-1 with shuffle=False); the rank takes micro_bounds(M, micro_batch, rank, size)
+    of it: whole micro-batches. The rows of all its slices of the current epoch (about N/P)
+    are cached as uint8, so batch(e, k) never depends on which batches were asked for before.
     """
 
     def __init__(self, split: Split, *, batch_size: int, rank: int, size: int, seed: int,
-                 drop_last: bool = True, shuffle: bool = True):
+                 drop_last: bool = True, shuffle: bool = True, micro_batch: int = 1):
         shard_bounds(0, rank, size)  # validates rank and size
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         self.split, self.batch_size, self.rank, self.size = split, batch_size, rank, size
+        self.micro_batch = micro_batch
         self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
         self.steps_per_epoch = num_batches(split.n, batch_size, drop_last)
         if self.steps_per_epoch == 0:
@@ -229,7 +243,7 @@ class ShardedLoader:
         """(lo, hi, M): this rank's positions [lo, hi) in the epoch order for batch k of length M."""
         start = k * self.batch_size
         m = min(self.batch_size, self.split.n - start)
-        lo, hi = shard_bounds(m, self.rank, self.size)
+        lo, hi = micro_bounds(m, self.micro_batch, self.rank, self.size)
         return start + lo, start + hi, m
 
     def _load_epoch(self, epoch: int):
