@@ -155,7 +155,7 @@ def _read_rows(ds: h5py.Dataset, idx: np.ndarray, block: int = 4 * ROW_CHUNK) ->
     out = np.empty((len(idx), *ds.shape[1:]), ds.dtype)
     starts = np.arange(0, ds.shape[0], block)
     cuts = np.searchsorted(idx, np.append(starts, ds.shape[0]))
-    for b, s in enumerate(starts):
+    for b in range(len(starts)):
         i, j = cuts[b], cuts[b + 1]
         if i == j:
             continue
@@ -286,7 +286,6 @@ def info_lines(path) -> list[str]:
             lines.append(f"{split:<14} {s.n} x {'x'.join(map(str, s.image_shape))}, "
                          f"per class: {' '.join(map(str, counts))}")
     return lines
-
 
 
 if __name__ == "__main__":             # python -m dpcnn.data prepare|info ...

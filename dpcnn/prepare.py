@@ -423,7 +423,7 @@ def prepare(dataset="mnist", source=None, out=None, *, force=False,
         (x, sx), (y, sy) = (load(name) for name in FILES[split])
         _check_pair(x, y, split, len(info.class_names))
         arrays[split] = (x, y)
-        sha.update(zip(FILES[split], (sx, sy)))
+        sha.update(zip(FILES[split], (sx, sy), strict=True))
         if x.shape[1:] != arrays["train"][0].shape[1:]:
             raise DataError(f"{FILES[split][0]}: images are {x.shape[1:]}, training images "
                             f"{arrays['train'][0].shape[1:]}")

@@ -36,7 +36,8 @@ def make_arrays(n_train=50, n_test=20, hw=(28, 28), seed=0) -> dict:
 
 def payloads(arrays: dict) -> dict:
     """File name (e.g. "train-images-idx3-ubyte") -> uncompressed IDX bytes."""
-    return {name: idx_bytes(a) for split, pair in arrays.items() for name, a in zip(FILES[split], pair)}
+    return {name: idx_bytes(a) for split, pair in arrays.items()
+            for name, a in zip(FILES[split], pair, strict=True)}
 
 
 def info_for(files: dict, name="tiny", mirrors=()) -> DatasetInfo:

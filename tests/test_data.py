@@ -13,14 +13,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
 
 from dpcnn import data
 from dpcnn import prepare as prep
 from dpcnn.data import FORMAT_VERSION, DataError, ShardedLoader, Split, epoch_order, num_batches, shard_bounds
 from dpcnn.prepare import DATASETS, FILES, prepare, read_idx
 from dpcnn.prepare import main as prepare_main
-
-from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

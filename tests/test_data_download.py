@@ -6,12 +6,11 @@ import threading
 
 import numpy as np
 import pytest
+from _idx import info_for, make_arrays, payloads
 
 from dpcnn import prepare as prep
 from dpcnn.data import DataError, Split
 from dpcnn.prepare import prepare
-
-from _idx import info_for, make_arrays, payloads
 
 
 def serve(files: dict, mode="good"):
