@@ -3,11 +3,12 @@
     python -m dpcnn.data prepare                        # MNIST from the public mirrors
     python -m dpcnn.data prepare --dataset fashion-mnist
     python -m dpcnn.data prepare --source ~/datasets/mnist       # four files, .gz or raw
-    python -m dpcnn.data info data/mnist.h5
+    python -m dpcnn.data info data/mnist.h5                # summary, and verified?
 
 Each of the four IDX files is verified against the SHA-256 of its payload before anything is
-written; the HDF5 file (its layout is in ``dpcnn.data``) is written whole or not at all. No MPI
-is needed: run it on a cluster's login node. ``dpcnn.data`` reads what this module writes.
+written. The HDF5 file (its layout is in ``dpcnn.data``) stores the SHA-256 of each array and is
+written whole or not at all. No MPI is needed: run it on a cluster's login node. ``dpcnn.data``
+reads what this module writes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,17 @@ from .cli import (
     report_error,
     setup_logging,
 )
-from .data import FORMAT_VERSION, ROW_CHUNK, SPLITS, DataError, Split, default_data_path, info_lines
+from .data import (
+    FORMAT_VERSION,
+    ROW_CHUNK,
+    SPLITS,
+    DataError,
+    Split,
+    array_sha256,
+    default_data_path,
+    info_lines,
+    verify,
+)
 from .fileio import WriteError, temp_name, write_h5_atomic
 
 try:
@@ -339,7 +350,8 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, split: str, num_classes:
 def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
              sha: Mapping[str, str]) -> None:
     """Write the prepared file atomically (write_h5_atomic), chunked by rows, with a Fletcher-32
-    checksum on every chunk so that a damaged file is detected when read.
+    checksum on every chunk so that a damaged file is detected when read, and the SHA-256 of
+    each array as its ``sha256`` attribute, which `dpcnn.data.verify` checks.
 
     arrays: split -> (images (N, H, W) uint8, labels (N,) uint8). sha: file name -> SHA-256.
     """
@@ -352,8 +364,9 @@ def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray
         for split, (x, y) in arrays.items():
             g = f.create_group(split)
             g.create_dataset("images", data=x, chunks=(min(ROW_CHUNK, max(len(x), 1)), *x.shape[1:]),
-                             fletcher32=True)
-            g.create_dataset("labels", data=y, chunks=(min(ROW_CHUNK * 16, max(len(y), 1)),), fletcher32=True)
+                             fletcher32=True).attrs["sha256"] = array_sha256(x)
+            g.create_dataset("labels", data=y, chunks=(min(ROW_CHUNK * 16, max(len(y), 1)),),
+                             fletcher32=True).attrs["sha256"] = array_sha256(y)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_h5_atomic(out, fill)
@@ -370,13 +383,15 @@ def _check_writable(out: Path) -> None:
 
 
 def _up_to_date(out: Path, info: DatasetInfo) -> bool:
-    """Whether `out` is a valid prepared file of `info` (pinned checksums included)."""
+    """Whether `out` is a valid prepared file of `info` (pinned checksums included) whose arrays
+    all read back and match their stored SHA-256 (`dpcnn.data.verify`)."""
     try:
-        for split in SPLITS:
-            with Split(out, split) as s:
-                stored = s.source_sha256
-                if s.dataset != info.name or any(stored.get(k) != v for k, v in info.sha256.items()):
-                    raise DataError(f"{out}: made from other data than {info.name}")
+        with Split(out) as s:
+            stored = s.source_sha256
+            if s.dataset != info.name or any(stored.get(k) != v for k, v in info.sha256.items()):
+                raise DataError(f"{out}: made from other data than {info.name}")
+        if not verify(out):
+            raise DataError(f"{out}: not verified (made before its arrays had SHA-256 checksums)")
         return True
     except DataError as e:
         logger.warning("%s; preparing it again", e)
@@ -465,9 +480,23 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")
     pp.add_argument("--force", action="store_true", help="rewrite even if up to date")
     pp.add_argument("--timeout", type=positive_float, default=TIMEOUT_S, help="network timeout, seconds")
-    pi = sub.add_parser("info", parents=[common], help="print a prepared file's attributes and counts")
+    pi = sub.add_parser("info", parents=[common],
+                        help="print a prepared file's attributes and counts, and verify its arrays")
     pi.add_argument("path", type=Path)
     return p
+
+
+def _info(path: Path) -> None:
+    """`info`: the file's summary, then whether its arrays verify (a failure raises, after the summary)."""
+    print("\n".join(info_lines(path)), flush=True)
+    try:
+        ok = verify(path)
+    except DataError:
+        print("verified       FAILED (see the error)", flush=True)
+        raise
+    print("verified       yes: every array matches its SHA-256" if ok else
+          "verified       no: not verified, the file stores no SHA-256 of its arrays; "
+          "prepare it again with --force to add them")
 
 
 @entry_point
@@ -480,7 +509,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "info":
-            print("\n".join(info_lines(args.path)))
+            _info(args.path)
         else:
             prepare(args.dataset, args.source, args.out, force=args.force, timeout=args.timeout)
         return EXIT_OK

@@ -434,6 +434,7 @@ def test_real_mnist(tmp_path):
         assert np.bincount(tr.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
         assert np.bincount(te.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
         assert (round(tr.mean, 4), round(tr.std, 4)) == (0.1307, 0.3081)
+        assert data.verify(out) is True
         L = ShardedLoader(tr, batch_size=128, rank=1, size=4, seed=0)
         x, y, M = L.batch(0, 0)
         assert x.shape == (32, 28, 28, 1) and M == 128 and len(L._images) == 468 * 32
