@@ -5,10 +5,10 @@
     python -m dpcnn.data prepare --source ~/datasets/mnist       # four files, .gz or raw
     python -m dpcnn.data info data/mnist.h5                # summary, and verified?
 
-Each of the four IDX files is verified against the SHA-256 of its payload before anything is
-written. The HDF5 file (its layout is in ``dpcnn.data``) stores the SHA-256 of each array and is
-written whole or not at all. No MPI is needed: run it on a cluster's login node. ``dpcnn.data``
-reads what this module writes.
+Each of the four IDX files is verified against the SHA-256 of its uncompressed payload before
+anything is written, so any mirror and any compression (or none) verifies. The HDF5 file (its
+layout is in ``dpcnn.data``) stores the SHA-256 of each array and is written whole or not at all.
+No MPI is needed: run it on a cluster's login node. ``dpcnn.data`` reads what this module writes.
 """
 
 from __future__ import annotations
@@ -80,16 +80,13 @@ class DatasetInfo:
     """What a data set is and how to verify it.
 
     sha256: file name (without .gz) -> SHA-256 of the uncompressed IDX payload, so any
-        mirror and any compression verifies.
-    gz_sha256: file name -> SHA-256 of the official .gz file; used only for files whose
-        uncompressed SHA-256 is not pinned (such files must then be given as that .gz).
+        mirror and any compression (or none) verifies.
     """
 
     name: str
     class_names: tuple[str, ...]
     mirrors: tuple[str, ...] = ()
     sha256: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    gz_sha256: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -113,13 +110,11 @@ DATASETS: dict[str, DatasetInfo] = {
         class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        # Only the official .gz files' SHA-256 are published widely (their MD5s are in
-        # zalandoresearch/fashion-mnist's README); uncompressed ones are not pinned yet.
-        gz_sha256={
-            "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-            "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-            "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-            "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        sha256={  # uncompressed payloads of the official .gz files (MD5s in zalandoresearch/fashion-mnist)
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
     ),
 }
@@ -188,31 +183,14 @@ def _verify(path: Path, name: str, info: DatasetInfo, label: str) -> tuple[np.nd
 
     Returns (array, SHA-256 of the uncompressed payload). `label` names the file in errors.
     """
+    if name not in info.sha256:
+        raise DataError(f"{label}: no pinned SHA-256 for {info.name} {name}")
     payload = read_payload(path)
     sha = hashlib.sha256(payload).hexdigest()
-    if name in info.sha256:
-        if sha != info.sha256[name]:
-            raise DataError(f"{label}: SHA-256 of the uncompressed data is {sha}, "
-                            f"expected {info.sha256[name]} ({info.name} {name})")
-    elif name in info.gz_sha256:
-        if not _is_gzip(path):
-            raise DataError(f"{label}: {info.name} pins only the official {name}.gz; "
-                            "give that .gz file instead of the uncompressed one")
-        gz_sha = _sha256_file(path)
-        if gz_sha != info.gz_sha256[name]:
-            raise DataError(f"{label}: SHA-256 is {gz_sha}, expected {info.gz_sha256[name]} "
-                            f"(official {info.name} {name}.gz)")
-    else:
-        raise DataError(f"{label}: no pinned SHA-256 for {info.name} {name}")
+    if sha != info.sha256[name]:
+        raise DataError(f"{label}: SHA-256 of the uncompressed data is {sha}, "
+                        f"expected {info.sha256[name]} ({info.name} {name})")
     return parse_idx(payload, label), sha
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- sources

@@ -176,28 +176,39 @@ def test_prepare_rejects_inconsistent_files(tmp_path):
     assert not (tmp_path / "o.h5").exists()
 
 
-def test_gz_only_pins_need_the_gz_file(tmp_path):
-    """Fashion-MNIST pins only its official .gz files: they verify, raw files are refused."""
+@pytest.mark.parametrize("how", ["raw", "gzip level 1", "gzip with a name and mtime"])
+def test_any_compression_of_the_pinned_payloads_verifies(tmp_path, how):
+    """The pins are of the uncompressed payloads: a raw or recompressed copy verifies the same."""
     files = payloads(make_arrays())
-    gz = {k: gzip.compress(v, mtime=0) for k, v in files.items()}
-    info = prep.DatasetInfo("tiny", tuple("0123456789"),
-                            gz_sha256={k: hashlib.sha256(v).hexdigest() for k, v in gz.items()})
-    (tmp_path / "gz").mkdir()
-    (tmp_path / "raw").mkdir()
-    for k in files:
-        (tmp_path / "gz" / f"{k}.gz").write_bytes(gz[k])
-        (tmp_path / "raw" / k).write_bytes(files[k])
-    prepare(source=tmp_path / "gz", out=tmp_path / "a.h5", info=info)
-    with pytest.raises(DataError, match="pins only the official train-images-idx3-ubyte.gz"):
-        prepare(source=tmp_path / "raw", out=tmp_path / "b.h5", info=info)
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, v in files.items():
+        if how == "raw":
+            (src / k).write_bytes(v)
+        else:
+            with open(src / f"{k}.gz", "wb") as f, gzip.GzipFile(
+                    k, "wb", compresslevel=1 if "1" in how else 9, fileobj=f, mtime=0 if "1" in how else 12345) as g:
+                g.write(v)
+    out = prepare(source=src, out=tmp_path / "t.h5", info=info_for(files))
+    assert Split(out).source_sha256 == info_for(files).sha256
+
+
+FASHION_SHA256 = {  # uncompressed payloads of the official Fashion-MNIST .gz files
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 
 
 def test_registry():
     assert set(DATASETS) == {"mnist", "fashion-mnist"}
     for info in DATASETS.values():
         assert len(info.class_names) == 10 and info.mirrors
-        names = [n for pair in FILES.values() for n in pair]
-        assert all(len({**info.gz_sha256, **info.sha256}[n]) == 64 for n in names)
+        names = sorted(n for pair in FILES.values() for n in pair)
+        assert sorted(info.sha256) == names                             # every file pinned, uncompressed
+        assert all(len(v) == 64 for v in info.sha256.values())
+    assert DATASETS["fashion-mnist"].sha256 == FASHION_SHA256
     assert DATASETS["fashion-mnist"].class_names[9] == "Ankle boot"
     assert data.default_data_path("fashion-mnist") == Path("data/fashion-mnist.h5")
 
