@@ -9,8 +9,12 @@ each line with one ``write`` call, and readers skip a torn last line.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
+import re
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,44 +22,70 @@ import h5py
 
 from .cli import UserError
 
-# Hidden temporary names: .<target name>.<pid><suffix>. A killed writer leaves one behind;
-# `stale_temporaries` finds those whose process is gone.
+# Hidden temporary names: .<target name>.<pid>@<host><suffix>. A writer killed before its rename
+# leaves one behind; `remove_stale_temporaries` removes those whose writer is gone.
 TMP_SUFFIXES = (".tmp", ".part")
+STALE_AFTER_S = 24 * 3600  # a temporary untouched this long is stale whoever wrote it
 
 
 class WriteError(UserError):
     """An output file could not be written (full disk, read-only, not a directory, ...)."""
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
 def temp_name(path: Path, suffix: str = ".tmp") -> Path:
-    """A hidden temporary name beside `path`, unique to this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    """A hidden temporary name beside `path`, unique to this process on this host."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{_host()}{suffix}")
 
 
-def stale_temporaries(directory: Path) -> list[Path]:
-    """Temporary files in `directory` left by writers that are no longer running (this host)."""
-    out = []
-    for p in Path(directory).glob(".*"):
-        stem, _, suffix = p.name.rpartition(".")
-        pid = stem.rpartition(".")[2]
-        if f".{suffix}" in TMP_SUFFIXES and pid.isdigit() and not _alive(int(pid)):
-            out.append(p)
-    return out
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` (``.NAME.<pid>[@<host>].tmp|.part``) whose writer is gone.
+
+    A writer is gone when its host is this one (or unnamed) and its pid is not running (or is a
+    zombie), or when the file has not been modified for STALE_AFTER_S. A live writer on another
+    host sharing the file system is left alone. Returns the paths removed.
+    """
+    path = Path(path)
+    prefix, here, now, removed = f".{path.name}.", _host(), time.time(), []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        tag, dot, suffix = p.name[len(prefix):].rpartition(".")
+        pid, _, host = tag.partition("@")
+        if not (dot and f".{suffix}" in TMP_SUFFIXES and pid.isascii() and pid.isdigit()):
+            continue
+        try:
+            old = now - p.lstat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if old or (host in ("", here) and not _alive(int(pid))):
+            try:
+                p.unlink()
+            except OSError:          # gone already, or not ours to remove: leave it
+                continue
+            removed.append(p)
+    return removed
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` is running on this host; a zombie (exited, not yet reaped) is not."""
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:          # someone else's process
         return True
-    try:                             # a zombie (exited, not yet reaped) counts as gone
+    except OverflowError:            # not a pid at all
+        return False
+    try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
+    except (OSError, IndexError):
         return True
 
 

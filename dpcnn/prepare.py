@@ -7,8 +7,10 @@
 
 Each of the four IDX files is verified against the SHA-256 of its uncompressed payload before
 anything is written, so any mirror and any compression (or none) verifies. The HDF5 file (its
-layout is in ``dpcnn.data``) stores the SHA-256 of each array and is written whole or not at all.
-No MPI is needed: run it on a cluster's login node. ``dpcnn.data`` reads what this module writes.
+layout is in ``dpcnn.data``) stores the SHA-256 of each array and is written whole or not at all;
+temporaries left by killed runs (``.NAME.<pid>@<host>.tmp|.part``) are removed when the next run
+starts writing the same file. No MPI is needed: run it on a cluster's login node. ``dpcnn.data``
+reads what this module writes.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from .data import (
     info_lines,
     verify,
 )
-from .fileio import WriteError, temp_name, write_h5_atomic
+from .fileio import WriteError, remove_stale_temporaries, temp_name, write_h5_atomic
 
 try:
     from tqdm import tqdm
@@ -251,6 +253,7 @@ def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
     A download is renamed to `cache/<name>.gz` only once complete and verified.
     """
     dest = cache / f"{name}.gz"
+    _remove_stale(dest)
     if dest.exists():
         try:
             return _verify(dest, name, info, str(dest))
@@ -281,6 +284,11 @@ def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
         except OSError:
             pass
     raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})")
+
+
+def _remove_stale(path: Path) -> None:
+    for p in remove_stale_temporaries(path):
+        logger.info("removed %s, left by a writer that is gone", p)
 
 
 def _from_dir(src: Path, name: str, *, info: DatasetInfo) -> tuple[np.ndarray, str]:
@@ -395,6 +403,7 @@ def prepare(dataset="mnist", source=None, out=None, *, force=False,
     out = Path(out) if out is not None else default_data_path(info.name)
     if out.is_dir():
         raise DataError(f"--out {out}: is a directory; give a file name, e.g. {out / (info.name + '.h5')}")
+    _remove_stale(out)                             # temporaries of killed earlier runs
     if out.exists() and not force and _up_to_date(out, info):
         logger.info("%s is already prepared and verified; use --force to redo it", out)
         return out
