@@ -6,25 +6,35 @@
     python -m dpcnn.data info data/mnist.h5                # summary, and verified?
 
 Each of the four IDX files is verified against the SHA-256 of its uncompressed payload before
-anything is written, so any mirror and any compression (or none) verifies. The HDF5 file (its
-layout is in ``dpcnn.data``) stores the SHA-256 of each array and is written whole or not at all;
-temporaries left by killed runs (``.NAME.<pid>@<host>.tmp|.part``) are removed when the next run
-starts writing the same file. No MPI is needed: run it on a cluster's login node. ``dpcnn.data``
-reads what this module writes.
+anything is written, so any mirror and any compression (or none) verifies. A file is decompressed
+as a stream and never beyond the size its header states, which may not exceed the pinned size: a
+gzip bomb fails after at most that many bytes. A download fails when it delivers less than 64 KiB
+in ``--timeout`` seconds (a stalled or trickling server), or more than a copy of the file can
+have. The HDF5 file (its layout is in ``dpcnn.data``) stores the SHA-256 of each array and is
+written whole or not at all; temporaries left by killed runs (``.NAME.<pid>@<host>.tmp|.part``)
+are removed when the next run starts writing the same file. No MPI is needed: run it on a
+cluster's login node. ``dpcnn.data`` reads what this module writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gzip
 import hashlib
 import http.client
+import io
 import json
 import logging
+import math
 import os
+import socket
+import struct
 import sys
+import threading
+import time
 import urllib.request
 import zlib
 from collections.abc import Mapping
@@ -69,12 +79,19 @@ FILES = {  # split -> (images file, labels file), the names used by every mirror
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-TIMEOUT_S = 30.0  # per network operation
+TIMEOUT_S = 30.0  # a download fails when it sends less than _MIN_BYTES in this long
+MAX_PAYLOAD_BYTES = 1 << 30  # an IDX file without a pinned size may not say it holds more
 _CHUNK_BYTES = 1 << 16
+_MIN_BYTES = 1 << 16       # what a download must deliver (or the rest of the file) every timeout
+_READ_BYTES = 1 << 20      # decompression step: extra memory while reading a file
 
 
 class DownloadError(DataError):
     """No mirror delivered a file that verifies (offline, blocked, or wrong files)."""
+
+
+class _TransferError(DataError):
+    """A download that failed in the network: refused, cut short, too slow, too large."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +100,22 @@ class DatasetInfo:
 
     sha256: file name (without .gz) -> SHA-256 of the uncompressed IDX payload, so any
         mirror and any compression (or none) verifies.
+    size: file name -> bytes of the uncompressed payload. A file whose header states more is
+        refused before it is decompressed, and a download larger than a compressed copy of it
+        can be is cut off. Files without one are limited to MAX_PAYLOAD_BYTES.
     """
 
     name: str
     class_names: tuple[str, ...]
     mirrors: tuple[str, ...] = ()
     sha256: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    size: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
+
+_MNIST_SIZES = {  # 60000 and 10000 images of 28x28 (both data sets)
+    "train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
+    "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008,
+}
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
@@ -106,6 +132,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
             "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
+        size=_MNIST_SIZES,
     ),
     "fashion-mnist": DatasetInfo(
         name="fashion-mnist",
@@ -118,6 +145,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
             "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
+        size=_MNIST_SIZES,
     ),
 }
 
@@ -128,56 +156,90 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == _GZIP_MAGIC
-
-
-def read_payload(path) -> bytes:
-    """The uncompressed bytes of `path`, gzip-compressed (detected by magic) or raw."""
-    path = Path(path)
-    try:
-        if _is_gzip(path):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def parse_idx(payload: bytes, name="IDX data") -> np.ndarray:
-    """Decode an uncompressed IDX payload; `name` labels errors.
+def _idx_header(f, name: str) -> tuple[bytes, np.dtype, tuple[int, ...], int]:
+    """Read and check an IDX header from the binary stream f.
 
     Header: two zero bytes, a type code, the rank d, then d big-endian uint32 dimensions.
-    Returns an array of shape (dim_1, ..., dim_d) in native byte order.
+    Returns (the header's bytes, dtype, shape, size of the whole payload in bytes).
     """
-    if len(payload) < 4:
-        raise DataError(f"{name}: not an IDX file (only {len(payload)} bytes)")
-    if payload[:2] != b"\x00\x00" or payload[2] not in _IDX_DTYPES:
-        raise DataError(f"{name}: not an IDX file (bad magic number 0x{payload[:4].hex()})")
-    dtype, ndim = np.dtype(_IDX_DTYPES[payload[2]]), payload[3]
+    head = f.read(4)
+    if len(head) < 4:
+        raise DataError(f"{name}: not an IDX file (only {len(head)} bytes)")
+    if head[:2] != b"\x00\x00" or head[2] not in _IDX_DTYPES:
+        raise DataError(f"{name}: not an IDX file (bad magic number 0x{head[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
     if ndim == 0:
         raise DataError(f"{name}: IDX rank is 0, expected at least 1")
-    head = 4 + 4 * ndim
-    if len(payload) < head:
-        raise DataError(f"{name}: truncated header ({len(payload)} bytes, rank {ndim} needs {head})")
-    shape = tuple(int(d) for d in np.frombuffer(payload, ">u4", ndim, 4))
-    want = head + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    head += f.read(4 * ndim)
+    if len(head) < 4 + 4 * ndim:
+        raise DataError(f"{name}: truncated header ({len(head)} bytes, rank {ndim} needs {4 + 4 * ndim})")
+    shape = struct.unpack(f">{ndim}I", head[4:])
+    return head, dtype, shape, len(head) + math.prod(shape) * dtype.itemsize
+
+
+def _size_error(name: str, shape, dtype, want: int, have: str) -> DataError:
+    what = "truncated" if have.isdigit() and int(have) < want else "too long"
+    return DataError(f"{name}: {what}: header says {'x'.join(map(str, shape))} {dtype.name} "
+                     f"({want} bytes), file has {have} bytes")
+
+
+def read_payload(path, limit: int | None = MAX_PAYLOAD_BYTES, name: str | None = None) -> bytearray:
+    """The uncompressed bytes of IDX file `path`, gzip-compressed (detected by magic) or raw.
+
+    Streams: the header is read first, then exactly the payload size it states, so a file that
+    decompresses to more (a gzip bomb) fails after that many bytes, and a header stating more
+    than `limit` bytes fails before anything else is decompressed. Memory: the payload plus 1 MiB.
+    `name` labels errors (default: the path).
+    """
+    path = Path(path)
+    name = str(path) if name is None else name
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == _GZIP_MAGIC
+            raw.seek(0)
+            with gzip.GzipFile(fileobj=raw, mode="rb") if gz else contextlib.nullcontext(raw) as f:
+                head, dtype, shape, want = _idx_header(f, name)
+                if limit is not None and want > limit:
+                    raise DataError(f"{name}: header says {'x'.join(map(str, shape))} {dtype.name} "
+                                    f"({want} bytes), more than the {limit} bytes expected; refused")
+                if not gz and os.fstat(raw.fileno()).st_size != want:
+                    raise _size_error(name, shape, dtype, want, str(os.fstat(raw.fileno()).st_size))
+                buf = bytearray(want)
+                buf[:len(head)] = head
+                pos = len(head)
+                while pos < want:
+                    block = f.read(min(_READ_BYTES, want - pos))
+                    if not block:
+                        raise _size_error(name, shape, dtype, want, str(pos))
+                    buf[pos:pos + len(block)] = block
+                    pos += len(block)
+                if f.read(1):
+                    raise _size_error(name, shape, dtype, want, "more")
+                return buf
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such file") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{name}: corrupt or truncated gzip data ({e})") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read ({e.strerror or e})") from None
+
+
+def parse_idx(payload: bytes | bytearray, name="IDX data") -> np.ndarray:
+    """Decode a whole uncompressed IDX payload; `name` labels errors.
+
+    Returns an array of shape (dim_1, ..., dim_d) in native byte order (a view of `payload`
+    when no byte swap is needed, as for uint8).
+    """
+    head, dtype, shape, want = _idx_header(io.BytesIO(payload[:1024]), name)  # at most 4 + 4*255 bytes
     if len(payload) != want:
-        what = "truncated" if len(payload) < want else "too long"
-        dims = "x".join(map(str, shape))
-        raise DataError(f"{name}: {what}: header says {dims} {dtype.name} ({want} bytes), "
-                        f"file has {len(payload)} bytes")
-    return np.frombuffer(payload, dtype, offset=head).reshape(shape).astype(dtype.newbyteorder("="))
+        raise _size_error(name, shape, dtype, want, str(len(payload)))
+    a = np.frombuffer(payload, dtype, offset=len(head)).reshape(shape)
+    return a.astype(dtype.newbyteorder("="), copy=False)
 
 
-def read_idx(path) -> np.ndarray:
+def read_idx(path, limit: int | None = MAX_PAYLOAD_BYTES) -> np.ndarray:
     """Read an IDX file (.gz or raw), validating magic, rank and dimensions against its size."""
-    return parse_idx(read_payload(path), str(path))
+    return parse_idx(read_payload(path, limit), str(path))
 
 
 def _verify(path: Path, name: str, info: DatasetInfo, label: str) -> tuple[np.ndarray, str]:
@@ -187,7 +249,7 @@ def _verify(path: Path, name: str, info: DatasetInfo, label: str) -> tuple[np.nd
     """
     if name not in info.sha256:
         raise DataError(f"{label}: no pinned SHA-256 for {info.name} {name}")
-    payload = read_payload(path)
+    payload = read_payload(path, info.size.get(name, MAX_PAYLOAD_BYTES), label)
     sha = hashlib.sha256(payload).hexdigest()
     if sha != info.sha256[name]:
         raise DataError(f"{label}: SHA-256 of the uncompressed data is {sha}, "
@@ -218,39 +280,135 @@ class _Progress:
             self.bar.close()
 
 
-def _download(url: str, dest: Path, timeout: float) -> Path:
-    """Stream `url` into a temporary file beside `dest`; return that file (caller renames).
+class _Watchdog:
+    """Ends a transfer that delivers less than _MIN_BYTES (or the rest of the file) within
+    `timeout` seconds, connecting and headers included, by shutting its socket down.
 
-    Raises DataError when the transfer fails or ends before its Content-Length.
+    A socket timeout alone bounds each wait, not a server that sends a byte every few seconds.
     """
-    tmp = temp_name(dest, ".part")
-    try:
-        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            length = r.headers.get("Content-Length")
-            total = int(length) if length else None
-            bar = _Progress(total, dest.name)
+
+    def __init__(self, timeout: float):
+        self.timeout, self.expired, self._sock = timeout, False, None
+        self._mark, self._got = time.monotonic(), 0
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dpcnn-download-watchdog", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def attach(self, sock) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                self._shutdown()
+
+    def progress(self, k: int, remaining: int | None) -> None:
+        self._got += k
+        if self._got >= min(_MIN_BYTES, _MIN_BYTES if remaining is None else remaining):
+            self._mark, self._got = time.monotonic(), 0
+
+    def _run(self):
+        while not self._stop.wait(min(0.1, self.timeout / 4)):
+            if time.monotonic() - self._mark > self.timeout:
+                with self._lock:
+                    self.expired = True
+                    self._shutdown()
+                return
+
+    def _shutdown(self):
+        if self._sock is not None:
             try:
-                while block := r.read(_CHUNK_BYTES):
-                    f.write(block)
-                    bar.update(len(block))
-            finally:
-                bar.close()
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # wakes a blocked read
+            except OSError:
+                pass
+
+
+def _watched(http_class, watch: _Watchdog):
+    """A factory for http_class connections that hand their socket to `watch` once connected."""
+    def make(*args, **kwargs):
+        conn = http_class(*args, **kwargs)
+        connect = conn.connect
+
+        def watched_connect():
+            connect()
+            watch.attach(conn.sock)
+        conn.connect = watched_connect
+        return conn
+    return make
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watch: _Watchdog):
+        super().__init__()
+        self.watch = watch
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_watched(http_class, self.watch), req, **kwargs)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watch: _Watchdog):
+        super().__init__()
+        self.watch = watch
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_watched(http_class, self.watch), req, **kwargs)
+
+
+def _download(url: str, tmp: Path, timeout: float, max_bytes: int, desc: str) -> None:
+    """Stream `url` into the file `tmp` (the caller renames or removes it).
+
+    Raises _TransferError when the transfer fails, ends before its Content-Length, sends more
+    than max_bytes, or sends less than _MIN_BYTES (or the rest) in any `timeout` seconds.
+    """
+    too_slow = f"{url}: download too slow: less than {_MIN_BYTES // 1024} KiB in {timeout:g} s (--timeout)"
+    with _Watchdog(timeout) as watch:
+        opener = urllib.request.build_opener(_HTTPHandler(watch), _HTTPSHandler(watch))
+        try:
+            with open(tmp, "wb") as f, opener.open(url, timeout=timeout) as r:
+                length = r.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                if total is not None and total > max_bytes:
+                    raise _TransferError(f"{url}: announces {total} bytes, more than the {max_bytes} "
+                                         "a copy of this file can have; refused")
+                bar = _Progress(total, desc)
+                try:
+                    while block := r.read1(_CHUNK_BYTES):
+                        f.write(block)
+                        bar.update(len(block))
+                        watch.progress(len(block), None if total is None else total - bar.done)
+                        if bar.done > max_bytes:
+                            raise _TransferError(f"{url}: sent more than the {max_bytes} bytes a copy of "
+                                                 "this file can have; refused")
+                finally:
+                    bar.close()
+        except (OSError, http.client.HTTPException) as e:
+            if watch.expired:
+                raise _TransferError(too_slow) from None
+            raise _TransferError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+        if watch.expired:
+            raise _TransferError(too_slow)
         if total is not None and bar.done != total:
-            raise DataError(f"{url}: transfer cut short ({bar.done} of {total} bytes)")
-        return tmp
-    except (OSError, http.client.HTTPException) as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{url}: download failed ({type(e).__name__}: {e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            raise _TransferError(f"{url}: transfer cut short ({bar.done} of {total} bytes)")
+
+
+def _download_cap(info: DatasetInfo, name: str) -> int:
+    """The most bytes a gzip copy of `name` can have: its size, plus deflate's worst case."""
+    n = info.size.get(name, MAX_PAYLOAD_BYTES)
+    return n + n // 64 + 4096
 
 
 def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
            timeout: float) -> tuple[np.ndarray, str]:
     """IDX file `name` from the download cache, else from the first base URL that verifies.
 
-    A download is renamed to `cache/<name>.gz` only once complete and verified.
+    A download is renamed to `cache/<name>.gz` only once complete and verified; its temporary
+    file is removed on any failure, an interrupt included.
     """
     dest = cache / f"{name}.gz"
     _remove_stale(dest)
@@ -262,28 +420,29 @@ def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
             dest.unlink()
     created = [d for d in (cache, *cache.parents) if not d.exists()]     # deepest first
     cache.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for base in urls:
-        url = base.rstrip("/") + f"/{name}.gz"
-        logger.info("downloading %s", url)
-        try:
-            tmp = _download(url, dest, timeout)
+    failures: list[DataError] = []
+    try:
+        for base in urls:
+            url = base.rstrip("/") + f"/{name}.gz"
+            logger.info("downloading %s", url)
+            tmp = temp_name(dest, ".part")
             try:
+                _download(url, tmp, timeout, _download_cap(info, name), dest.name)
                 out = _verify(tmp, name, info, url)
-            except BaseException:
+                os.replace(tmp, dest)
+                return out
+            except DataError as e:
+                logger.warning("%s", e)
+                failures.append(e)
+            finally:
                 tmp.unlink(missing_ok=True)
-                raise
-            os.replace(tmp, dest)
-            return out
-        except DataError as e:
-            logger.warning("%s", e)
-            failures.append(str(e))
-    for d in created:                              # leave no empty directories behind
-        try:
-            d.rmdir()
-        except OSError:
-            pass
-    raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})")
+        raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})")
+    finally:
+        for d in created:                          # leave no empty directories behind
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def _remove_stale(path: Path) -> None:
@@ -466,7 +625,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "http(s) base URL; default: the public mirrors in order")
     pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")
     pp.add_argument("--force", action="store_true", help="rewrite even if up to date")
-    pp.add_argument("--timeout", type=positive_float, default=TIMEOUT_S, help="network timeout, seconds")
+    pp.add_argument("--timeout", type=positive_float, default=TIMEOUT_S,
+                    help=f"a download fails when it delivers less than {_MIN_BYTES // 1024} KiB in this many "
+                         f"seconds (a stalled or trickling server); default {TIMEOUT_S:g}")
     pi = sub.add_parser("info", parents=[common],
                         help="print a prepared file's attributes and counts, and verify its arrays")
     pi.add_argument("path", type=Path)

@@ -41,9 +41,10 @@ def payloads(arrays: dict) -> dict:
 
 
 def info_for(files: dict, name="tiny", mirrors=()) -> DatasetInfo:
-    """A DatasetInfo that pins the SHA-256 of each uncompressed payload in `files`."""
+    """A DatasetInfo that pins the SHA-256 and the size of each uncompressed payload in `files`."""
     return DatasetInfo(name=name, class_names=tuple("0123456789"), mirrors=tuple(mirrors),
-                       sha256={k: hashlib.sha256(v).hexdigest() for k, v in files.items()})
+                       sha256={k: hashlib.sha256(v).hexdigest() for k, v in files.items()},
+                       size={k: len(v) for k, v in files.items()})
 
 
 def make_source(directory: Path, gz=True, **kw) -> tuple[DatasetInfo, dict]:

@@ -206,9 +206,11 @@ def test_registry():
     for info in DATASETS.values():
         assert len(info.class_names) == 10 and info.mirrors
         names = sorted(n for pair in FILES.values() for n in pair)
-        assert sorted(info.sha256) == names                             # every file pinned, uncompressed
+        assert sorted(info.sha256) == sorted(info.size) == names       # every file pinned, uncompressed
         assert all(len(v) == 64 for v in info.sha256.values())
     assert DATASETS["fashion-mnist"].sha256 == FASHION_SHA256
+    assert DATASETS["fashion-mnist"].size == DATASETS["mnist"].size
+    assert DATASETS["mnist"].size["train-images-idx3-ubyte"] == 16 + 60000 * 28 * 28
     assert DATASETS["fashion-mnist"].class_names[9] == "Ankle boot"
     assert data.default_data_path("fashion-mnist") == Path("data/fashion-mnist.h5")
 
