@@ -3,7 +3,7 @@
     python -m dpcnn.data prepare                        # MNIST from the public mirrors
     python -m dpcnn.data prepare --dataset fashion-mnist
     python -m dpcnn.data prepare --source ~/datasets/mnist       # four files, .gz or raw
-    python -m dpcnn.data info data/mnist.h5                # summary, and verified?
+    python -m dpcnn.data info                           # data/mnist.h5: summary, and verified?
 
 Each of the four IDX files is verified against the SHA-256 of its uncompressed payload before
 anything is written, so any mirror and any compression (or none) verifies. A file is decompressed
@@ -87,7 +87,13 @@ _READ_BYTES = 1 << 20      # decompression step: extra memory while reading a fi
 
 
 class DownloadError(DataError):
-    """No mirror delivered a file that verifies (offline, blocked, or wrong files)."""
+    """No mirror delivered a file that verifies (offline, blocked, or wrong files).
+
+    offline: True when every source failed in the transfer itself (none delivered a file)."""
+
+    def __init__(self, msg: str, offline: bool = True):
+        super().__init__(msg)
+        self.offline = offline
 
 
 class _TransferError(DataError):
@@ -436,7 +442,8 @@ def _fetch(name: str, *, info: DatasetInfo, urls: tuple[str, ...], cache: Path,
                 failures.append(e)
             finally:
                 tmp.unlink(missing_ok=True)
-        raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})")
+        raise DownloadError(f"{name}.gz: none of {len(urls)} source(s) worked (last: {failures[-1]})",
+                            offline=all(isinstance(e, _TransferError) for e in failures))
     finally:
         for d in created:                          # leave no empty directories behind
             try:
@@ -602,7 +609,7 @@ examples:
   python -m dpcnn.data prepare --dataset fashion-mnist
   python -m dpcnn.data prepare --source ~/datasets/mnist
   python -m dpcnn.data prepare --source https://example.org/mnist/ --out /scratch/mnist.h5
-  python -m dpcnn.data info data/mnist.h5
+  python -m dpcnn.data info                            data/mnist.h5: attributes, counts, verified
   dpcnn-prepare --dataset mnist                        the same, as a console script
 
 Preparing needs only numpy and h5py (no MPI), so it runs on a cluster's login node:
@@ -630,7 +637,8 @@ def _parser() -> argparse.ArgumentParser:
                          f"seconds (a stalled or trickling server); default {TIMEOUT_S:g}")
     pi = sub.add_parser("info", parents=[common],
                         help="print a prepared file's attributes and counts, and verify its arrays")
-    pi.add_argument("path", type=Path)
+    pi.add_argument("path", type=Path, nargs="?", help="prepared file (default: data/<dataset>.h5)")
+    pi.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
     return p
 
 
@@ -647,6 +655,17 @@ def _info(path: Path) -> None:
           "prepare it again with --force to add them")
 
 
+def _offline_message(args, offline: bool) -> str:
+    """The action first: which four files to copy where, and the command to run then."""
+    names = ", ".join(n for pair in FILES.values() for n in pair)
+    cmd = "python -m dpcnn.data prepare"
+    if args.dataset != "mnist":
+        cmd += f" --dataset {args.dataset}"
+    cmd += " --source DIR" + (f" --out {args.out}" if args.out else "")
+    why = "offline?" if offline else "no source gave files that verify"
+    return f"cannot download {args.dataset} ({why}): copy {names} (.gz or raw) into a directory and run: {cmd}"
+
+
 @entry_point
 def main(argv=None) -> int:
     """`python -m dpcnn.data prepare|info ...`; also the `dpcnn-prepare` script (no verb)."""
@@ -657,7 +676,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "info":
-            _info(args.path)
+            _info(args.path or default_data_path(args.dataset))
         else:
             prepare(args.dataset, args.source, args.out, force=args.force, timeout=args.timeout)
         return EXIT_OK
@@ -665,8 +684,9 @@ def main(argv=None) -> int:
         report_error(e, args.debug)
         return EXIT_INTERRUPTED
     except DownloadError as e:
-        report_error(UserError(f"{e}; without internet, prepare from a directory holding the IDX files: "
-                               f"python -m dpcnn.data prepare --dataset {args.dataset} --source DIR"), args.debug)
+        if args.debug:
+            report_error(e, True)
+        report_error(UserError(_offline_message(args, e.offline)))
         return EXIT_ERROR
     except Exception as e:
         report_error(e, args.debug)

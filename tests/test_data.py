@@ -404,6 +404,18 @@ def test_cli_prepare_and_info(tmp_path, monkeypatch, capsys):
     assert "dataset        mnist" in text and f"test           20 x 28x28, per class: {counts}" in text
 
 
+def test_cli_info_defaults_to_the_data_path_of_the_dataset(tmp_path, monkeypatch, capsys):
+    """`info` without a path reads data/mnist.h5, like every other command; --dataset picks data/<dataset>.h5."""
+    info, _ = make_source(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    prepare(source=tmp_path / "src", out=Path("data/mnist.h5"), info=info)
+    assert prepare_main(["info"]) == 0
+    assert capsys.readouterr().out.startswith("file           data/mnist.h5\n")
+    assert prepare_main(["info", "--dataset", "fashion-mnist"]) == 1
+    assert capsys.readouterr().err == \
+        "error: data/fashion-mnist.h5: no such file; run `python -m dpcnn.data prepare` first\n"
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert prepare_main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.h5")]) == 1
     err = capsys.readouterr().err

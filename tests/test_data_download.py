@@ -149,14 +149,35 @@ def test_unreachable_server_fails_fast(tmp_path, source):
         prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=2)
 
 
-def test_prepare_command_offline_names_the_offline_command(tmp_path, source, capsys):
+FOUR = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
+
+
+def test_prepare_command_offline_says_what_to_do_first(tmp_path, source, capsys, monkeypatch):
     url, _, stop = serve(source[1])
     stop()
-    assert prep.main(["prepare", "--source", url, "--out", str(tmp_path / "d" / "x.h5"),
-                              "--timeout", "2", "-q"]) == 1
+    monkeypatch.chdir(tmp_path)
+    assert prep.main(["prepare", "--source", url, "--timeout", "2", "-q"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "python -m dpcnn.data prepare --dataset mnist --source DIR" in err[-1]
-    assert not (tmp_path / "d").exists()
+    assert err[-1] == (f"error: cannot download mnist (offline?): copy {FOUR} (.gz or raw) into a directory "
+                       "and run: python -m dpcnn.data prepare --source DIR")
+    assert "download failed" in err[0]           # the cause was logged first
+    assert prep.main(["prepare", "--dataset", "fashion-mnist", "--source", url, "--out", "d/x.h5",
+                      "--timeout", "2", "-q"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "run: python -m dpcnn.data prepare --dataset fashion-mnist --source DIR --out d/x.h5")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "data").exists()
+
+
+def test_prepare_command_wrong_files_are_not_called_offline(tmp_path, source, capsys, monkeypatch):
+    url, _, stop = serve(source[1], "wrong")
+    monkeypatch.setitem(prep.DATASETS, "mnist", source[2])
+    try:
+        assert prep.main(["prepare", "--source", url, "--out", str(tmp_path / "x.h5"), "-q"]) == 1
+    finally:
+        stop()
+    assert "error: cannot download mnist (no source gave files that verify): copy" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- hostile or broken mirrors
 
 @pytest.mark.parametrize("server", ["trickle", "trickle-headers"], indirect=True)
