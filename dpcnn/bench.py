@@ -25,20 +25,36 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .cli import entry_point, positive_int
-from .comm import blas_summary
+from .comm import SerialComm, blas_summary
+from .config import Config
 from .malloc import keep_freed_memory
 from .model import CNN, ModelSpec
 from .optim import SGD
+from .step import TrainStep
 from .torchref import torch_model
 
 log = logging.getLogger(__name__)
 
 
-def numpy_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
-    """A function that runs one dpcnn training step on a fixed random batch."""
+def _batch(spec: ModelSpec, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch_size,) + spec.input_shape).astype(np.float32)
-    y = rng.integers(0, spec.classes, batch_size)
+    return x, rng.integers(0, spec.classes, batch_size)
+
+
+def numpy_stepper(spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0):
+    """A function that runs one dpcnn training step (the trainer's TrainStep, one process) on a
+    fixed random batch."""
+    x, y = _batch(spec, batch_size, seed)
+    step = TrainStep(spec, SerialComm(), micro_batch=micro_batch, seed=seed, momentum=0.9, nesterov=True,
+                     weight_decay=5e-4)
+    return lambda: step(x, y, batch_size, 0.01)
+
+
+def float_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
+    """The same step without micro-batches or exact sums: one float32 pass over the whole batch
+    (what the trainer did before it gave the same bits on any number of ranks)."""
+    x, y = _batch(spec, batch_size, seed)
     model = CNN(spec, seed=seed)
     opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
@@ -92,18 +108,21 @@ def peak_step_memory_mb(step) -> float:
 
 
 def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7,
-        spec: ModelSpec | None = None, use_torch: bool = True) -> dict:
+        spec: ModelSpec | None = None, use_torch: bool = True, micro_batch: int = Config.micro_batch) -> dict:
     spec = spec or ModelSpec()
     with threadpool_limits(threads):
-        ours = numpy_stepper(spec, batch_size)
+        ours = numpy_stepper(spec, batch_size, micro_batch)
+        plain = float_stepper(spec, batch_size)
         theirs = torch_stepper(spec, batch_size, threads) if use_torch else None
         for _ in range(5):                      # warm-up: allocator, BLAS buffers, caches
             ours()
+            plain()
             if theirs:
                 theirs[0]()
-        t_ours, t_theirs = [], []
-        for _ in range(rounds):                 # alternate, so both see the same noise
+        t_ours, t_plain, t_theirs = [], [], []
+        for _ in range(rounds):                 # alternate, so all see the same noise
             t_ours.append(time_steps(ours, steps))
+            t_plain.append(time_steps(plain, steps))
             if theirs:
                 t_theirs.append(time_steps(theirs[0], steps))
         peak = peak_step_memory_mb(ours)
@@ -111,7 +130,11 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
         "images_per_second": round(batch_size / statistics.median(t_ours), 1),
         "ms_per_step": round(1e3 * statistics.median(t_ours), 3),
         "batch_size": batch_size,
+        "micro_batch": micro_batch,
         "threads": threads,
+        # what exactness costs: this step against one float32 pass, median of per-round ratios
+        "float_ms_per_step": round(1e3 * statistics.median(t_plain), 3),
+        "exact_cost": round(statistics.median(a / b for a, b in zip(t_ours, t_plain, strict=True)) - 1, 3),
         "peak_memory_mb": round(peak, 2),
         "rounds": rounds,
         "steps_per_round": steps,
@@ -126,7 +149,7 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
         # the ratio of medians, and the median of per-round ratios (robust to drifting load)
         result["ratio"] = round(result["images_per_second"] / result["torch_images_per_second"], 3)
         result["ratio_median_of_rounds"] = round(
-            statistics.median(b / a for a, b in zip(t_ours, t_theirs)), 3)
+            statistics.median(b / a for a, b in zip(t_ours, t_theirs, strict=True)), 3)
     return result
 
 
@@ -185,6 +208,8 @@ def main(argv=None) -> int:
         epilog="examples:\n  python -m dpcnn.bench --batch-size 64 --threads 1\n"
                "  python -m dpcnn.bench --json --no-torch\n  python -m dpcnn.bench --profile")
     ap.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
+    ap.add_argument("--micro-batch", type=positive_int, default=Config.micro_batch,
+                    help=f"dpcnn's micro-batch, as in training (default {Config.micro_batch})")
     ap.add_argument("--threads", type=positive_int, default=1, help="BLAS and torch threads (default 1)")
     ap.add_argument("--steps", type=positive_int, default=40, help="steps per timing round (default 40)")
     ap.add_argument("--rounds", type=positive_int, default=7, help="timing rounds; medians are reported (default 7)")
@@ -203,12 +228,16 @@ def main(argv=None) -> int:
         for name, ms in rows:
             print(f"  {name:<42} {ms:7.3f} ms  {100 * ms / rows[-1][1]:5.1f}%")
         return 0
-    r = run(args.batch_size, args.threads, args.steps, args.rounds, use_torch=not args.no_torch)
+    r = run(args.batch_size, args.threads, args.steps, args.rounds, use_torch=not args.no_torch,
+            micro_batch=args.micro_batch)
     if args.json:
         print(json.dumps(r))
         return 0
     print(f"dpcnn:   {r['images_per_second']:9.0f} images/s  ({r['ms_per_step']:.2f} ms/step, batch "
-          f"{r['batch_size']}, {r['threads']} thread(s), peak step memory {r['peak_memory_mb']:.1f} MB)")
+          f"{r['batch_size']} in micro-batches of {r['micro_batch']}, {r['threads']} thread(s), peak step memory "
+          f"{r['peak_memory_mb']:.1f} MB)")
+    print(f"         exact sums and micro-batches cost {100 * r['exact_cost']:+.1f}% against one float32 pass "
+          f"({r['float_ms_per_step']:.2f} ms/step)")
     if "torch_images_per_second" in r:
         print(f"PyTorch: {r['torch_images_per_second']:9.0f} images/s  ({r['torch_ms_per_step']:.2f} ms/step, "
               f"torch {r['torch']})")

@@ -10,9 +10,8 @@ Beside them live the distributed helpers every command shares: ``on_root`` (rank
 job, every rank gets its result or its error as one ``SharedError``), ``check_in_sync``
 (parameters identical on every rank) and ``find_mpiexec``.
 
-This module also decides how many BLAS threads each rank uses: the cores the
-ranks on a node share, divided by the ranks on that node (found with an MPI
-shared-memory split), so a node is never oversubscribed.
+This module also knows the node: how many ranks share it (an MPI shared-memory split)
+and how many CPUs they may use, so that an oversubscribed node is warned about.
 """
 
 from __future__ import annotations
@@ -196,15 +195,18 @@ def get_comm(kind: str = "auto") -> SerialComm:
     return comm
 
 
-def default_threads(comm: SerialComm, node_cpus: int) -> int:
-    """BLAS threads for this rank: node_cpus (``comm.node_cpus()``) shared among the node's ranks.
+def default_threads() -> int:
+    """BLAS threads for this rank when --threads is not given: SLURM_CPUS_PER_TASK when set (what
+    the scheduler gave each task), else 1.
 
-    SLURM_CPUS_PER_TASK, when set, is what the scheduler gave each task.
-    """
+    One, not the node's cores shared among its ranks: BLAS threads change float32 rounding, so
+    a default that depended on the rank count would give other bits on other rank counts;
+    ranks use cores better than threads (which speed up only the matrix products); and a
+    thread-per-core default collapses when another program holds a core."""
     per_task = os.environ.get("SLURM_CPUS_PER_TASK")
     if per_task and per_task.isdigit() and int(per_task) > 0:
         return int(per_task)
-    return max(1, min(len(_affinity()), node_cpus // comm.local_size))
+    return 1
 
 
 def blas_summary() -> str:

@@ -36,6 +36,7 @@ class Config:
     # training
     epochs: int = 8
     batch_size: int = 64                     # GLOBAL batch, split across ranks
+    micro_batch: int = 16                    # unit of computation: same bits on any number of ranks
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
@@ -58,7 +59,7 @@ class Config:
     keep: int = 3
     resume: str = "auto"                     # 'auto', 'none' or a checkpoint path
     # parallelism and console
-    threads: int | None = None               # BLAS threads per rank; None: node's cores / its ranks
+    threads: int | None = None               # BLAS threads per rank; None: $SLURM_CPUS_PER_TASK or 1
     comm: str = "auto"
     check_every: int = 500
     log_every: int = 0
@@ -96,8 +97,9 @@ class Config:
 
 NOT_SAVED = ("progress",)
 # What a resumed run must share with its checkpoint: the sample order (seed, batch size,
-# keep_last) and the optimizer and learning-rate schedule (epochs sets the schedule's length).
-RESUME_FIELDS = ("seed", "batch_size", "keep_last", "epochs", "lr", "schedule", "warmup_epochs",
+# keep_last), the micro-batch (the bits of every sum) and the optimizer and learning-rate
+# schedule (epochs sets the schedule's length).
+RESUME_FIELDS = ("seed", "batch_size", "micro_batch", "keep_last", "epochs", "lr", "schedule", "warmup_epochs",
                  "momentum", "nesterov", "weight_decay")
 RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 STORE_TRUE = ("keep_last",)                            # flags without a --no- form
@@ -148,6 +150,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, default=D.epochs, help="epochs (default 8)")
     t.add_argument("--batch-size", type=positive_int, default=D.batch_size,
                    help="GLOBAL batch size, split across ranks (default 64)")
+    t.add_argument("--micro-batch", type=positive_int, default=D.micro_batch,
+                   help="samples per forward/backward pass; each rank computes whole micro-batches, so "
+                        "the result is bit-identical on any number of ranks up to batch-size / micro-batch "
+                        "(default 16)")
     t.add_argument("--lr", type=nonneg_float, default=D.lr, help="peak learning rate (default 0.05)")
     t.add_argument("--momentum", type=unit_interval, default=D.momentum,
                    help="SGD momentum, 0 <= m < 1 (default 0.9)")
@@ -185,7 +191,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         "(default auto)")
     s = p.add_argument_group("parallelism")
     s.add_argument("--threads", type=positive_int,
-                   help="BLAS threads per rank (default: the node's cores / ranks on the node)")
+                   help="BLAS threads per rank (default 1, or $SLURM_CPUS_PER_TASK); threads change float32 "
+                        "rounding, so keep one value to get the same bits on any number of ranks")
     s.add_argument("--comm", choices=("auto", "mpi", "serial"), default=D.comm,
                    help="communicator (default auto: MPI when started by an MPI launcher)")
     s.add_argument("--check-every", type=nonneg_int, default=D.check_every,

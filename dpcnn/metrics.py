@@ -1,8 +1,10 @@
 """Evaluation: loss, accuracy, per-class accuracy and the confusion matrix, in batches.
 
 The totals are sums (not means) so that partial results from several ranks add up
-exactly before one division: ``Totals.as_array`` packs them into one vector for an
-allreduce, and ``Totals.from_array`` unpacks the sum.
+exactly before one division: the loss as an integer number of 2**-32 (``dpcnn.exact``), one
+term per batch of ``EVAL_BATCH`` samples, and the confusion counts as integers. ``Totals.as_array`` packs
+them into one int64 vector for an allreduce and ``Totals.from_array`` unpacks the sum, which
+is the same whichever rank evaluated which batches.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import exact
 from .layers import softmax_cross_entropy
 from .model import EVAL_BATCH
 
@@ -19,36 +22,45 @@ from .model import EVAL_BATCH
 class Totals:
     """Summed evaluation results over some samples.
 
-    loss_sum: summed cross-entropy; confusion: (K, K) int64 counts, row = true
-    class, column = predicted class.
+    loss_fixed: summed cross-entropy in fixed point; nonfinite: batches whose loss was not
+    finite (then ``loss`` is inf); confusion: (K, K) int64 counts, row = true class, column =
+    predicted class.
     """
 
     num_classes: int
-    loss_sum: float = 0.0
-    confusion: np.ndarray = field(default=None)
+    loss_fixed: int = 0
+    nonfinite: int = 0
+    confusion: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self):
         if self.confusion is None:
             self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def add(self, logits: np.ndarray, y: np.ndarray) -> None:
-        """logits: (N, K), y: (N,) -> accumulate loss and confusion counts."""
+        """logits: (N, K), y: (N,) -> accumulate loss (one fixed-point term) and confusion counts."""
         if len(y) == 0:
             return
         loss, _ = softmax_cross_entropy(logits.astype(np.float64), y, denom=1)
-        self.loss_sum += loss
+        if np.isfinite(loss):
+            self.loss_fixed += exact.to_fixed(loss)
+        else:
+            self.nonfinite += 1
         K = self.num_classes
         pred = logits.argmax(axis=1)
         self.confusion += np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
 
     def as_array(self) -> np.ndarray:
-        """Everything in one float64 vector [loss_sum, confusion...], for one allreduce."""
-        return np.concatenate([[self.loss_sum], self.confusion.ravel().astype(np.float64)])
+        """Everything in one int64 vector [loss_fixed, nonfinite, confusion...], for one allreduce."""
+        return np.concatenate([[self.loss_fixed, self.nonfinite], self.confusion.ravel()]).astype(np.int64)
 
     @classmethod
-    def from_array(cls, a: np.ndarray, num_classes: int) -> "Totals":
-        conf = np.rint(a[1:]).astype(np.int64).reshape(num_classes, num_classes)
-        return cls(num_classes, float(a[0]), conf)
+    def from_array(cls, a: np.ndarray, num_classes: int) -> Totals:
+        return cls(num_classes, int(a[0]), int(a[1]), a[2:].astype(np.int64).reshape(num_classes, num_classes))
+
+    @property
+    def loss_sum(self) -> float:
+        """The summed loss; inf when some batch's loss was not finite (a diverged model)."""
+        return float("inf") if self.nonfinite else exact.from_fixed(self.loss_fixed)
 
     @property
     def count(self) -> int:
@@ -76,7 +88,11 @@ class Totals:
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH) -> Totals:
-    """Run ``model`` over x: (N, H, W, C), y: (N,) in batches and return the Totals."""
+    """Run ``model`` over x: (N, H, W, C), y: (N,) in batches of batch_size and return the Totals.
+
+    Each batch is one term of the loss sum, so results add up exactly across ranks that
+    evaluate whole batches of the same global split (``dpcnn.data.micro_bounds``)."""
     t = Totals(model.spec.classes)
-    t.add(model.predict_logits(x, batch_size), y)
+    for i in range(0, len(x), batch_size):
+        t.add(model.forward(x[i:i + batch_size]), y[i:i + batch_size])
     return t

@@ -34,9 +34,10 @@ from threadpoolctl import threadpool_limits
 
 from .cli import entry_point, int_list, nonneg_int, positive_float, positive_int
 from .comm import Comm, find_mpiexec, get_comm
+from .config import Config
 from .malloc import keep_freed_memory
 from .model import ModelSpec
-from .step import TrainStep
+from .step import StepBuffer, TrainStep
 
 
 def _free_port() -> int:
@@ -45,19 +46,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int) -> dict | None:
+def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: int) -> dict | None:
     """One rank of the dpcnn measurement (the trainer's TrainStep); returns the summary on rank 0."""
     threadpool_limits(1)
     keep_freed_memory()
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    step = TrainStep(ModelSpec(), comm, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = TrainStep(ModelSpec(), comm, micro_batch=micro_batch, seed=0, momentum=0.9, nesterov=True,
+                     weight_decay=5e-4)
     times = np.zeros((steps, 3))                      # per timed step: compute, wait, transfer
     start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        step.compute(x, y)
+        step.compute(x, y, batch * comm.size)
         t1 = time.perf_counter()
         comm.barrier()                                # waiting for the slowest rank
         t2 = time.perf_counter()
@@ -150,7 +152,8 @@ def launch(framework: str, P: int, args) -> dict:
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     bind = ["-bind-to", args.bind_to] if args.bind_to != "none" else []      # MPICH hydra's syntax
     cmd = [mpiexec, "-n", str(P), *bind, sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
-           "--per-rank-batch", str(args.per_rank_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--per-rank-batch", str(args.per_rank_batch), "--micro-batch", str(args.micro_batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
                                         "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")
     ap.add_argument("--ranks", type=int_list, default=(1, 2), help="comma-separated rank counts (default 1,2)")
     ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
+    ap.add_argument("--micro-batch", type=positive_int, default=Config.micro_batch,
+                    help=f"dpcnn's micro-batch, as in training (default {Config.micro_batch})")
     ap.add_argument("--steps", type=positive_int, default=200, help="timed steps (default 200)")
     ap.add_argument("--warmup", type=nonneg_int, default=20, help="untimed steps first (default 20)")
     ap.add_argument("--repeat", type=positive_int, default=3,
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
         comm = get_comm("mpi") if args.worker == "dpcnn" else None
         try:
             if comm is not None:
-                res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup)
+                res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch)
             else:
                 res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
         except BaseException:                   # end the launch now rather than leave ranks waiting
@@ -210,9 +215,9 @@ def main(argv=None) -> int:
         use_torch = False
     base = None
     if not args.json:
-        print(f"per-rank batch {args.per_rank_batch}, 1 thread per rank, {args.steps} steps, median of "
-              f"{args.repeat} launch(es), bind-to {args.bind_to}; "
-              f"allreduce of {4 * (ModelSpec().num_params + 3) / 1e3:.0f} KB per step")
+        print(f"per-rank batch {args.per_rank_batch} (micro-batches of {args.micro_batch}), 1 thread per rank, "
+              f"{args.steps} steps, median of {args.repeat} launch(es), bind-to {args.bind_to}; "
+              f"allreduce of {StepBuffer(ModelSpec().num_params).array.nbytes / 1e3:.0f} KB per step")
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} "
               f"{'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))

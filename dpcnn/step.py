@@ -1,16 +1,22 @@
 """One synchronous data-parallel training step: a rank's batch in, the same update out everywhere.
 
-    step = TrainStep(spec, comm, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    out = step(x, y, global_batch=M, lr=0.05)          # x, y: this rank's slice of the batch
+    step = TrainStep(spec, comm, micro_batch=16, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    out = step(x, y, global_batch=M, lr=0.05)   # x, y: this rank's whole micro-batches of the batch
 
-1. ``compute``: forward and backward over this rank's slice, the gradient *summed* over its
-   samples, written into the gradient view of one communication buffer beside the loss sum,
-   the correct count and a stop flag (``StepBuffer``: named views, one contiguous vector);
+1. ``compute``: this rank's micro-batches of m samples, one forward and backward each; each
+   micro-batch's summed gradient, loss and correct count are rounded to a fixed grid and
+   added exactly (``dpcnn.exact``) into one float64 communication buffer (``StepBuffer``,
+   named views);
 2. ``reduce``: one in-place ``Allreduce(SUM)`` of that buffer (the only collective of a step);
-3. ``update``: divide by the global batch size M (exact with uneven slices) and apply the same
-   SGD update on every rank, so the parameters stay identical everywhere.
+   sums of grid values in range never round, so the result is the same whichever rank added
+   what and in whatever order;
+3. ``update``: back to float32, divided by the global batch size M, and the same SGD update
+   on every rank.
 
-The trainer and the scaling benchmark both run this; nothing here imports mpi4py.
+Why the result is the same bits on any number of ranks: every micro-batch is computed whole,
+with the same shapes, by exactly one rank (the same float32 bits come out anywhere, given the
+same BLAS build, kernel and threads per rank), and the sum over micro-batches is exact. The
+trainer and the scaling benchmark both run this; nothing here imports mpi4py.
 """
 
 from __future__ import annotations
@@ -20,44 +26,49 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import exact
 from .comm import Comm
 from .model import CNN, ModelSpec
 from .optim import SGD
 
 
 class Diverged(ArithmeticError):
-    """The reduced training loss is not finite: the update was not applied."""
-
-    def __init__(self, loss: float):
-        super().__init__(f"the training loss is {loss}")
-        self.loss = loss
+    """The reduced training loss or gradient is not finite or out of range: nothing was applied."""
 
 
 class StepBuffer:
-    """One float32 vector [gradient (n) | loss sum | correct count | stop flag], reduced in one call.
+    """One float64 vector [gradient (n) | loss | correct | stop | overflow], reduced in one call.
 
-    ``grads`` is a view of the first n entries; the counters are read and written by name.
+    Gradient and loss hold exact sums of grid values (``dpcnn.exact``); ``grads`` is a view of
+    the first n entries and the counters are read by name after the reduction.
     """
 
     def __init__(self, n: int):
-        self.array = np.zeros(n + 3, dtype=np.float32)
+        self.array = np.zeros(n + 4, dtype=np.float64)
         self.grads = self.array[:n]
         self._counters = self.array[n:]
+
+    def clear(self) -> None:
+        self.array[:] = 0
+
+    def add_counters(self, loss_fixed: int, correct: int, stop: bool, overflow: bool) -> None:
+        self._counters += (exact.from_fixed(loss_fixed), correct, int(stop), int(overflow))
 
     @property
     def loss_sum(self) -> float:
         return float(self._counters[0])
 
     @property
-    def correct(self) -> float:
-        return float(self._counters[1])
+    def correct(self) -> int:
+        return int(self._counters[1])
 
     @property
     def stop(self) -> bool:
         return bool(self._counters[2] > 0)
 
-    def set_counters(self, loss_sum: float, correct: float, stop: bool) -> None:
-        self._counters[:] = (loss_sum, correct, 1.0 if stop else 0.0)
+    @property
+    def overflow(self) -> bool:
+        return bool(self._counters[3] > 0)
 
 
 @dataclass
@@ -65,7 +76,7 @@ class StepResult:
     """What one step reports: sums over the global batch, and where this rank's time went."""
 
     loss_sum: float          # summed training loss over the global batch (before the update)
-    correct: float           # correct predictions in the global batch
+    correct: int             # correct predictions in the global batch
     samples: int             # the global batch size M
     stop: bool               # some rank asked to stop
     t_compute: float = 0.0   # seconds: forward and backward
@@ -76,36 +87,51 @@ class StepResult:
 class TrainStep:
     """The model, its optimizer and the communication buffer of synchronous data-parallel SGD."""
 
-    def __init__(self, spec: ModelSpec, comm: Comm, *, seed: int = 0, momentum: float = 0.9,
-                 nesterov: bool = True, weight_decay: float = 0.0):
-        self.comm = comm
+    def __init__(self, spec: ModelSpec, comm: Comm, *, micro_batch: int = 16, seed: int = 0,
+                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.comm, self.micro_batch = comm, micro_batch
         self.buf = StepBuffer(spec.num_params)
-        self.model = CNN(spec, seed=seed, grads=self.buf.grads)
+        self._tmp = np.empty(spec.num_params, np.float64)
+        self.model = CNN(spec, seed=seed)
         comm.bcast(self.model.params)                    # every rank starts from rank 0's weights
         self.opt = SGD(self.model.params, self.model.grads, momentum=momentum,
                        nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
 
-    def compute(self, x: np.ndarray, y: np.ndarray, stop: bool = False) -> None:
-        """x (m, H, W, C), y (m,): this rank's slice -> summed gradient and counters in the buffer."""
+    def compute(self, x: np.ndarray, y: np.ndarray, global_batch: int, stop: bool = False) -> None:
+        """x (k, H, W, C), y (k,): this rank's whole micro-batches (in order) of a global batch of
+        global_batch samples -> their fixed-point sums in the buffer."""
+        m, buf, model = self.micro_batch, self.buf, self.model
+        bound = exact.limit(-(-global_batch // m) + 1)     # no sum of all micro-batches can overflow
+        buf.clear()
+        loss_fixed = correct = 0
+        overflow = False
         with np.errstate(over="ignore", invalid="ignore"):            # divergence is caught in update
-            loss_sum, correct = self.model.loss_and_grad(x, y, denom=1)
-        self.buf.set_counters(loss_sum, correct, stop)
+            for i in range(0, len(x), m):
+                loss, c = model.loss_and_grad(x[i:i + m], y[i:i + m], denom=1)
+                ok = abs(loss) <= bound and exact.accumulate(buf.grads, model.grads, bound, self._tmp)
+                overflow |= not ok
+                loss_fixed += exact.to_fixed(loss) if ok else 0
+                correct += c
+        buf.add_counters(loss_fixed, correct, stop, overflow)
 
     def reduce(self) -> None:
         self.comm.allreduce(self.buf.array)
 
     def update(self, global_batch: int, lr: float) -> None:
-        """Mean gradient over the global batch, then the SGD update; Diverged (nothing applied)
-        when the reduced loss is not finite (every rank sees the same sum, so all raise)."""
-        if not np.isfinite(self.buf.loss_sum):
-            raise Diverged(self.buf.loss_sum)
-        self.model.grads *= np.float32(1.0 / global_batch)
+        """Mean gradient over the global batch, then the SGD update; Diverged (nothing applied) when
+        some rank's loss or gradient was not finite or too large (every rank sees the same flag)."""
+        b = self.buf
+        if b.overflow:
+            raise Diverged("the training loss or a gradient is not finite, or too large to sum exactly")
+        np.multiply(b.grads, 1.0 / global_batch, out=self.model.grads, casting="unsafe")   # float64 -> float32
         self.opt.step(lr)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, global_batch: int, lr: float,
                  stop: bool = False) -> StepResult:
         t0 = time.perf_counter()
-        self.compute(x, y, stop)
+        self.compute(x, y, global_batch, stop)
         t1 = time.perf_counter()
         self.reduce()
         t2 = time.perf_counter()

@@ -13,7 +13,7 @@ def torch_model(spec: ModelSpec):
     from torch import nn
 
     H, W, C = spec.input_shape
-    pad = spec.kernel // 2 if spec.padding == "same" else 0
+    pad = "same" if spec.padding == "same" else 0       # 'same' pads an even kernel's extra row after, as dpcnn
     mods = []
     for F in spec.channels:
         mods += [nn.Conv2d(C, F, spec.kernel, padding=pad), nn.ReLU(), nn.MaxPool2d(2)]

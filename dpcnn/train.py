@@ -46,10 +46,10 @@ from .comm import (
     on_root,
 )
 from .config import Config, parse_args
-from .data import DataError, ShardedLoader, Split, default_data_path, shard_bounds
+from .data import DataError, ShardedLoader, Split, default_data_path, micro_bounds
 from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
-from .model import ModelSpec
+from .model import EVAL_BATCH, ModelSpec
 from .optim import Schedule
 from .prepare import prepare
 from .rundir import RunDir
@@ -227,14 +227,14 @@ class Trainer:
         self.train_set, self.test_set = Split(data_path, "train"), Split(data_path, "test")
         self.spec = model_spec(cfg, self.train_set)
         self.loader = ShardedLoader(self.train_set, batch_size=cfg.batch_size, rank=comm.rank, size=comm.size,
-                                    seed=cfg.seed, drop_last=not cfg.keep_last)
+                                    seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=cfg.micro_batch)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         self.facts = self._facts()
         check_same(comm, {k: v for k, v in self.facts.items() if k not in LOCAL_FACTS})   # before any other
-        self.step_fn = TrainStep(self.spec, comm, seed=cfg.seed, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay)
+        self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, seed=cfg.seed,
+                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.model = self.step_fn.model
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
@@ -243,7 +243,7 @@ class Trainer:
         self.best_accuracy, self.elapsed0 = -1.0, 0.0
         self.iv = Interval()
         self.resumed_from = self._resume()
-        lo, hi = shard_bounds(self.test_set.n, comm.rank, comm.size)    # every test sample counted once
+        lo, hi = micro_bounds(self.test_set.n, EVAL_BATCH, comm.rank, comm.size)   # whole evaluation batches
         self.xt, self.yt = self.test_set.read(lo, hi)
         self.last_ckpt_time = time.monotonic()
         self.stop = StopRequest()
@@ -337,15 +337,20 @@ class Trainer:
         if c.is_root:
             self.run_dir.write_metrics(self.metrics)       # a resumed run keeps exactly what its checkpoint knew
             self.run_dir.write_config({**self.facts, "resumed_from": self.resumed_from})
-            sizes = [hi - lo for lo, hi in (shard_bounds(self.cfg.batch_size, r, c.size) for r in range(c.size))]
+            m, B = self.cfg.micro_batch, self.cfg.batch_size
+            sizes = [hi - lo for lo, hi in (micro_bounds(B, m, r, c.size) for r in range(c.size))]
             per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
                      __version__, c.size, c.num_nodes, self.threads, blas_summary(),
                      f", {self.facts['versions'].get('mpi', '')}" if c.size > 1 else "")
-            log.info("data %s (%d train, %d test); model %s params; global batch %d (%s per rank); "
-                     "%d steps/epoch, %d epochs; run dir %s", self.data_path, self.train_set.n, self.test_set.n,
-                     f"{self.spec.num_params:,}", self.cfg.batch_size, per_rank,
-                     self.steps_per_epoch, self.cfg.epochs, self.run_dir.path)
+            log.info("data %s (%d train, %d test); model %s params; global batch %d (%s per rank, micro-batches "
+                     "of %d); %d steps/epoch, %d epochs; run dir %s", self.data_path, self.train_set.n,
+                     self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m, self.steps_per_epoch,
+                     self.cfg.epochs, self.run_dir.path)
+            if min(sizes) == 0:
+                log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
+                            "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B,
+                            -(-B // m), m)
             if self.threads * c.local_size > self.node_cpus:
                 log.warning("warning: %d rank(s) x %d thread(s) on a node with %d usable CPUs: oversubscribed",
                             c.local_size, self.threads, self.node_cpus)
@@ -464,7 +469,7 @@ def train(cfg: Config, comm: Comm | None = None) -> int:
     Errors a user can fix raise a UserError (SharedError when every rank knows it)."""
     comm = comm or get_comm(cfg.comm)
     node_cpus = comm.node_cpus()                             # collective on the node
-    threads = cfg.threads or default_threads(comm, node_cpus)
+    threads = cfg.threads or default_threads()
     threadpool_limits(threads)                               # BLAS threads of this process from now on
     data_path = ensure_data(cfg, comm)
     run_dir = RunDir(cfg.out)

@@ -41,6 +41,18 @@ def tiny_h5(tmp_path_factory) -> Path:
     return write_tiny(tmp_path_factory.mktemp("data") / "tiny.h5")
 
 
+MNIST_DIR = Path(os.environ.get("DPCNN_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_h5(tmp_path_factory) -> Path:
+    """The real MNIST, prepared once from DPCNN_MNIST_DIR (default ../shared/data/mnist); skips without it."""
+    if not any((MNIST_DIR / f"train-images-idx3-ubyte{gz}").exists() for gz in ("", ".gz")):
+        pytest.skip(f"real MNIST files not present in {MNIST_DIR} (set DPCNN_MNIST_DIR)")
+    from dpcnn.prepare import prepare
+    return prepare("mnist", source=MNIST_DIR, out=tmp_path_factory.mktemp("mnist") / "mnist.h5")
+
+
 def mpiexec() -> str:
     exe = find_mpiexec()
     if exe is None:
