@@ -8,11 +8,18 @@ and the epoch, so these are the whole state: a resume on any number of ranks
 follows the same order.
 
 Files are written to a temporary name, flushed and fsynced, then renamed, so a
-crash during a write never damages an earlier checkpoint.
+crash during a write never damages an earlier checkpoint. Every load checks what was
+written: the SHA-256 of the weights and momentum (``arrays_sha256``, also a Fletcher-32
+checksum per array) and that they are finite, so a flipped bit or a NaN is refused, naming
+the file, by resume, evaluate and predict alike. Old checkpoints without the digest load
+with the finiteness check only.
+
+This module also holds what evaluate and predict share: ``load_model`` and the data checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -75,12 +82,25 @@ def save(path: Path, s: State) -> Path:
         a["sample_order"] = json.dumps({"generator": "numpy.random.default_rng([seed, epoch]).permutation(N)",
                                         "seed": s.config.get("seed"), "epoch": s.epoch,
                                         "next_batch": s.next_batch})
+        a["arrays_sha256"] = arrays_digest(s)
         for group, arrays in (("params", s.params), ("velocity", s.velocity)):
             g = f.create_group(group)
-            for name, v in arrays.items():
-                g.create_dataset(name, data=v)
+            for name, v in arrays.items():       # Fletcher-32 on each chunk: damage is found on read
+                g.create_dataset(name, data=v, chunks=v.shape or None, fletcher32=v.size > 0)
 
     return write_h5_atomic(path, fill)
+
+
+def arrays_digest(s: State) -> str:
+    """SHA-256 over the parameters and the velocity, by group and name: what a checkpoint stores
+    to prove, on every load, that its arrays are the ones written."""
+    h = hashlib.sha256()
+    for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+        for name in sorted(arrays):
+            v = np.ascontiguousarray(arrays[name])
+            h.update(f"{group}/{name}:{v.dtype.str}:{v.shape}".encode())
+            h.update(v.tobytes())
+    return h.hexdigest()
 
 
 def load(path: Path) -> State:
@@ -100,6 +120,7 @@ def load(path: Path) -> State:
                                       f"this dpcnn reads {VERSION}")
             params = {k: v[...] for k, v in f["params"].items()}
             velocity = {k: v[...] for k, v in f["velocity"].items()}
+            stored_digest = a.get("arrays_sha256")
             s = State(params=params, velocity=velocity, epoch=int(a["epoch"]),
                       next_batch=int(a["next_batch"]), step=int(a["step"]),
                       spec=json.loads(a["spec"]), config=json.loads(a["config"]),
@@ -108,6 +129,14 @@ def load(path: Path) -> State:
                       version=str(a["dpcnn_version"]),
                       world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
         _check_contents(s)
+        if stored_digest is not None and str(stored_digest) != arrays_digest(s):
+            raise CheckpointError(f"{path}: damaged: its weights or momentum differ from what was written "
+                                  "(SHA-256 mismatch)")
+        bad = [f"{g}/{k}" for g, arrays in (("params", s.params), ("velocity", s.velocity))
+               for k, v in arrays.items() if not np.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{path}: holds non-finite values (in {', '.join(bad[:3])}); it is not a "
+                                  "usable state")
         return s
     except CheckpointError:
         raise

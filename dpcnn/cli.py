@@ -14,8 +14,9 @@ import os
 import sys
 import traceback
 
-# Exit statuses of every command. 75 is EX_TEMPFAIL: the Slurm script requeues on it.
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+# Exit statuses of every command. 75 is EX_TEMPFAIL: the Slurm script requeues on it; 69
+# (EX_UNAVAILABLE) means a rank or node stopped responding (the stall watchdog ended the job).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STALLED, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 69, 75, 130
 
 
 class UserError(Exception):

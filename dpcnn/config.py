@@ -18,7 +18,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .cli import add_common_flags, float_list, int_list, nonneg_float, nonneg_int, positive_int, unit_interval
+from .cli import (
+    add_common_flags,
+    float_list,
+    int_list,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from .data import default_data_path
 from .optim import SCHEDULES
 from .prepare import DATASETS
@@ -62,6 +71,7 @@ class Config:
     threads: int | None = None               # BLAS threads per rank; None: $SLURM_CPUS_PER_TASK or 1
     comm: str = "auto"
     check_every: int = 500
+    timeout: float = 600.0                   # seconds without progress before the watchdog ends the job
     log_every: int = 0
     progress: bool = True                    # a progress bar on a terminal (rank 0)
 
@@ -128,8 +138,9 @@ examples:
   srun --mpi=pmi2 python -m dpcnn.train --out runs/$SLURM_JOB_ID --resume auto
   python -m dpcnn.train --dataset fashion-mnist --epochs 15
 
-exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C with a checkpoint written
-(run the same command again to continue), 1 error, 2 bad command line.
+exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C (run the same command again to
+continue from the newest checkpoint), 69 a rank or node stopped responding (--timeout),
+1 error, 2 bad command line.
 """
 
 
@@ -197,6 +208,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="communicator (default auto: MPI when started by an MPI launcher)")
     s.add_argument("--check-every", type=nonneg_int, default=D.check_every,
                    help="verify every N steps that all ranks hold identical parameters (default 500)")
+    s.add_argument("--timeout", type=positive_float, default=D.timeout,
+                   help="end the job (status 69) when a step or collective makes no progress for this many "
+                        "seconds: a stopped, dead or cut-off rank or node (default 600)")
     s.add_argument("--log-every", type=nonneg_int, default=D.log_every,
                    help="log a line every N steps (default: ~10 an epoch)")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar even on a terminal")

@@ -54,7 +54,7 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         return cls(**d)
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:

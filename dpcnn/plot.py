@@ -56,16 +56,20 @@ def read_metrics(path: Path) -> list[dict]:
                         "(python -m dpcnn.train --out DIR)?")
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:     # binary junk: "not a JSON line"
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("epoch"), (int, float)):
-                raise PlotError(f"{path}:{n}: not a dpcnn metrics record (no number 'epoch')")
-            records.append(r)
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not line.endswith("\n"):       # a torn last line: the writer was cut off
+                log.warning("warning: %s:%d: ignoring an incomplete last line (a write cut short)", path, n)
+                break
+            raise PlotError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("epoch"), (int, float)):
+            raise PlotError(f"{path}:{n}: not a dpcnn metrics record (no number 'epoch')")
+        records.append(r)
     if not records:
         raise PlotError(f"{path}: no records yet; the run writes one per evaluation (each epoch's end, "
                         "or every --eval-every steps)")

@@ -53,6 +53,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.best = self.path / "best.h5"
         self._lock_fd: int | None = None
+        self._created = False
 
     def step_path(self, step: int) -> Path:
         return self.path / f"ckpt-step{step:09d}.h5"
@@ -66,6 +67,7 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise RunDirError(f"--out {p}: exists and is not a directory")
         try:
+            self._created = not p.exists()
             p.mkdir(parents=True, exist_ok=True)
             fd = os.open(p / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -90,10 +92,15 @@ class RunDir:
                 stale.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Release the lock (the process's end would too)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Release the lock (the process's end would too). A directory this process created and
+        left empty (a run refused before writing anything) is removed."""
+        if self._lock_fd is None:
+            return
+        if self._created and [q.name for q in self.path.iterdir()] == [".lock"]:
+            (self.path / ".lock").unlink()
+            self.path.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> RunDir:
         self.open()
@@ -122,22 +129,45 @@ class RunDir:
         return sorted(found, key=step_of, reverse=True)
 
     def newest_valid(self) -> tuple[Path, ckpt.State] | None:
-        """The newest checkpoint that loads; corrupt ones are reported and skipped."""
+        """The newest checkpoint that loads (damaged ones are reported and skipped); None when there
+        are none. RunDirError when there are some but none loads: starting afresh would silently
+        overwrite that run's records."""
+        damaged = []
         for p in self.checkpoints():
             try:
                 return p, ckpt.load(p)
             except ckpt.CheckpointError as e:
                 log.warning("skipping checkpoint: %s", e)
+                damaged.append(str(e))
+        if damaged:
+            raise RunDirError(f"--out {self.path}: none of its {len(damaged)} checkpoint(s) can be read (newest: "
+                              f"{damaged[0]}); move them away to start afresh there, or give another --out")
         return None
 
     def save_checkpoint(self, state: ckpt.State, best: bool, keep: int) -> Path:
-        """Write ckpt-stepN.h5 (and best.h5), then delete all but the newest `keep` step checkpoints."""
+        """Write ckpt-stepN.h5 (and best.h5), then prune to the newest `keep` valid step checkpoints."""
         path = ckpt.save(self.step_path(state.step), state)
         if best:
             ckpt.save(self.best, state)
-        for p in self.checkpoints()[keep:]:
-            p.unlink(missing_ok=True)
+        self.prune(keep, known_good=path)
         return path
+
+    def prune(self, keep: int, known_good: Path | None = None) -> None:
+        """Keep the newest `keep` step checkpoints that load and delete older ones. A damaged one
+        newer than those is renamed *.damaged (kept for inspection, out of the way), so it can
+        neither displace a good checkpoint nor be resumed from."""
+        kept = 0
+        for p in self.checkpoints():
+            if kept >= keep:
+                p.unlink(missing_ok=True)
+                continue
+            try:
+                if p != known_good:
+                    ckpt.load(p)
+                kept += 1
+            except ckpt.CheckpointError as e:
+                log.warning("warning: %s; renaming it %s.damaged", e, p.name)
+                p.rename(p.with_name(p.name + ".damaged"))
 
     def check_no_later(self, start_step: int, resumed: Path | None) -> None:
         """Refuse to start at start_step in a directory that holds checkpoints at or past it.

@@ -18,9 +18,7 @@ Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a ch
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from .comm import (
     on_root,
 )
 from .config import Config, parse_args
-from .data import DataError, ShardedLoader, Split, default_data_path, micro_bounds
+from .data import DataError, ShardedLoader, Split, default_data_path, micro_bounds, verify
 from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
 from .model import EVAL_BATCH, ModelSpec
@@ -54,48 +52,11 @@ from .optim import Schedule
 from .prepare import prepare
 from .rundir import RunDir
 from .step import Diverged, StepResult, TrainStep
+from .watchdog import StopRequest, Watchdog, watched
 
 log = logging.getLogger("dpcnn")
 
 CARRIED = ("loss", "correct", "samples")      # interval totals a checkpoint carries across a resume
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class StopRequest:
-    """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C, which mpiexec forwards to every rank) set a flag
-    that the ranks agree on at the next step boundary.
-
-    A second signal ends the process at once (status 128 + signal number).
-    """
-
-    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
-
-    def __init__(self):
-        self.signum = 0
-        self._old: dict = {}
-
-    def install(self) -> StopRequest:
-        for s in self.SIGNALS:
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def __enter__(self) -> StopRequest:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            os.write(2, f"second signal {signum}: exiting now without a checkpoint\n".encode())
-            os._exit(128 + signum)
-        self.signum = signum
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -114,6 +75,9 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
                 src = f" --source {cfg.data_source}" if cfg.data_source else " --source DIR"
                 raise DataError(f"{e}. Prepare it from local IDX files with: python -m dpcnn.data "
                                 f"prepare --dataset {cfg.dataset}{src} --out {path}") from None
+        if not verify(path):
+            log.warning("warning: %s: not verified (its arrays have no SHA-256: made by an older dpcnn); "
+                        "python -m dpcnn.data prepare --force adds them", path)
         with Split(path, "train") as tr, Split(path, "test") as te:
             if te.n == 0:
                 raise DataError(f"{path}: the test split is empty; nothing to evaluate on")
@@ -220,8 +184,10 @@ class Progress:
 class Trainer:
     """One training run: the step (model, optimizer, buffer), the data, the position, the records."""
 
-    def __init__(self, cfg: Config, comm: Comm, data_path: Path, run_dir: RunDir, threads: int, node_cpus: int):
+    def __init__(self, cfg: Config, comm: Comm, data_path: Path, run_dir: RunDir, threads: int, node_cpus: int,
+                 stop: StopRequest, dog: Watchdog):
         self.cfg, self.comm, self.data_path, self.run_dir = cfg, comm, data_path, run_dir
+        self.stop, self.dog = stop, dog
         self.threads, self.node_cpus = threads, node_cpus
         self.t_start = time.perf_counter()
         self.train_set, self.test_set = Split(data_path, "train"), Split(data_path, "test")
@@ -246,7 +212,6 @@ class Trainer:
         lo, hi = micro_bounds(self.test_set.n, EVAL_BATCH, comm.rank, comm.size)   # whole evaluation batches
         self.xt, self.yt = self.test_set.read(lo, hi)
         self.last_ckpt_time = time.monotonic()
-        self.stop = StopRequest()
 
     def _facts(self) -> dict:
         """config.json: the Config and what this run is made of (data, model, ranks, nodes, versions)."""
@@ -269,30 +234,33 @@ class Trainer:
                          "it up to --epochs; another --out starts a new run)", self.run_dir.path, self.step,
                          self.end_step)
             return EXIT_OK
+        if self.stopped_during_start_up():
+            return EXIT_STOPPED
         self.announce()
         progress = Progress(c.is_root and cfg.progress, self.end_step, self.step,
                             cfg.log_every or max(spe // 10, 1), spe) if c.is_root else None
         self.iv.t0 = time.perf_counter()                            # images/s counts training only
-        with self.stop:
-            while self.step < self.end_step:
-                epoch, k = divmod(self.step, spe)
-                stopping = self.train_step(epoch, k)
-                s = self.step
+        self.dog.armed = True                                       # from now on a stall ends the job
+        while self.step < self.end_step:
+            epoch, k = divmod(self.step, spe)
+            stopping = self.train_step(epoch, k)
+            s = self.step
+            if progress:
+                progress.update(s, self.iv)
+            if cfg.check_every and s % cfg.check_every == 0:
+                check_in_sync(c, self.model.params, s)
+            # Records and checkpoints come before acting on a stop, so a stop never skips one.
+            if k + 1 == spe or s == self.end_step:                  # an epoch or the run ended
+                self.record_and_checkpoint(final=s == self.end_step)
+            elif cfg.eval_every and s % cfg.eval_every == 0:
+                self.record()
+            if self.checkpoint_due(s):
+                self.save_checkpoint()
+            self.dog.beat(s + 1)
+            if stopping and s < self.end_step:
                 if progress:
-                    progress.update(s, self.iv)
-                if cfg.check_every and s % cfg.check_every == 0:
-                    check_in_sync(c, self.model.params, s)
-                # Records and checkpoints come before acting on a stop, so a stop never skips one.
-                if k + 1 == spe or s == self.end_step:              # an epoch or the run ended
-                    self.record_and_checkpoint(final=s == self.end_step)
-                elif cfg.eval_every and s % cfg.eval_every == 0:
-                    self.record()
-                if self.checkpoint_due(s):
-                    self.save_checkpoint()
-                if stopping and s < self.end_step:
-                    if progress:
-                        progress.close()
-                    return self.stopped()
+                    progress.close()
+                return self.stopped()
         if progress:
             progress.close()
         check_in_sync(c, self.model.params, self.step)
@@ -313,6 +281,15 @@ class Trainer:
         self.step += 1
         self.iv.add(r, t_data)
         return r.stop
+
+    def stopped_during_start_up(self) -> bool:
+        """A stop signal on any rank before the first step: exit 75 with nothing new to save."""
+        flag = np.array([1.0 if self.stop.signum else 0.0])
+        self.comm.allreduce(flag)
+        if flag[0] and self.comm.is_root:
+            log.warning("stop requested by signal during start-up, at step %d: nothing new to save; exiting "
+                        "with status %d (run the same command again to continue)", self.step, EXIT_STOPPED)
+        return bool(flag[0])
 
     def stopped(self) -> int:
         if self.comm.is_root:
@@ -466,18 +443,26 @@ LOCAL_FACTS = ("threads_per_rank", "versions", "blas", "data")
 def train(cfg: Config, comm: Comm | None = None) -> int:
     """Train with `cfg` on `comm` (default: MPI under a launcher, else one process); the exit status.
 
-    Errors a user can fix raise a UserError (SharedError when every rank knows it)."""
+    Errors a user can fix raise a UserError (SharedError when every rank knows it). From the
+    main thread it also installs the stop-signal handlers and starts the stall watchdog, first
+    thing, so that a signal during a long start-up is not lost."""
     comm = comm or get_comm(cfg.comm)
-    node_cpus = comm.node_cpus()                             # collective on the node
-    threads = cfg.threads or default_threads()
-    threadpool_limits(threads)                               # BLAS threads of this process from now on
-    data_path = ensure_data(cfg, comm)
-    run_dir = RunDir(cfg.out)
-    on_root(comm, run_dir.open)                              # rank 0 holds the directory's lock
-    try:
-        return Trainer(cfg, comm, data_path, run_dir, threads, node_cpus).train()
-    finally:
-        run_dir.close()
+    with StopRequest() as stop:
+        dog = Watchdog(comm, cfg.timeout).start()
+        try:
+            comm = watched(comm, dog)                                # collectives report what they wait in
+            node_cpus = comm.node_cpus()                             # collective on the node
+            threads = cfg.threads or default_threads()
+            threadpool_limits(threads)                               # BLAS threads of this process from now on
+            data_path = ensure_data(cfg, comm)
+            run_dir = RunDir(cfg.out)
+            on_root(comm, run_dir.open)                              # rank 0 holds the directory's lock
+            try:
+                return Trainer(cfg, comm, data_path, run_dir, threads, node_cpus, stop, dog).train()
+            finally:
+                run_dir.close()
+        finally:
+            dog.close()
 
 
 @entry_point

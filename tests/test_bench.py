@@ -5,8 +5,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import mpiexec, run_job
+
 from dpcnn import bench
 from dpcnn.model import ModelSpec
 from dpcnn.scaling import efficiency, summarise

@@ -10,6 +10,7 @@ import socket
 
 import numpy as np
 import pytest
+from conftest import write_tiny
 
 from dpcnn.comm import MPIComm, check_in_sync, digest
 from dpcnn.config import Config
@@ -17,8 +18,6 @@ from dpcnn.data import ShardedLoader, Split, shard_bounds
 from dpcnn.model import CNN, ModelSpec
 from dpcnn.step import TrainStep
 from dpcnn.train import train
-
-from conftest import write_tiny
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -19,9 +19,9 @@ from threadpoolctl import threadpool_limits
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: no oracle to compare against")
 
 from dpcnn import layers as L  # noqa: E402
-from dpcnn.torchref import torch_model  # noqa: E402
 from dpcnn.model import CNN, ModelSpec  # noqa: E402
 from dpcnn.optim import SGD, Schedule  # noqa: E402
+from dpcnn.torchref import torch_model  # noqa: E402
 
 STEPS = 50
 BATCH = 24        # not a power of two, so 1/M is not exact in binary and a wrong mean would show

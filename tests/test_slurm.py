@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _idx import info_for, make_arrays, payloads
 
 from dpcnn.prepare import write_h5
-
-from _idx import info_for, make_arrays, payloads
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "scripts" / "slurm"

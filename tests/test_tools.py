@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _idx import info_for, make_arrays, payloads
+from conftest import child_env
 
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot, predict
@@ -14,9 +16,6 @@ from dpcnn.data import Split
 from dpcnn.metrics import evaluate as metrics_evaluate
 from dpcnn.model import CNN, ModelSpec
 from dpcnn.prepare import write_h5
-
-from _idx import info_for, make_arrays, payloads
-from conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import child_env, mpiexec, run_job, write_tiny
 
 from dpcnn import checkpoint as ckpt
 from dpcnn.cli import EXIT_STOPPED
 from dpcnn.rundir import RunDir, step_of
 from dpcnn.train import main
-
-from conftest import child_env, mpiexec, run_job, write_tiny
 
 # 384 training samples / batch 32 = 12 steps per epoch
 BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1"]
@@ -387,7 +386,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
 @pytest.mark.parametrize("first", ["SIGUSR1", "SIGINT"])
 def test_first_signal_sets_the_flag_second_exits_at_once(first):
     code = ("import os, signal, time\n"
-            "from dpcnn.train import StopRequest\n"
+            "from dpcnn.watchdog import StopRequest\n"
             "s = StopRequest().install()\n"
             f"os.kill(os.getpid(), signal.{first})\n"
             "time.sleep(0.1)\n"
