@@ -233,7 +233,8 @@ def find_mpiexec() -> str | None:
 def on_root(comm: Comm, job: Callable[[], T]) -> T:
     """Run job() on rank 0 while the others wait; every rank gets its result, or its error as a
     SharedError (so one message is printed and all ranks exit together)."""
-    result = err = None
+    result: Any = None
+    err: str | None = None
     if comm.is_root:
         try:
             result = job()
@@ -242,7 +243,7 @@ def on_root(comm: Comm, job: Callable[[], T]) -> T:
     result, err = comm.bcast_obj((result, err))
     if err:
         raise SharedError(err)
-    return result  # type: ignore[return-value]
+    return result
 
 
 def digest(a: np.ndarray) -> str:

@@ -30,10 +30,10 @@ class Totals:
     num_classes: int
     loss_fixed: int = 0
     nonfinite: int = 0
-    confusion: np.ndarray = field(default=None)  # type: ignore[assignment]
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
 
     def __post_init__(self):
-        if self.confusion is None:
+        if self.confusion.size == 0:
             self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def add(self, logits: np.ndarray, y: np.ndarray) -> None:

@@ -141,7 +141,7 @@ def plot(records: list[dict], out: Path, title: str = "") -> Path:
     ax_ips.set_ylabel("images/s")
     ax_ips.set_ylim(bottom=0)
     ax_ips.set_xlabel("epoch")
-    sizes = sorted({r.get("world_size") for r in records if r.get("world_size")})
+    sizes = sorted({int(r["world_size"]) for r in records if r.get("world_size")})
     if sizes:
         ax_ips.set_title(f"training throughput, {'/'.join(map(str, sizes))} rank(s)", fontsize=9, loc="left")
 

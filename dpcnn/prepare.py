@@ -586,7 +586,8 @@ def prepare(dataset="mnist", source=None, out=None, *, force=False,
             raise DataError(f"--source {source}: not a directory or an http(s) URL")
         load = functools.partial(_from_dir, src, info=info)
 
-    arrays, sha = {}, {}
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sha: dict[str, str] = {}
     for split in SPLITS:
         (x, sx), (y, sy) = (load(name) for name in FILES[split])
         _check_pair(x, y, split, len(info.class_names))

@@ -228,6 +228,7 @@ def main(argv=None) -> int:
             if use_torch:
                 truns.append(launch("torch", P, args))
         r, t = median_run(runs), median_run(truns)
+        assert r is not None                  # --repeat >= 1
         base = base or (r["images_per_second"] if P == 1 else None)
         if base:
             r["efficiency"] = efficiency(r["images_per_second"], P, base)

@@ -179,4 +179,4 @@ class _Watched:
 
 
 def watched(comm: Comm, dog: Watchdog) -> Comm:
-    return _Watched(comm, dog)  # type: ignore[return-value]
+    return _Watched(comm, dog)
