@@ -29,6 +29,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -238,7 +239,10 @@ class ShardedLoader:
         if self.steps_per_epoch == 0:
             raise DataError(f"{split.path}: batch size {batch_size} exceeds the {split.n} "
                             f"{split.split} samples with drop_last")
-        self._epoch = self._order = self._rows = self._images = None
+        self._epoch: int | None = None                 # the epoch whose rows are cached:
+        self._order: Any = None                        # its sample order (N,),
+        self._rows: Any = None                         # this rank's rows of it, sorted (n_r,),
+        self._images: Any = None                       # and their images (n_r, H, W) uint8
 
     def order(self, epoch: int) -> np.ndarray:
         """All sample indices of the epoch in order, (N,) int64."""
@@ -321,7 +325,7 @@ def _sha256_rows(ds: h5py.Dataset, block: int = 4 * ROW_CHUNK) -> str:
 
 def info_lines(path) -> list[str]:
     """Human-readable summary of a prepared file: attributes, sizes and class counts."""
-    lines = []
+    lines: list[str] = []
     for split in SPLITS:
         with Split(path, split) as s:
             if not lines:

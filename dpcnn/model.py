@@ -101,7 +101,7 @@ class CNN:
             raise ValueError(f"grads must be a contiguous ({n},) {self.dtype} vector")
         self.grads = grads
         self.p, self.g = self.unflatten(self.params), self.unflatten(self.grads)
-        self._caches = None
+        self._caches: list | None = None
         self.init(seed)
 
     def unflatten(self, vec: np.ndarray) -> dict[str, np.ndarray]:
@@ -133,7 +133,7 @@ class CNN:
         """x: (N, H, W, C) -> logits: (N, classes). train=True keeps what backward needs."""
         s, p = self.spec, self.p
         x = np.asarray(x, dtype=self.dtype)
-        caches = []
+        caches: list = []
         for i in range(1, len(s.channels) + 1):
             # conv - ReLU - pool, computed as conv - pool - (+bias) - ReLU: max-pooling
             # commutes with ReLU and with adding a per-channel constant, and the
