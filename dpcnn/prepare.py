@@ -656,15 +656,19 @@ def _info(path: Path) -> None:
           "prepare it again with --force to add them")
 
 
-def _offline_message(args, offline: bool) -> str:
-    """The action first: which four files to copy where, and the command to run then."""
+def offline_message(dataset: str, offline: bool, then: str) -> str:
+    """The action first: which four files to copy where, and what to run then."""
     names = ", ".join(n for pair in FILES.values() for n in pair)
+    why = "(offline?)" if offline else "(no source gave files that verify)"
+    return f"cannot download {dataset} {why}: copy {names} (.gz or raw) into a directory and run: {then}"
+
+
+def _offline_message(args, offline: bool) -> str:
     cmd = "python -m dpcnn.data prepare"
     if args.dataset != "mnist":
         cmd += f" --dataset {args.dataset}"
     cmd += " --source DIR" + (f" --out {args.out}" if args.out else "")
-    why = "offline?" if offline else "no source gave files that verify"
-    return f"cannot download {args.dataset} ({why}): copy {names} (.gz or raw) into a directory and run: {cmd}"
+    return offline_message(args.dataset, offline, cmd)
 
 
 @entry_point

@@ -49,7 +49,7 @@ from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
 from .model import EVAL_BATCH, ModelSpec
 from .optim import Schedule
-from .prepare import prepare
+from .prepare import DownloadError, offline_message, prepare
 from .rundir import RunDir
 from .step import Diverged, StepResult, TrainStep
 from .watchdog import StopRequest, Watchdog, watched
@@ -71,10 +71,12 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
             log.info("%s not found: preparing %s", path, cfg.dataset)
             try:
                 prepare(cfg.dataset, cfg.data_source, path)
-            except DataError as e:
-                src = f" --source {cfg.data_source}" if cfg.data_source else " --source DIR"
-                raise DataError(f"{e}. Prepare it from local IDX files with: python -m dpcnn.data "
-                                f"prepare --dataset {cfg.dataset}{src} --out {path}") from None
+            except DownloadError as e:
+                log.debug("%s", e)
+                raise DataError(offline_message(cfg.dataset, e.offline, "the same command with --data-source DIR")) \
+                    from None
+            except DataError as e:                  # prepare's messages name its --source: ours is --data-source
+                raise DataError(f"cannot prepare {path}: " + str(e).replace("--source ", "--data-source ")) from None
         if not verify(path):
             log.warning("warning: %s: not verified (its arrays have no SHA-256: made by an older dpcnn); "
                         "python -m dpcnn.data prepare --force adds them", path)

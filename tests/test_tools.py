@@ -306,3 +306,21 @@ def test_closed_stdout_ends_a_command_quietly(tiny_h5, command):
     r = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0" | true; exit ${{PIPESTATUS[0]}}', code],
                        capture_output=True, text=True, timeout=60, env=child_env())
     assert r.stderr == "" and r.returncode == 1, r.stderr
+
+
+def test_the_readme_error_table_quotes_real_messages():
+    """Every message the README's error table quotes is in the code, fragment by fragment (a
+    `...` stands for names and numbers filled in at run time)."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### When something goes wrong", 1)[1].split("###", 1)[0]
+    quoted = [m for row in table.splitlines() if row.startswith("| `")
+              for m in [re.match(r"\| `([^`]+)`", row).group(1)]]
+    assert len(quoted) >= 10
+    code = " ".join(" ".join(p.read_text().split()) for p in (ROOT / "dpcnn").glob("*.py"))
+    code = re.sub(r'"\s*f?"', "", code)                     # join implicitly concatenated literals
+    code = re.sub(r"\{[^{}]*\}|%[ds.0-9fg]+", "...", code)  # placeholders as the table writes them
+    for message in quoted:
+        for fragment in (f.strip() for f in message.split("...")):
+            if fragment:
+                assert fragment in code, (message, fragment)
