@@ -1,20 +1,38 @@
 """dpcnn: a distributed data-parallel CNN trainer in NumPy, mpi4py and h5py.
 
+    import dpcnn
+    clf = dpcnn.load("runs/latest/best.h5")
+    clf.predict(images)                                  # uint8 0-255 or float 0-1, (N, H, W)
+    dpcnn.fit(dpcnn.Config(epochs=2, out="runs/quick"))  # train from Python (mpirun: every rank)
+
 The data path reads top to bottom, one module per concern:
 
-    data        IDX -> verified HDF5, and sharded reading of a rank's rows
+    prepare     IDX files -> a verified HDF5 file (registry, downloads, writing)
+    data        the prepared file: layout, validated reading, each rank's micro-batches
     layers      forward/backward pairs: conv (im2col), max-pool, ReLU, dense, softmax loss
-    model       the CNN spec, its flat parameter/gradient vectors, He initialisation
-    malloc      keeps freed memory in the process, so steps do not page-fault
+    model       the CNN spec, its flat parameter/gradient vectors, initialisation
     optim       SGD (momentum, Nesterov, weight decay) and learning-rate schedules
+    exact       order-independent sums: what makes every rank count give the same bits
     metrics     loss, accuracy, per-class accuracy, confusion matrix
     comm        the communicator: serial or MPI (all of dpcnn's MPI calls go through it)
-    checkpoint  atomic HDF5 checkpoints: save, load, find the newest valid, check a resume
-    cli         what every command shares: logging, one-line errors, argument types
-    train       the training loop and its command line
+    step        one synchronous data-parallel step: micro-batches, one allreduce, the update
+    watchdog    stop signals and the stall watchdog
+    config      the run's configuration, built once
+    fileio      files written whole or not at all
+    checkpoint  verified HDF5 checkpoints
+    rundir      the run directory: lock, config.json, metrics.jsonl, checkpoints
+    train       the trainer and its command line
+    api         load / predict / export_npz / fit for Python users
+    cli         what every command shares: exit statuses, logging, one-line errors, argument types
 
-and the tools around it: evaluate, predict, plot, bench (one process against
-PyTorch) and scaling (P ranks against PyTorch DDP).
+and the tools around it: evaluate, predict, plot, bench (one process against PyTorch),
+scaling (P ranks against PyTorch DDP), torchref (the model in PyTorch), malloc.
 """
 
 __version__ = "0.1.0"
+
+from .api import Classifier, export_npz, load
+from .config import Config
+from .train import train as fit
+
+__all__ = ["Classifier", "Config", "__version__", "export_npz", "fit", "load"]

@@ -36,12 +36,12 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
+from .api import normalisation
+from .checkpoint import CheckpointError, load_model
 from .cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -53,15 +53,10 @@ from .cli import (
     report_error,
     setup_logging,
 )
-from .data import Split, standardise
+from .data import standardise
 from .layers import softmax
-from .prepare import DATASETS
 
 log = logging.getLogger("dpcnn")
-
-# Pixel statistics of the MNIST training images / 255 (what `dpcnn.data prepare` stores),
-# used only when the data file a MNIST checkpoint was trained on is not at hand.
-MNIST_MEAN, MNIST_STD = 0.1306604762738429, 0.30810780385646264
 
 BORDER_LIGHT = 127      # mean border grey level above which the image is dark ink on light paper
 INK = 0.2               # after stretching, pixels above this fraction of 255 are ink (bounding box)
@@ -216,34 +211,6 @@ def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
 
 
 # ----------------------------------------------------------------------------- the command
-
-
-@dataclass
-class Normalisation:
-    mean: float
-    std: float
-    class_names: list[str]
-    source: str
-
-
-def normalisation(state, ckpt_path: Path, model, data: Path | None, force: bool) -> Normalisation:
-    """Mean, std and class names: from --data, else the recorded data file, else MNIST's values."""
-    explicit = data is not None
-    if not explicit:
-        data = recorded_data_path(state, ckpt_path) if state.config.get("data") else None
-    if data is not None and Path(data).is_file():
-        with Split(data, "test") as s:
-            check_data(state, ckpt_path, s, model, force)
-            return Normalisation(s.mean, s.std, list(s.class_names), str(data))
-    if explicit:
-        raise CheckpointError(f"{data}: no such data file (needed for the pixel mean and std)")
-    dataset = state.config.get("dataset")
-    if dataset == "mnist":
-        log.info("data file %s not found: using the MNIST pixel mean and std", data)
-        return Normalisation(MNIST_MEAN, MNIST_STD, list(DATASETS["mnist"].class_names), "MNIST constants")
-    raise CheckpointError(f"{ckpt_path}: its data file {data} is missing and it was trained on "
-                          f"{dataset or 'an unknown data set'}, whose pixel mean and std are needed; "
-                          "pass --data with the prepared data file")
 
 
 def load_inputs(path: Path, size: int) -> tuple[list[str], np.ndarray, np.ndarray | None]:

@@ -1,0 +1,55 @@
+"""The Python API: dpcnn.fit with a Config, dpcnn.load(...).predict, export_npz."""
+
+import json
+
+import numpy as np
+import pytest
+
+import dpcnn
+from dpcnn import evaluate
+from dpcnn.cli import UserError
+from dpcnn.comm import SerialComm
+from dpcnn.data import Split
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "run"
+    cfg = dpcnn.Config(data=tiny_h5, out=out, epochs=2, batch_size=32, threads=1, progress=False)
+    assert dpcnn.fit(cfg, SerialComm()) == 0
+    return out
+
+
+def test_fit_then_load_predicts_like_evaluate(trained, tiny_h5):
+    clf = dpcnn.load(trained / "best.h5")
+    with Split(tiny_h5, "test") as s:
+        u8 = s.rows(np.arange(s.n))                         # (N, 28, 28) uint8, as stored
+        labels = s.labels
+    pred = clf.predict(u8)
+    report = evaluate.run(trained / "best.h5")
+    assert pred.shape == labels.shape and np.mean(pred == labels) == pytest.approx(report["accuracy"])
+    p = clf.predict_proba(u8)
+    assert p.shape == (len(labels), 10) and np.allclose(p.sum(axis=1), 1)
+    # float intensities in [0, 1] and one (H, W) image give the same answers
+    assert np.array_equal(clf.predict(u8.astype(np.float64) / 255), pred)
+    assert clf.predict(u8[3]).tolist() == [pred[3]]
+    assert clf.class_names == list("0123456789")
+
+
+def test_bad_inputs_are_one_line_errors(trained):
+    clf = dpcnn.load(trained / "best.h5")
+    for bad, says in ((np.zeros((2, 27, 28), np.uint8), "expected (28, 28)"),
+                      (np.full((1, 28, 28), 300), "0-255"), (np.full((1, 28, 28), np.nan), "NaN"),
+                      (np.zeros((1, 28, 28), "U1"), "dtype")):
+        with pytest.raises(UserError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            clf.predict(bad)
+
+
+def test_export_npz_holds_every_layer(trained, tmp_path):
+    clf = dpcnn.load(trained / "best.h5")
+    path = dpcnn.export_npz(trained / "best.h5", tmp_path / "w.npz")
+    with np.load(path) as z:
+        for name, v in clf.model.p.items():
+            assert np.array_equal(z[name], v), name
+        assert json.loads(str(z["spec.json"]))["channels"] == [8, 16]
+        assert float(z["mean"]) == clf.norm.mean and json.loads(str(z["class_names.json"]))[0] == "0"
