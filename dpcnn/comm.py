@@ -139,7 +139,8 @@ class MPIComm(SerialComm):
 
     def versions(self) -> dict:
         import mpi4py
-        return {"mpi4py": mpi4py.__version__, "mpi": self.MPI.Get_library_version().splitlines()[0].strip()}
+        first = self.MPI.Get_library_version().splitlines()[0]
+        return {"mpi4py": mpi4py.__version__, "mpi": " ".join(first.split())}     # "MPICH Version: 5.0.2"
 
     def node_cpus(self) -> int:
         """CPUs usable by the ranks of this node together: the union of their affinity masks.

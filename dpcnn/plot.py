@@ -132,7 +132,14 @@ def plot(records: list[dict], out: Path, title: str = "") -> Path:
         shown = acc + [100 * a for a in _series(records, "train_accuracy")[1] if 100 * a >= min(acc) - 5]
         lo, hi = min(shown), max(shown)
         pad = max(0.5, 0.15 * (hi - lo))
-        ax_acc.set_ylim(max(lo - pad, 0), min(hi + pad, 100.5))
+        bottom = max(lo - pad, 0)
+        ax_acc.set_ylim(bottom, min(hi + pad, 100.5))
+        te, tv = _series(records, "train_accuracy")
+        below = [(x, 100 * a) for x, a in zip(te, tv) if 100 * a < bottom]
+        if below:                                       # say so, at the axis, instead of clipping silently
+            ax_acc.plot([x for x, _ in below], [bottom] * len(below), marker="v", markersize=7, linestyle="none",
+                        color="tab:blue", alpha=0.6, clip_on=False,
+                        label=f"train, below the axis ({', '.join(f'{a:.1f}%' for _, a in below[:3])})")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend(loc="best")
 

@@ -23,8 +23,10 @@ on). If that recorded file is missing and the checkpoint was trained on MNIST, t
 MNIST values are used.
 
 Each input prints one line, ``path: 7 (p=0.993)`` (``path[i]`` for the i-th image of an
-array). A file that cannot be read prints a one-line error naming it; the other files
-are still classified, and the exit status is then 1.
+array); with ``--top K`` the next classes follow when they are at least 1% likely, and an
+answer below 50% is flagged ``[low confidence: ...]`` (``low_confidence`` in ``--json``).
+A file that cannot be read prints a one-line error naming it; the other files are still
+classified, and the exit status is then 1.
 
 Exit status: 0 all classified, 1 some input or the checkpoint failed, 2 bad command line.
 """
@@ -249,8 +251,19 @@ def _unique_stem(path: Path, inputs: list[Path]) -> str:
     return str(path).replace("/", "_").replace("\\", "_").lstrip("_")
 
 
+SHOWN = 0.01        # --top lists further classes only from this probability on
+UNSURE = 0.5        # below this, the answer is flagged as low confidence
+
+
 def _fmt(name: str, p: float) -> str:
     return f"{name} (p={p:.3f})"
+
+
+def describe(top: list[dict]) -> str:
+    """'7 (p=0.993)', further classes only when they are at least SHOWN likely, and a flag when unsure."""
+    shown = [top[0]] + [t for t in top[1:] if t["probability"] >= SHOWN]
+    text = ", ".join(_fmt(t["name"], t["probability"]) for t in shown)
+    return text + ("  [low confidence: not much like any class]" if top[0]["probability"] < UNSURE else "")
 
 
 @entry_point
@@ -292,10 +305,11 @@ def main(argv=None) -> int:
         for label, pr in zip(labels, probs):
             top = np.argsort(-pr, kind="stable")[:k]
             rec = {"input": label, "class": int(top[0]), "name": names[top[0]], "probability": float(pr[top[0]]),
+                   "low_confidence": bool(pr[top[0]] < UNSURE),
                    "top": [{"class": int(c), "name": names[c], "probability": float(pr[c])} for c in top]}
             results.append(rec)
             if not args.json:
-                print(f"{label}: " + ", ".join(_fmt(t["name"], t["probability"]) for t in rec["top"]), flush=True)
+                print(f"{label}: {describe(rec['top'])}", flush=True)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "step": state.step, "normalisation": norm.source,
                           "predictions": results, "errors": errors}))

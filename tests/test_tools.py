@@ -216,6 +216,15 @@ def test_predict_image_probabilities_equal_model_softmax(run, tmp_path, capsys):
     for t in rec["top"]:
         assert t["probability"] == pytest.approx(p[0, t["class"]], rel=1e-5)
     assert r["errors"] == [] and r["normalisation"] == str(data)
+    assert rec["low_confidence"] == (p.max() < 0.5)
+
+
+def test_predict_text_shows_only_meaningful_probabilities_and_flags_doubt():
+    top = [{"name": "7", "probability": 0.29}, {"name": "1", "probability": 0.2},
+           {"name": "4", "probability": 0.004}]
+    assert predict.describe(top) == "7 (p=0.290), 1 (p=0.200)  [low confidence: not much like any class]"
+    assert predict.describe([{"name": "3", "probability": 0.995}, {"name": "5", "probability": 0.003}]) \
+        == "3 (p=0.995)"
 
 
 def test_predict_npy_arrays(run, tmp_path, capsys):
@@ -230,8 +239,9 @@ def test_predict_npy_arrays(run, tmp_path, capsys):
         logits = model.forward(s.standardise(u8)).astype(np.float64)
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    want = [f"{tmp_path / 'batch.npy'}[{i}]: {p[i].argmax()} (p={p[i].max():.3f})" for i in range(3)]
-    assert lines == want + [f"{tmp_path / 'one.npy'}: {p[1].argmax()} (p={p[1].max():.3f})"]
+    flag = ["  [low confidence: not much like any class]" if p[i].max() < 0.5 else "" for i in range(3)]
+    want = [f"{tmp_path / 'batch.npy'}[{i}]: {p[i].argmax()} (p={p[i].max():.3f}){flag[i]}" for i in range(3)]
+    assert lines == want + [f"{tmp_path / 'one.npy'}: {p[1].argmax()} (p={p[1].max():.3f}){flag[1]}"]
 
 
 def test_predict_bad_files_are_reported_and_skipped(run, tmp_path, capsys):
