@@ -486,10 +486,11 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     return float(mean), float(np.sqrt(var))
 
 
-def _check_pair(images: np.ndarray, labels: np.ndarray, split: str, num_classes: int):
-    """Images (N, H, W) uint8 and labels (N,) uint8 < num_classes, else DataError."""
-    img, lab = FILES[split]
-    if images.ndim != 3 or images.dtype != np.uint8:
+def _check_pair(images: np.ndarray, labels: np.ndarray, split: str, num_classes: int,
+                names: tuple[str, str] | None = None):
+    """Images (N, H, W) or (N, H, W, C) uint8 and labels (N,) uint8 < num_classes, else DataError."""
+    img, lab = names or FILES[split]
+    if images.ndim not in (3, 4) or images.dtype != np.uint8:
         raise DataError(f"{img}: expected (N, H, W) uint8 images, got {images.shape} {images.dtype}")
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{lab}: expected (N,) uint8 labels, got {labels.shape} {labels.dtype}")
@@ -522,6 +523,88 @@ def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_h5_atomic(out, fill)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+COLORS = {"grey": "L", "rgb": "RGB"}
+
+
+def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
+                classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """An image folder, one subfolder per class (the layout torchvision's ImageFolder and Keras's
+    image_dataset_from_directory read) -> (images (N, H, W) grey or (N, H, W, 3) RGB uint8, labels
+    (N,) uint8, class names, SHA-256 over every file's path and bytes).
+
+    Classes are the subfolders in sorted order (or `classes`, for a test folder that must match);
+    files are taken in sorted order, converted to grey or RGB and resized to size = (H, W).
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError('reading image folders needs Pillow: pip install "dpcnn[predict]"') from None
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected one subfolder of images per class)")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is not None and found != classes:
+        raise DataError(f"{root}: classes {found} differ from the training folder's {classes}")
+    if len(found) < 2 or len(found) > 256:
+        raise DataError(f"{root}: {len(found)} class subfolder(s), expected 2 to 256")
+    H, W = size
+    images, labels, h = [], [], hashlib.sha256()
+    for label, name in enumerate(found):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{root / name}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        for p in files:                                   # one decode per file: not a hot path
+            raw = p.read_bytes()
+            h.update(f"{name}/{p.name}:{len(raw)}:".encode())
+            h.update(raw)
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    im = im.convert(COLORS[color])
+                    images.append(np.asarray(im.resize((W, H), Image.LANCZOS), dtype=np.uint8))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{p}: not a readable image ({e})") from None
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, np.uint8), found, h.hexdigest()
+
+
+def prepare_folder(root, out, *, test=None, test_fraction: float = 0.1, size: tuple[int, int] = (28, 28),
+                   color: str = "grey", seed: int = 0, name: str | None = None) -> Path:
+    """Write an image folder (and a test folder, or a seeded `test_fraction` of it) as a prepared file.
+
+    The data set is named after the folder unless `name` is given; its class names are the
+    subfolders'. The file has the layout of every prepared file (see dpcnn.data), images
+    (N, H, W) for grey and (N, H, W, 3) for RGB.
+    """
+    root, out = Path(root), Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a directory; give a file name, e.g. {out / (root.name + '.h5')}")
+    _check_writable(out)
+    x, y, classes, digest = read_folder(root, size, color)
+    sha = {"train": digest}
+    if test is not None:
+        xt, yt, _, sha["test"] = read_folder(Path(test), size, color, classes)
+    else:
+        if not 0 < test_fraction < 1:
+            raise DataError(f"--test-fraction {test_fraction}: expected a number between 0 and 1")
+        order = np.random.default_rng(seed).permutation(len(y))
+        k = max(1, round(test_fraction * len(y)))
+        if k >= len(y):
+            raise DataError(f"{root}: {len(y)} images are too few to hold out a test split")
+        te, tr = np.sort(order[:k]), np.sort(order[k:])
+        (x, y), (xt, yt) = (x[tr], y[tr]), (x[te], y[te])
+        sha["test"] = f"{digest}:fraction={test_fraction}:seed={seed}"
+    info = DatasetInfo(name=name or root.name, class_names=tuple(classes))
+    for split, (a, b) in (("train", (x, y)), ("test", (xt, yt))):
+        _check_pair(a, b, split, len(classes), names=(f"{split} images", f"{split} labels"))
+    write_h5(out, info, {"train": (x, y), "test": (xt, yt)}, sha)
+    logger.info("wrote %s: %d train and %d test images of %s in %d classes", out, len(y), len(yt),
+                "x".join(map(str, x.shape[1:])), len(classes))
+    return out
 
 
 def _check_writable(out: Path) -> None:
@@ -611,11 +694,23 @@ examples:
   python -m dpcnn.data prepare --source ~/datasets/mnist
   python -m dpcnn.data prepare --source https://example.org/mnist/ --out /scratch/mnist.h5
   python -m dpcnn.data info                            data/mnist.h5: attributes, counts, verified
+  python -m dpcnn.data prepare --from-folder photos/ --size 32x32 --color rgb --out data/photos.h5
+                                                       your images: photos/<class>/*.png|jpg
   dpcnn-prepare --dataset mnist                        the same, as a console script
 
 Preparing needs only numpy and h5py (no MPI), so it runs on a cluster's login node:
   pip install numpy h5py tqdm && python -m dpcnn.data prepare
 """
+
+
+def _size(s: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 28x28, got {s!r}") from None
+    if not (4 <= h <= 1024 and 4 <= w <= 1024):
+        raise argparse.ArgumentTypeError(f"expected sizes from 4 to 1024, got {s!r}")
+    return h, w
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -629,6 +724,16 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="download or read, verify, and write data/<dataset>.h5")
     pp.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
+    pp.add_argument("--from-folder", type=Path, metavar="DIR",
+                    help="your own images instead: DIR holds one subfolder of images per class (PNG, JPEG, ...)")
+    pp.add_argument("--test-folder", type=Path, metavar="DIR", help="with --from-folder: the test images, the "
+                    "same subfolders (default: hold out --test-fraction of DIR)")
+    pp.add_argument("--test-fraction", type=positive_float, default=0.1,
+                    help="with --from-folder and no --test-folder: the seeded share held out for testing (0.1)")
+    pp.add_argument("--size", type=_size, default=(28, 28), metavar="HxW",
+                    help="with --from-folder: resize every image to H x W pixels (default 28x28)")
+    pp.add_argument("--color", choices=sorted(COLORS), default="grey",
+                    help="with --from-folder: grey (1 channel) or rgb (3 channels); default grey")
     pp.add_argument("--source", help="directory with the four IDX files (.gz or raw), or an "
                                      "http(s) base URL; default: the public mirrors in order")
     pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")
@@ -682,6 +787,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "info":
             _info(args.path or default_data_path(args.dataset))
+        elif args.from_folder is not None:
+            out = args.out or default_data_path(args.from_folder.resolve().name)
+            prepare_folder(args.from_folder, out, test=args.test_folder, test_fraction=args.test_fraction,
+                           size=args.size, color=args.color)
         else:
             prepare(args.dataset, args.source, args.out, force=args.force, timeout=args.timeout)
         return EXIT_OK

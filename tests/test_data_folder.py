@@ -1,0 +1,86 @@
+"""Your own data: image folders (one subfolder per class) prepared into the common HDF5 layout."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from dpcnn.data import DataError, Split, verify
+from dpcnn.prepare import main as prepare_main
+from dpcnn.prepare import prepare_folder, read_folder
+
+Image = pytest.importorskip("PIL.Image")
+
+
+def make_folder(root, classes=("circle", "cross", "square"), per_class=8, size=(40, 32), rgb=False, seed=0):
+    """Images that differ by class: a bright disc, a cross or a square at a random place, on noise;
+    as PNG and JPEG, grey or colour (each class its own hue)."""
+    rng = np.random.default_rng(seed)
+    H, W = size
+    yy, xx = np.mgrid[:H, :W]
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            cy, cx = rng.integers(10, H - 10), rng.integers(10, W - 10)
+            if c == 0:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+            elif c == 1:
+                mask = (abs(yy - cy) < 2) & (abs(xx - cx) < 8) | (abs(xx - cx) < 2) & (abs(yy - cy) < 8)
+            else:
+                mask = (abs(yy - cy) < 6) & (abs(xx - cx) < 6)
+            grey = np.where(mask, 230, rng.integers(0, 40, (H, W))).astype(np.uint8)
+            if rgb:
+                hue = np.eye(3)[c] * 0.8 + 0.2
+                img = Image.fromarray((grey[..., None] * hue).astype(np.uint8), "RGB")
+            else:
+                img = Image.fromarray(grey, "L")
+            img.save(root / name / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_grey_folder_with_a_seeded_test_share(tmp_path):
+    src = make_folder(tmp_path / "shapes")
+    out = prepare_folder(src, tmp_path / "shapes.h5", test_fraction=0.25, size=(28, 28))
+    with Split(out, "train") as tr, Split(out, "test") as te:
+        assert tr.class_names == ["circle", "cross", "square"] and tr.dataset == "shapes"
+        assert (tr.n, te.n) == (18, 6) and tr.image_shape == (28, 28)
+        assert np.bincount(np.concatenate([tr.labels, te.labels])).tolist() == [8, 8, 8]
+    assert verify(out) is True
+    with h5py.File(out) as f:                          # the documented layout, nothing else
+        assert set(f) == {"train", "test"} and f["train/images"].dtype == np.uint8
+        assert json.loads(f.attrs["class_names"]) == ["circle", "cross", "square"]
+    again = prepare_folder(src, tmp_path / "again.h5", test_fraction=0.25, size=(28, 28))
+    with h5py.File(out) as a, h5py.File(again) as b:   # the draw is seeded: the same split
+        assert np.array_equal(a["test/labels"][...], b["test/labels"][...])
+
+
+def test_rgb_folder_and_separate_test_folder(tmp_path):
+    src = make_folder(tmp_path / "train", rgb=True)
+    test = make_folder(tmp_path / "test", rgb=True, per_class=3, seed=1)
+    assert prepare_main(["prepare", "--from-folder", str(src), "--test-folder", str(test), "--color", "rgb",
+                         "--size", "24x20", "--out", str(tmp_path / "c.h5")]) == 0
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["train/images"].shape == (24, 24, 20, 3) and f["test/images"].shape == (9, 24, 20, 3)
+        x = f["train/images"][...]
+    # the colour survived: each class is brightest in its own channel
+    for c in range(3):
+        y = np.repeat(np.arange(3), 8)
+        assert x[y == c].mean(axis=(0, 1, 2)).argmax() == c
+
+
+def test_folder_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(DataError, match="not a directory"):
+        read_folder(tmp_path / "none", (28, 28))
+    src = make_folder(tmp_path / "a", classes=("x", "y"), per_class=2)
+    (src / "y" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"broken\.png: not a readable image"):
+        read_folder(src, (28, 28))
+    test = make_folder(tmp_path / "t", classes=("x", "z"), per_class=1)
+    (src / "y" / "broken.png").unlink()
+    with pytest.raises(DataError, match=r"classes \['x', 'z'\] differ from the training folder's \['x', 'y'\]"):
+        prepare_folder(src, tmp_path / "o.h5", test=test)
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["prepare", "--from-folder", str(src), "--size", "big"])
+    assert e.value.code == 2 and "expected HxW" in capsys.readouterr().err
+    assert not (tmp_path / "o.h5").exists()
