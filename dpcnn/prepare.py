@@ -565,7 +565,7 @@ def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
             try:
                 with Image.open(io.BytesIO(raw)) as im:
                     im = im.convert(COLORS[color])
-                    images.append(np.asarray(im.resize((W, H), Image.LANCZOS), dtype=np.uint8))
+                    images.append(np.asarray(im.resize((W, H), Image.Resampling.LANCZOS), dtype=np.uint8))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise DataError(f"{p}: not a readable image ({e})") from None
             labels.append(label)
