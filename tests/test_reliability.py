@@ -1,6 +1,7 @@
 """Never lose a run: the run directory's lock, verified checkpoints, pruning that keeps the good
 ones, stop signals during start-up, the stall watchdog, torn metrics lines."""
 
+import contextlib
 import json
 import os
 import signal
@@ -184,23 +185,31 @@ def test_a_stop_during_start_up_exits_75_with_nothing_new(tiny_h5, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
 
 
-@pytest.mark.timeout(120)
-def test_a_stopped_rank_ends_the_job_with_the_stall_status(tiny_h5, tmp_path):
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def two_ranks_one_stopped(tiny_h5, out, timeout):
+    """A 2-rank training whose last rank is SIGSTOPped once a checkpoint exists; yields
+    (the launcher, the rank PIDs); everything is killed on the way out."""
     p = subprocess.Popen([mpiexec(), "-n", "2", *job(tiny_h5, out, "--epochs", "400", "--eval-every", "4",
-                                                     "--timeout", "3")],
+                                                     "--timeout", timeout)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         wait_for(lambda: RunDir(out).checkpoints(), "a first checkpoint", proc=p)
         pids = rank_pids(p.pid)
         assert len(pids) == 2
         os.kill(pids[-1], signal.SIGSTOP)                  # swapped out, or a debugger: no progress
-        t0 = time.time()
-        _, err = p.communicate(timeout=60)
+        yield p, pids
     finally:
         for pid in rank_pids(p.pid) if p.poll() is None else []:
             os.kill(pid, signal.SIGKILL)
         p.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_rank_ends_the_job_with_the_stall_status(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    with two_ranks_one_stopped(tiny_h5, out, 3) as (p, _):
+        t0 = time.time()
+        _, err = p.communicate(timeout=60)
     assert p.returncode == EXIT_STALLED, err
     assert time.time() - t0 < 30, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -214,21 +223,11 @@ def test_a_stop_signal_while_stuck_in_a_collective_ends_the_rank_at_once(tiny_h5
     Python handler cannot run there, so the watchdog thread ends the job, status 75, within its
     grace of 10 s, instead of waiting for SIGKILL."""
     out = tmp_path / "run"
-    p = subprocess.Popen([mpiexec(), "-n", "2", *job(tiny_h5, out, "--epochs", "400", "--eval-every", "4",
-                                                     "--timeout", "300")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-    try:
-        wait_for(lambda: RunDir(out).checkpoints(), "a first checkpoint", proc=p)
-        pids = rank_pids(p.pid)
-        os.kill(pids[-1], signal.SIGSTOP)
+    with two_ranks_one_stopped(tiny_h5, out, 300) as (p, pids):
         time.sleep(1)
         t0 = time.time()
         os.kill(pids[0], signal.SIGTERM)
         _, err = p.communicate(timeout=60)
-    finally:
-        for pid in rank_pids(p.pid) if p.poll() is None else []:
-            os.kill(pid, signal.SIGKILL)
-        p.kill()
     assert p.returncode == EXIT_STOPPED, err
     assert time.time() - t0 < 30, err                      # the grace (10 s) and a loaded machine's slack
     assert "error: rank 0: stop signal while waiting in the allreduce" in err, err
