@@ -15,6 +15,12 @@ Reading on P ranks: the order of epoch e is ``epoch_order(N, seed, e)``; global 
 all its slices (about N/P) as uint8 and converts one batch at a time to standardised float32
 NHWC ``(m, H, W, 1)``.
 
+Validation and augmentation: ``holdout(N, V, seed)`` draws the V training rows held out for
+validation; the loader then orders only the others (``subset``). ``Augment`` translates (and
+rotates) each training image at random, with draws made from (seed, epoch, global batch,
+position in the batch) alone. Every random draw here depends only on such numbers, never on
+the rank or the rank count, so P ranks see exactly the samples one process would.
+
 ``verify(path)`` reads every array once and compares it with its ``sha256`` (MNIST: 55 MB, about
 0.1 s from the page cache). It is meant for the trainer's rank 0 at start; ``prepare`` calls it
 before calling a file up to date, and ``info`` prints its result.
@@ -172,6 +178,28 @@ def _read_rows(ds: h5py.Dataset, idx: np.ndarray, block: int = 4 * ROW_CHUNK) ->
     return out
 
 
+# Random streams besides the sample order: each use draws from its own SeedSequence spawn key,
+# so no two uses (nor epoch_order's default_rng([seed, epoch])) ever share a stream.
+HOLDOUT_STREAM, AUGMENT_STREAM = 1, 2
+
+
+def stream_rng(stream: int, *words: int) -> np.random.Generator:
+    """A Generator determined by the stream and the words (seed, epoch, ...) alone."""
+    return np.random.default_rng(np.random.SeedSequence(list(words), spawn_key=(stream,)))
+
+
+def holdout(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows 0..n-1 split into (training rows, validation rows), each sorted, int64.
+
+    The `size` validation rows are the first entries of a permutation drawn from `seed` alone,
+    so every rank, and a resumed run, hold out the same rows. 0 <= size < n.
+    """
+    if not 0 <= size < n:
+        raise ValueError(f"cannot hold out {size} of {n} rows for validation")
+    perm = stream_rng(HOLDOUT_STREAM, seed).permutation(n).astype(np.int64)
+    return np.sort(perm[size:]), np.sort(perm[:size])
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one epoch: a permutation (n,) int64 drawn from (seed, epoch) only."""
     if seed < 0 or epoch < 0:
@@ -221,39 +249,47 @@ def micro_bounds(M: int, m: int, rank: int, size: int) -> tuple[int, int]:
 class ShardedLoader:
     """What one rank iterates during training: its slice of every global batch.
 
-    Global batch k of epoch e is order[k*B : (k+1)*B] with order = epoch_order(N, seed, e)
-    (or 0..N-1 with shuffle=False); the rank takes micro_bounds(M, micro_batch, rank, size)
-    of it: whole micro-batches. The rows of all its slices of the current epoch (about N/P)
-    are cached as uint8, so batch(e, k) never depends on which batches were asked for before.
+    Global batch k of epoch e is order[k*B : (k+1)*B] with order = subset[epoch_order(N, seed, e)]
+    (N = len(subset); subset defaults to all rows of the split; with shuffle=False 0..N-1 instead
+    of the permutation); the rank takes micro_bounds(M, micro_batch, rank, size) of it: whole
+    micro-batches. The rows of all its slices of the current epoch (about N/P) are cached as
+    uint8, so batch(e, k) never depends on which batches were asked for before. With `augment`,
+    each image is transformed by the draw of its position in the global batch.
     """
 
     def __init__(self, split: Split, *, batch_size: int, rank: int, size: int, seed: int,
-                 drop_last: bool = True, shuffle: bool = True, micro_batch: int = 1):
+                 drop_last: bool = True, shuffle: bool = True, micro_batch: int = 1,
+                 subset: np.ndarray | None = None, augment: Augment | None = None):
         shard_bounds(0, rank, size)  # validates rank and size
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         self.split, self.batch_size, self.rank, self.size = split, batch_size, rank, size
-        self.micro_batch = micro_batch
+        self.micro_batch, self.augment = micro_batch, augment
         self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
-        self.steps_per_epoch = num_batches(split.n, batch_size, drop_last)
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)
+        self.n = split.n if self.subset is None else len(self.subset)
+        self.steps_per_epoch = num_batches(self.n, batch_size, drop_last)
         if self.steps_per_epoch == 0:
-            raise DataError(f"{split.path}: batch size {batch_size} exceeds the {split.n} "
-                            f"{split.split} samples with drop_last")
+            left = "" if subset is None else " left for training"
+            raise DataError(f"{split.path}: batch size {batch_size} exceeds the {self.n} "
+                            f"{split.split} samples{left} with drop_last")
         self._epoch: int | None = None                 # the epoch whose rows are cached:
         self._order: Any = None                        # its sample order (N,),
         self._rows: Any = None                         # this rank's rows of it, sorted (n_r,),
         self._images: Any = None                       # and their images (n_r, H, W) uint8
 
     def order(self, epoch: int) -> np.ndarray:
-        """All sample indices of the epoch in order, (N,) int64."""
+        """All row indices of the epoch in order, (N,) int64."""
         if self.shuffle:
-            return epoch_order(self.split.n, self.seed, epoch)
-        return np.arange(self.split.n, dtype=np.int64)
+            pos = epoch_order(self.n, self.seed, epoch)
+        else:
+            pos = np.arange(self.n, dtype=np.int64)
+        return pos if self.subset is None else self.subset[pos]
 
     def _slice(self, k: int) -> tuple[int, int, int]:
         """(lo, hi, M): this rank's positions [lo, hi) in the epoch order for batch k of length M."""
         start = k * self.batch_size
-        m = min(self.batch_size, self.split.n - start)
+        m = min(self.batch_size, self.n - start)
         lo, hi = micro_bounds(m, self.micro_batch, self.rank, self.size)
         return start + lo, start + hi, m
 
@@ -278,8 +314,102 @@ class ShardedLoader:
             self._load_epoch(epoch)
         lo, hi, m = self._slice(k)
         idx = self._order[lo:hi]
-        x = self.split.standardise(self._images[np.searchsorted(self._rows, idx)])
-        return x, self.split.labels[idx].astype(np.int64), m
+        images = self._images[np.searchsorted(self._rows, idx)]
+        if self.augment is not None:
+            start = lo - k * self.batch_size          # the first sample's position in the global batch
+            images = self.augment(images, epoch, k, m, start)
+        return self.split.standardise(images), self.split.labels[idx].astype(np.int64), m
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+class Augment:
+    """Random translations, and optionally small rotations, of training images (as Keras's
+    RandomTranslation/RandomRotation or torchvision's RandomAffine do), filled with 0 (black).
+
+    shift: each image moves by an integer number of pixels drawn uniformly from
+    [-shift, shift] on each axis; rotate: and turns about its centre by an angle drawn
+    uniformly from [-rotate, rotate] degrees (then it is resampled bilinearly, as floats).
+    The draws of global batch k of epoch e come from stream_rng(AUGMENT_STREAM, seed, e, k),
+    one per position in the global batch of M samples, so an image gets the same transform
+    whichever rank reads it and whatever the rank count.
+
+        aug = Augment(shift=2, rotate=10, seed=0)
+        out = aug(images, epoch, k, M, start)     # images: positions [start, start + m) of batch k
+    """
+
+    def __init__(self, shift: int = 0, rotate: float = 0.0, seed: int = 0):
+        if shift < 0 or not 0 <= rotate <= 180:
+            raise ValueError(f"shift must be >= 0 and rotate in [0, 180], got {shift}, {rotate}")
+        self.shift, self.rotate, self.seed = int(shift), float(rotate), int(seed)
+
+    def draws(self, epoch: int, k: int, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dy, dx, angle) of the M positions of global batch k: (M,) int64 pixels, (M,) radians."""
+        rng = stream_rng(AUGMENT_STREAM, self.seed, epoch, k)
+        dy, dx = rng.integers(-self.shift, self.shift + 1, size=(2, M))
+        angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate, M)) if self.rotate else np.zeros(M)
+        return dy, dx, angle
+
+    def __call__(self, images: np.ndarray, epoch: int, k: int, M: int, start: int) -> np.ndarray:
+        """images (m, H, W) uint8 at positions [start, start + m) of global batch k of M samples
+        -> (m, H, W): uint8 when only shifting, else float32 in [0, 255]."""
+        dy, dx, angle = self.draws(epoch, k, M)
+        mine = slice(start, start + len(images))
+        if not self.rotate:
+            return translate(images, dy[mine], dx[mine])
+        # cosines and sines of the whole batch, then sliced: the same bits on every rank
+        c, s = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+        return affine(images, dy[mine], dx[mine], c[mine], s[mine])
+
+
+def translate(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """images (m, H, W), integer shifts dy, dx (m,) -> (m, H, W) of the same dtype, with
+    out[n, i, j] = images[n, i - dy[n], j - dx[n]], and 0 where that falls outside the image."""
+    m, H, W = images.shape
+    s = int(max(np.abs(dy).max(), np.abs(dx).max())) if m else 0
+    padded = _padded(images, s)
+    Hp, Wp = H + 2 * s, W + 2 * s
+    first = np.arange(m) * (Hp * Wp) + (s - dy) * Wp + (s - dx)       # each output's pixel (0, 0)
+    return padded.ravel()[first[:, None, None] + (np.arange(H) * Wp)[:, None] + np.arange(W)]
+
+
+def affine(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """images (m, H, W) rotated about their centre by the angles whose cosine and sine are
+    cos, sin (m,) float32, then shifted by dy, dx (m,) pixels -> (m, H, W) float32, sampled
+    bilinearly, 0 outside. Elementwise float32 arithmetic only, so each output value depends
+    on its own image and draw alone, not on m."""
+    m, H, W = images.shape
+    f = np.float32
+    cy, cx = f((H - 1) / 2), f((W - 1) / 2)
+    # each output pixel's offset from the centre, less the shift: (m, H, 1) and (m, 1, W)
+    u = np.arange(H, dtype=f)[None, :, None] - cy - dy.astype(f)[:, None, None]
+    v = np.arange(W, dtype=f)[None, None, :] - cx - dx.astype(f)[:, None, None]
+    c, s = cos[:, None, None], sin[:, None, None]
+    ys = c * u + s * v + cy                            # the source pixel: rotated back by the angle
+    xs = c * v - s * u + cx
+    y0, x0 = np.floor(ys), np.floor(xs)
+    fy, fx = ys - y0, xs - x0
+    # a border of zeros around each image: corners outside the image are clipped onto it
+    padded = _padded(images.astype(f), 1).ravel()
+    Hp, Wp = H + 2, W + 2
+    yi = np.clip(y0.astype(np.intp) + 1, 0, H + 1)     # rows and columns in the padded images
+    yj = np.clip(y0.astype(np.intp) + 2, 0, H + 1)
+    xi = np.clip(x0.astype(np.intp) + 1, 0, W + 1)
+    xj = np.clip(x0.astype(np.intp) + 2, 0, W + 1)
+    n = (np.arange(m) * (Hp * Wp))[:, None, None]
+    ri, rj = n + yi * Wp, n + yj * Wp
+    top = (1 - fx) * padded[ri + xi] + fx * padded[ri + xj]
+    bottom = (1 - fx) * padded[rj + xi] + fx * padded[rj + xj]
+    return (1 - fy) * top + fy * bottom
+
+
+def _padded(images: np.ndarray, s: int) -> np.ndarray:
+    """images (m, H, W) -> (m, H + 2s, W + 2s) with a border of s zeros."""
+    m, H, W = images.shape
+    out = np.zeros((m, H + 2 * s, W + 2 * s), images.dtype)
+    out[:, s:s + H, s:s + W] = images
+    return out
 
 
 def array_sha256(a: np.ndarray) -> str:

@@ -1,0 +1,128 @@
+"""Learning well and choosing honestly: the validation hold-out, augmentation, initialisation
+schemes and starting from a checkpoint's weights. Each random draw depends on the seed, the
+epoch, the global batch and the position in it only, so every test here also checks that one
+rank and three see the same bits."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dpcnn.data import Augment, ShardedLoader, Split, affine, holdout, translate
+
+# ------------------------------------------------------------------------- the validation hold-out
+
+def test_holdout_is_a_seeded_partition():
+    tr, va = holdout(1000, 100, seed=0)
+    assert tr.dtype == va.dtype == np.int64 and (len(tr), len(va)) == (900, 100)
+    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(1000))
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)               # sorted, distinct
+    assert all(np.array_equal(a, b) for a, b in zip(holdout(1000, 100, 0), (tr, va), strict=True))
+    assert not np.array_equal(holdout(1000, 100, 1)[1], va)
+    assert len(holdout(1000, 0, 0)[1]) == 0
+    with pytest.raises(ValueError):
+        holdout(10, 10, 0)
+
+
+def test_loader_orders_only_the_training_rows(tiny_h5):
+    """With a subset, every epoch covers exactly those rows, and the ranks' slices of each global
+    batch still concatenate to the one-rank batch."""
+    tr, va = holdout(384, 64, seed=0)
+    with Split(tiny_h5) as s:
+        x_all, y_all = s.read(0, s.n)
+        one = ShardedLoader(s, batch_size=40, rank=0, size=1, seed=3, drop_last=False, subset=tr)
+        assert (one.n, one.steps_per_epoch) == (320, 8)
+        for epoch in (0, 1):
+            order = one.order(epoch)
+            assert np.array_equal(np.sort(order), tr)
+            for k in range(one.steps_per_epoch):
+                x, y, M = one.batch(epoch, k)
+                rows = order[k * 40:(k + 1) * 40]
+                assert M == len(rows) and np.array_equal(y, y_all[rows]) and np.array_equal(x, x_all[rows])
+                parts = [ShardedLoader(s, batch_size=40, rank=r, size=3, seed=3, drop_last=False, subset=tr,
+                                       micro_batch=4).batch(epoch, k) for r in range(3)]
+                assert np.array_equal(np.concatenate([p[0] for p in parts]), x)
+
+
+# ------------------------------------------------------------------------- augmentation
+
+def naive_translate(images, dy, dx):
+    """The definition, one pixel at a time."""
+    out = np.zeros_like(images)
+    m, H, W = images.shape
+    for n in range(m):
+        for i in range(H):
+            for j in range(W):
+                if 0 <= i - dy[n] < H and 0 <= j - dx[n] < W:
+                    out[n, i, j] = images[n, i - dy[n], j - dx[n]]
+    return out
+
+
+def test_translate_is_the_shift_it_claims():
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 256, (40, 9, 7)).astype(np.uint8)       # no zeros: a zero is the fill
+    dy, dx = rng.integers(-4, 5, 40), rng.integers(-3, 4, 40)
+    dy[:3], dx[:3] = (0, 12, -9), (0, 0, 8)                      # none, off the image, off both ways
+    out = translate(x, dy, dx)
+    assert out.dtype == np.uint8 and out.shape == x.shape
+    np.testing.assert_array_equal(out, naive_translate(x, dy, dx))
+    assert np.array_equal(out[0], x[0]) and not out[1].any() and not out[2].any()
+    # shifted back, the pixels that stayed inside are the originals, the others are zeros
+    stayed = translate(translate(np.ones_like(x), dy, dx), -dy, -dx)
+    assert np.array_equal(translate(out, -dy, -dx), x * stayed)
+    assert stayed[0].all() and stayed[3:].sum() == sum((9 - abs(a)) * (7 - abs(b)) for a, b in zip(dy[3:], dx[3:]))
+    assert translate(x[:0], dy[:0], dx[:0]).shape == (0, 9, 7)
+
+
+def test_rotation_resamples_like_the_geometry_says():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (6, 11, 11)).astype(np.uint8)
+    dy, dx = rng.integers(-2, 3, 6), rng.integers(-2, 3, 6)
+    zero = np.zeros(6, np.float32)
+    # angle 0: exactly the integer shift
+    np.testing.assert_array_equal(affine(x, dy, dx, zero + 1, zero), translate(x, dy, dx).astype(np.float32))
+    # a quarter turn of a square image: np.rot90, up to float32 rounding of cos and sin
+    c, s = np.float32(math.cos(math.pi / 2)), np.float32(math.sin(math.pi / 2))
+    quarter = affine(x, zero.astype(int), zero.astype(int), zero + c, zero + s)
+    turned = [np.rot90(x, 1, axes=(1, 2)), np.rot90(x, -1, axes=(1, 2))]
+    assert min(np.abs(quarter - t).max() for t in turned) < 1e-3
+    # a small rotation keeps a central blob's mass, values stay in [0, 255]
+    blob = np.zeros((1, 28, 28), np.uint8)
+    blob[0, 10:18, 11:17] = 200
+    c, s = np.float32(math.cos(0.2)), np.float32(math.sin(0.2))
+    r = affine(blob, np.array([1]), np.array([-2]), np.array([c]), np.array([s]))
+    assert r.min() >= 0 and r.max() <= 255 and abs(r.sum() / blob.sum() - 1) < 0.02
+
+
+@pytest.mark.parametrize("rotate", [0.0, 10.0])
+def test_augmented_batch_is_the_same_on_1_and_3_ranks(tiny_h5, rotate):
+    """Each image's transform is drawn for its position in the global batch: the ranks' slices
+    concatenate bitwise to the one-rank batch, also from a fresh loader (a resume)."""
+    tr, _ = holdout(384, 64, seed=0)
+    aug = Augment(shift=2, rotate=rotate, seed=7)
+    with Split(tiny_h5) as s:
+        def loader(rank, size):
+            return ShardedLoader(s, batch_size=28, rank=rank, size=size, seed=7, subset=tr, micro_batch=4,
+                                 drop_last=False, augment=aug)
+        one, three = loader(0, 1), [loader(r, 3) for r in range(3)]
+        plain = ShardedLoader(s, batch_size=28, rank=0, size=1, seed=7, subset=tr, drop_last=False)
+        for epoch, k in ((0, 0), (0, 11), (1, 3)):                   # batch 11 is the last, of 12 samples
+            x, y, M = one.batch(epoch, k)
+            parts = [ld.batch(epoch, k) for ld in three]
+            assert [len(p[1]) for p in parts] == ([12, 8, 8] if k < 11 else [4, 4, 4])
+            assert np.array_equal(np.concatenate([p[0] for p in parts]), x)
+            assert np.array_equal(np.concatenate([p[1] for p in parts]), y)
+            assert np.array_equal(loader(2, 3).batch(epoch, k)[0], parts[2][0])
+            assert not np.array_equal(x, plain.batch(epoch, k)[0])          # it did transform
+        assert not np.array_equal(one.batch(0, 0)[0], one.batch(1, 0)[0])
+
+
+def test_augment_draws_depend_on_seed_epoch_and_batch_only():
+    a = Augment(shift=2, seed=3)
+    dy, dx, angle = a.draws(1, 5, 64)
+    assert dy.min() >= -2 and dy.max() <= 2 and set(np.unique(dx)) == set(range(-2, 3)) and not angle.any()
+    assert all(np.array_equal(u, v) for u, v in zip(a.draws(1, 5, 64), (dy, dx, angle), strict=True))
+    for other in (Augment(shift=2, seed=4).draws(1, 5, 64), a.draws(2, 5, 64), a.draws(1, 6, 64)):
+        assert not np.array_equal(other[0], dy)
+    _, _, angle = Augment(shift=1, rotate=15, seed=3).draws(0, 0, 1000)
+    assert np.abs(angle).max() <= math.radians(15) and np.abs(angle).max() > math.radians(14)
