@@ -25,6 +25,9 @@ from . import layers as L
 # temporaries in cache (5,000 MNIST test images: 0.15 s at 64, 0.27 s at 1000, one thread).
 EVAL_BATCH = 64
 
+# How CNN.init draws the parameters (see there).
+INITS = ("he", "torch", "glorot")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -87,9 +90,9 @@ class CNN:
     """
 
     def __init__(self, spec: ModelSpec | None = None, seed: int = 0, dtype=np.float32,
-                 grads: np.ndarray | None = None):
+                 grads: np.ndarray | None = None, init: str = "he"):
         """grads: optionally, the flat gradient vector to use, e.g. a view into a larger
-        communication buffer (num_params,) of this dtype."""
+        communication buffer (num_params,) of this dtype; init: one of INITS (see ``init``)."""
         self.spec = spec or ModelSpec()
         self.dtype = np.dtype(dtype)
         self.shapes = self.spec.param_shapes()
@@ -102,7 +105,7 @@ class CNN:
         self.grads = grads
         self.p, self.g = self.unflatten(self.params), self.unflatten(self.grads)
         self._caches: list | None = None
-        self.init(seed)
+        self.init(seed, init)
 
     def unflatten(self, vec: np.ndarray) -> dict[str, np.ndarray]:
         """A flat vector (num_params,) -> {layer name: shaped view into it}."""
@@ -113,19 +116,36 @@ class CNN:
             o += size
         return out
 
-    def init(self, seed: int) -> None:
-        """He-normal weights (std sqrt(2 / fan_in)), zero biases, from one seeded Generator.
+    def init(self, seed: int, scheme: str = "he") -> None:
+        """Draw every parameter from one seeded Generator, layer by layer, by `scheme`:
 
-        Draws in float64 and rounds to the model dtype, so the same seed gives
-        bit-identical parameters in any dtype's own precision.
+        'he': He-normal weights (std sqrt(2 / fan_in)), zero biases;
+        'torch': PyTorch's default for Conv2d and Linear: weights and biases uniform in
+        [-1/sqrt(fan_in), 1/sqrt(fan_in)] (kaiming_uniform_ with a = sqrt(5) for the weights);
+        'glorot': Glorot-uniform weights (bound sqrt(6 / (fan_in + fan_out))), zero biases (Keras).
+
+        A conv weight (k, k, C, F) has fan_in k*k*C and fan_out k*k*F; a dense one (D, F) D and F.
+        Draws in float64 and rounds to the model dtype, so the same seed gives bit-identical
+        parameters in any dtype's own precision.
         """
+        if scheme not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {scheme!r}")
         rng = np.random.default_rng(seed)
-        for name, shape in self.shapes:
+        fan_in = 1
+        for name, shape in self.shapes:              # each layer's weight comes before its bias
+            p = self.p[name]
             if name.endswith(".w"):
-                fan_in = math.prod(shape[:-1])
-                self.p[name][...] = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+                fan_in, fan_out = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+                if scheme == "he":
+                    p[...] = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+                elif scheme == "torch":
+                    p[...] = rng.uniform(-1, 1, shape) / math.sqrt(fan_in)
+                else:
+                    p[...] = rng.uniform(-1, 1, shape) * math.sqrt(6.0 / (fan_in + fan_out))
+            elif scheme == "torch":
+                p[...] = rng.uniform(-1, 1, shape) / math.sqrt(fan_in)
             else:
-                self.p[name][...] = 0
+                p[...] = 0
 
     # -- forward / backward ---------------------------------------------------
 

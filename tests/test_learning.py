@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dpcnn.data import Augment, ShardedLoader, Split, affine, holdout, translate
+from dpcnn.model import CNN, ModelSpec
 
 # ------------------------------------------------------------------------- the validation hold-out
 
@@ -126,3 +127,25 @@ def test_augment_draws_depend_on_seed_epoch_and_batch_only():
         assert not np.array_equal(other[0], dy)
     _, _, angle = Augment(shift=1, rotate=15, seed=3).draws(0, 0, 1000)
     assert np.abs(angle).max() <= math.radians(15) and np.abs(angle).max() > math.radians(14)
+
+
+# ------------------------------------------------------------------------- initialisation
+
+def test_init_schemes():
+    spec = ModelSpec()
+    fans = {"conv1": (9, 72), "conv2": (72, 144), "fc1": (784, 128), "fc2": (128, 10)}
+    he, torch, glorot = (CNN(spec, seed=5, init=s) for s in ("he", "torch", "glorot"))
+    rng = np.random.default_rng(5)                       # He-normal draws as they always were
+    for name, shape in he.shapes:
+        want = rng.standard_normal(shape) * math.sqrt(2 / fans[name[:-2]][0]) if name.endswith(".w") else 0
+        np.testing.assert_array_equal(he.p[name], np.asarray(want, np.float32) + np.zeros(shape, np.float32))
+    for layer, (fan_in, fan_out) in fans.items():
+        w, b = torch.p[f"{layer}.w"], torch.p[f"{layer}.b"]
+        bound = 1 / math.sqrt(fan_in)
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound and np.abs(b).max() <= bound
+        assert np.all(b != 0)
+        g = glorot.p[f"{layer}.w"]
+        assert np.abs(g).max() <= math.sqrt(6 / (fan_in + fan_out)) and not glorot.p[f"{layer}.b"].any()
+    assert np.array_equal(CNN(spec, seed=5, init="torch").params, torch.params)
+    with pytest.raises(ValueError, match="init must be one of"):
+        CNN(spec, init="lecun")
