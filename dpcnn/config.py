@@ -29,6 +29,7 @@ from .cli import (
     unit_interval,
 )
 from .data import default_data_path
+from .model import INITS
 from .optim import SCHEDULES
 from .prepare import DATASETS
 
@@ -42,6 +43,10 @@ class Config:
     dataset: str = "mnist"
     data_source: str | None = None           # where to prepare a missing file from: directory or URL
     keep_last: bool = False                  # keep the last partial global batch of an epoch
+    val_size: int | None = None              # training rows held out for validation; None: default_val_size
+    val_seed: int = 0                        # which rows are held out (not --seed: the same rows for every seed)
+    shift: int = 0                           # augmentation: random translations of up to this many pixels
+    rotate: float = 0.0                      # augmentation: random rotations of up to this many degrees
     # training
     epochs: int = 8
     batch_size: int = 64                     # GLOBAL batch, split across ranks
@@ -60,6 +65,8 @@ class Config:
     channels: tuple[int, ...] = (8, 16)
     kernel: int = 3
     hidden: tuple[int, ...] = (128,)
+    init: str = "he"                         # how the initial weights are drawn (model.INITS)
+    init_from: Path | None = None            # start from this checkpoint's weights instead (a new run)
     # run directory, evaluation, checkpoints
     out: Path = Path("runs/latest")
     eval_every: int = 0
@@ -78,7 +85,7 @@ class Config:
     def __post_init__(self):
         for name in ("milestones", "channels", "hidden"):          # JSON and callers give lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("data", "out"):
+        for name in ("data", "out", "init_from"):
             v = getattr(self, name)
             object.__setattr__(self, name, None if v is None else Path(v))
 
@@ -95,6 +102,10 @@ class Config:
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
+    def with_val_size(self, train_rows: int) -> Config:
+        """This config with val_size settled for a training split of train_rows rows."""
+        return self if self.val_size is not None else self.replace(val_size=default_val_size(train_rows))
+
     def resume_conflict(self, saved: Mapping[str, Any]) -> str | None:
         """How a checkpoint's saved config differs in what a resume must share, or None."""
         keys = RESUME_FIELDS + (RESUME_FIELDS_STEP if self.schedule == "step" else ())
@@ -105,12 +116,21 @@ class Config:
         return None
 
 
+def default_val_size(train_rows: int) -> int:
+    """--val-size when none is given: 5000 rows (MNIST's and Fashion-MNIST's 60,000 keep 55,000
+    for training), or none for a training split under 50,000 rows."""
+    return VAL_SIZE if train_rows >= VAL_MIN_TRAIN_ROWS else 0
+
+
+VAL_SIZE, VAL_MIN_TRAIN_ROWS = 5000, 50_000
 NOT_SAVED = ("progress",)
-# What a resumed run must share with its checkpoint: the sample order (seed, batch size,
-# keep_last), the micro-batch (the bits of every sum) and the optimizer and learning-rate
-# schedule (epochs sets the schedule's length).
-RESUME_FIELDS = ("seed", "batch_size", "micro_batch", "keep_last", "epochs", "lr", "schedule", "warmup_epochs",
-                 "momentum", "nesterov", "weight_decay")
+# What a resumed run must share with its checkpoint: the samples and their order (seed, batch
+# size, keep_last, the validation hold-out, the augmentation), the micro-batch (the bits of
+# every sum), the optimizer and learning-rate schedule (epochs sets the schedule's length),
+# and how the run started (init, init_from), so that config.json keeps describing it.
+RESUME_FIELDS = ("seed", "batch_size", "micro_batch", "keep_last", "val_size", "val_seed", "shift", "rotate",
+                 "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init",
+                 "init_from")
 RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 STORE_TRUE = ("keep_last",)                            # flags without a --no- form
 
@@ -118,6 +138,8 @@ STORE_TRUE = ("keep_last",)                            # flags without a --no- f
 def flag_text(key: str, value: Any) -> str:
     """A setting as the flag that sets it: '--lr 0.05', '--no-nesterov', 'no --keep-last'."""
     flag = "--" + key.replace("_", "-")
+    if value is None:
+        return f"no {flag}"
     if isinstance(value, bool):
         if key in STORE_TRUE:
             return flag if value else f"no {flag}"
@@ -137,6 +159,8 @@ examples:
   python -m dpcnn.train --max-steps 200 --eval-every 100 --out runs/quick
   srun --mpi=pmi2 python -m dpcnn.train --out runs/$SLURM_JOB_ID --resume auto
   python -m dpcnn.train --dataset fashion-mnist --epochs 15
+  python -m dpcnn.train --shift 2 --epochs 16               random translations of up to 2 pixels
+  python -m dpcnn.train --init-from runs/latest/best.h5 --epochs 2 --lr 0.005 --out runs/tune
 
 exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C (run the same command again to
 continue from the newest checkpoint), 69 a rank or node stopped responding (--timeout),
@@ -157,6 +181,18 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                                          "the IDX files or a base URL (default: public mirrors)")
     d.add_argument("--keep-last", action="store_true",
                    help="use the last partial global batch of each epoch (default: drop it)")
+    d.add_argument("--val-size", type=nonneg_int,
+                   help=f"training samples held out for validation, which chooses best.h5 (default "
+                        f"{VAL_SIZE}; 0 for a training split under {VAL_MIN_TRAIN_ROWS:,} samples); 0: none, "
+                        "best.h5 is then chosen by test accuracy")
+    d.add_argument("--val-seed", type=nonneg_int, default=D.val_seed,
+                   help="seed of the draw of the validation samples (default 0, whatever --seed is)")
+    d.add_argument("--shift", type=nonneg_int, default=D.shift,
+                   help="augmentation: translate each training image by up to this many pixels on each axis "
+                        "(default 0: off)")
+    d.add_argument("--rotate", type=degrees, default=D.rotate,
+                   help="augmentation: rotate each training image by up to this many degrees (default 0: off; "
+                        "slower: bilinear resampling)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=D.epochs, help="epochs (default 8)")
     t.add_argument("--batch-size", type=positive_int, default=D.batch_size,
@@ -187,6 +223,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     m.add_argument("--channels", type=int_list, default=D.channels, help="filters per conv block (default 8,16)")
     m.add_argument("--kernel", type=positive_int, default=D.kernel, help="conv kernel size (default 3)")
     m.add_argument("--hidden", type=int_list, default=D.hidden, help="dense hidden widths (default 128)")
+    m.add_argument("--init", choices=INITS, default=D.init,
+                   help=f"initial weights: he (He-normal, zero biases), torch (PyTorch's default: uniform "
+                        f"within 1/sqrt(fan_in), biases too), glorot (Glorot-uniform, zero biases) "
+                        f"(default {D.init})")
+    m.add_argument("--init-from", type=Path,
+                   help="start a new run from this checkpoint's weights (not its momentum or position); the "
+                        "model flags must match it")
     r = p.add_argument_group("run directory, evaluation, checkpoints")
     r.add_argument("--out", type=Path, default=D.out, help="run directory (default runs/latest)")
     r.add_argument("--eval-every", type=nonneg_int, default=D.eval_every,
@@ -216,6 +259,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar even on a terminal")
     add_common_flags(p)
     return p
+
+
+def degrees(s: str) -> float:
+    v = float(s)
+    if not 0 <= v <= 180:
+        raise argparse.ArgumentTypeError(f"expected degrees in [0, 180], got {s}")
+    return v
 
 
 def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:

@@ -9,7 +9,9 @@ one in-place Allreduce(SUM) of the flat gradient buffer (which also carries the
 loss, the correct count and a stop flag) adds them up; every rank divides by the
 global batch size and applies the same SGD update (``dpcnn.step``), so the parameters
 stay identical everywhere. Rank 0 logs, records metrics and writes checkpoints
-(``dpcnn.rundir``); the test set is evaluated by all ranks, a slice each, and reduced.
+(``dpcnn.rundir``); the validation samples (held out of the training split, ``--val-size``)
+and the test set are evaluated by all ranks, a slice each, and reduced. best.h5 is chosen by
+validation accuracy; the test set is recorded, never used to choose.
 
 Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a checkpoint
 (run the same command again to continue); 1 error; 2 bad command line.
@@ -44,7 +46,7 @@ from .comm import (
     on_root,
 )
 from .config import Config, parse_args
-from .data import DataError, ShardedLoader, Split, default_data_path, micro_bounds, verify
+from .data import Augment, DataError, ShardedLoader, Split, default_data_path, holdout, micro_bounds, verify
 from .malloc import keep_freed_memory
 from .metrics import Totals, evaluate
 from .model import EVAL_BATCH, ModelSpec
@@ -96,6 +98,24 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
     return on_root(comm, check)
 
 
+def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
+    """cfg with --val-size settled for the data (default_val_size of its training split), checked on
+    rank 0 to leave at least one global batch of training samples."""
+
+    def check() -> int:
+        with Split(path, "train") as tr:
+            v = cfg.with_val_size(tr.n).val_size or 0
+            need = 1 if cfg.keep_last else cfg.batch_size
+            if tr.n - v < need:
+                raise DataError(f"--val-size {v} leaves {max(tr.n - v, 0)} of the {tr.n} training samples of "
+                                f"{path}, fewer than {'one' if cfg.keep_last else f'a batch of {need}'}; "
+                                "give a smaller --val-size (0: none)")
+            return cfg.with_val_size(tr.n).val_size or 0
+
+    v = on_root(comm, check)
+    return cfg if cfg.val_size is not None else cfg.replace(val_size=v)
+
+
 def model_spec(cfg: Config, train_set: Split) -> ModelSpec:
     return ModelSpec(input_shape=train_set.image_shape + (1,), channels=cfg.channels, kernel=cfg.kernel,
                      hidden=cfg.hidden, classes=train_set.num_classes)
@@ -114,10 +134,17 @@ def versions(comm: Comm) -> dict:
 
 
 def evaluate_shared(model, xt: np.ndarray, yt: np.ndarray, comm: Comm) -> Totals:
-    """Evaluate each rank's test slice and add the totals up on every rank."""
+    """Evaluate each rank's slice (whole EVAL_BATCH batches) and add the totals up on every rank."""
     a = evaluate(model, xt, yt).as_array()
     comm.allreduce(a)
     return Totals.from_array(a, model.spec.classes)
+
+
+def eval_rows(split: Split, rows: np.ndarray, comm: Comm) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's whole evaluation batches of the sorted rows (n,) of split: x (m, H, W, 1), y (m,)."""
+    lo, hi = micro_bounds(len(rows), EVAL_BATCH, comm.rank, comm.size)
+    mine = rows[lo:hi]
+    return split.standardise(split.rows(mine)), split.labels[mine].astype(np.int64)
 
 
 @dataclass
@@ -194,8 +221,12 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.train_set, self.test_set = Split(data_path, "train"), Split(data_path, "test")
         self.spec = model_spec(cfg, self.train_set)
+        # the validation rows, held out of the training split; training orders only the others
+        self.train_rows, self.val_rows = holdout(self.train_set.n, cfg.val_size or 0, cfg.val_seed)
+        augment = Augment(cfg.shift, cfg.rotate, cfg.seed) if cfg.shift or cfg.rotate else None
         self.loader = ShardedLoader(self.train_set, batch_size=cfg.batch_size, rank=comm.rank, size=comm.size,
-                                    seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=cfg.micro_batch)
+                                    seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=cfg.micro_batch,
+                                    subset=self.train_rows if cfg.val_size else None, augment=augment)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, cfg.max_steps or self.total_steps)
@@ -204,6 +235,7 @@ class Trainer:
         self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, seed=cfg.seed,
                                  momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.model = self.step_fn.model
+        self.model.init(cfg.seed, cfg.init)      # TrainStep drew He-normal: draw by --init (the same on every rank)
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.saved_step: int | None = None       # step of the last checkpoint this process wrote
@@ -211,8 +243,11 @@ class Trainer:
         self.best_accuracy, self.elapsed0 = -1.0, 0.0
         self.iv = Interval()
         self.resumed_from = self._resume()
+        if self.resumed_from is None and cfg.init_from:
+            self._init_from(cfg.init_from)
         lo, hi = micro_bounds(self.test_set.n, EVAL_BATCH, comm.rank, comm.size)   # whole evaluation batches
         self.xt, self.yt = self.test_set.read(lo, hi)
+        self.xv, self.yv = eval_rows(self.train_set, self.val_rows, comm)
         self.last_ckpt_time = time.monotonic()
 
     def _facts(self) -> dict:
@@ -222,7 +257,7 @@ class Trainer:
         return {**self.cfg.to_dict(), "data": str(self.data_path), "dataset": self.train_set.dataset,
                 "drop_last": not self.cfg.keep_last, "world_size": c.size, "nodes": c.num_nodes,
                 "hosts": sorted(set(hosts)), "threads_per_rank": self.threads, "blas": blas_summary(),
-                "model": self.spec.to_dict(), "num_params": self.spec.num_params,
+                "train_samples": self.loader.n, "model": self.spec.to_dict(), "num_params": self.spec.num_params,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "data_fingerprint": self.train_set.fingerprint, "versions": versions(c)}
 
@@ -267,8 +302,10 @@ class Trainer:
             progress.close()
         check_in_sync(c, self.model.params, self.step)
         if c.is_root:
-            log.info("done: %d steps, test accuracy %.2f%%, %.1f s", self.step,
-                     100 * self.metrics[-1]["test_accuracy"], self.elapsed())
+            last = self.metrics[-1]
+            val = f"validation accuracy {100 * last['val_accuracy']:.2f}%, " if last["val_accuracy"] is not None else ""
+            log.info("done: %d steps, %stest accuracy %.2f%%, %.1f s", self.step, val,
+                     100 * last["test_accuracy"], self.elapsed())
         return EXIT_OK
 
     def train_step(self, epoch: int, k: int) -> bool:
@@ -322,10 +359,13 @@ class Trainer:
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
                      __version__, c.size, c.num_nodes, self.threads, blas_summary(),
                      f", {self.facts['versions'].get('mpi', '')}" if c.size > 1 else "")
-            log.info("data %s (%d train, %d test); model %s params; global batch %d (%s per rank, micro-batches "
-                     "of %d); %d steps/epoch, %d epochs; run dir %s", self.data_path, self.train_set.n,
-                     self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m, self.steps_per_epoch,
-                     self.cfg.epochs, self.run_dir.path)
+            log.info("data %s (%d train, %d validation, %d test); model %s params; global batch %d (%s per rank, "
+                     "micro-batches of %d); %d steps/epoch, %d epochs; run dir %s", self.data_path, self.loader.n,
+                     len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m,
+                     self.steps_per_epoch, self.cfg.epochs, self.run_dir.path)
+            if self.cfg.shift or self.cfg.rotate:
+                log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees",
+                         self.cfg.shift, self.cfg.rotate)
             if min(sizes) == 0:
                 log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
                             "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B,
@@ -336,18 +376,22 @@ class Trainer:
         c.barrier()
 
     def record(self, final: bool = False) -> dict:
-        """Evaluate on the test set (all ranks) and, on rank 0, append one line to metrics.jsonl."""
+        """Evaluate on the validation and test sets (all ranks) and, on rank 0, append one line to
+        metrics.jsonl (val_loss and val_accuracy are None without a validation split)."""
         t0 = time.perf_counter()
         with np.errstate(over="ignore", invalid="ignore"):
+            val = evaluate_shared(self.model, self.xv, self.yv, self.comm) if len(self.val_rows) else None
             totals = evaluate_shared(self.model, self.xt, self.yt, self.comm)
         t_eval = time.perf_counter() - t0
-        if not np.isfinite(totals.loss):
-            self.diverged(self.step, f"the test loss after it is {totals.loss}")
+        for what, t in (("validation", val), ("test", totals)):
+            if t is not None and not np.isfinite(t.loss):
+                self.diverged(self.step, f"the {what} loss after it is {t.loss}")
         iv, n = self.iv, self.iv.samples
         train_time = t0 - iv.t0
         rec = {
             "epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
             "train_loss": iv.loss / n if n else None, "train_accuracy": iv.correct / n if n else None,
+            "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
             "test_loss": totals.loss, "test_accuracy": totals.accuracy,
             "test_per_class_accuracy": totals.summary()["per_class_accuracy"],     # None: no samples
             "images_per_second": round(iv.trained / train_time, 1) if iv.trained else None,
@@ -361,6 +405,8 @@ class Trainer:
         if self.comm.is_root:
             self.run_dir.append_metrics(rec)
             train = f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%  " if n else ""
+            if val:
+                train += f"val loss {val.loss:.4f} acc {100 * val.accuracy:.2f}%  "
             log.info("epoch %.2f step %d  %stest loss %.4f acc %.2f%%  %s img/s  %.1f s",
                      rec["epoch"], self.step, train, totals.loss, 100 * totals.accuracy,
                      f"{rec['images_per_second']:.0f}" if rec["images_per_second"] else "-", rec["elapsed_seconds"])
@@ -368,8 +414,10 @@ class Trainer:
         return rec
 
     def record_and_checkpoint(self, final: bool) -> None:
-        """Evaluate and record, then checkpoint (also as best.h5 when the test accuracy improved)."""
-        acc = self.record(final=final)["test_accuracy"]
+        """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the
+        test accuracy without a validation split) improved."""
+        rec = self.record(final=final)
+        acc = rec["test_accuracy"] if rec["val_accuracy"] is None else rec["val_accuracy"]
         best = acc > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, acc)
         self.save_checkpoint(best=best)
@@ -438,6 +486,27 @@ class Trainer:
         return path
 
 
+    def _init_from(self, path: Path) -> None:
+        """Start from the weights of the checkpoint at path (rank 0 reads it; every rank gets them):
+        a new run, with zero momentum, its own schedule and step 0. A model that differs is refused."""
+        spec, fingerprint = self.spec, self.train_set.fingerprint
+
+        def read():
+            s = ckpt.load(path)
+            saved = ModelSpec.from_dict(s.spec)
+            if saved != spec:
+                raise ckpt.CheckpointError(f"--init-from {path}: saved for model {saved}, this run builds {spec}; "
+                                           "give the model flags it was trained with")
+            other = "" if s.data_fingerprint == fingerprint else f", trained on {s.config.get('dataset', '?')}"
+            return s.params, f"step {s.step}{other}"
+
+        params, what = on_root(self.comm, read)
+        for name, v in self.model.p.items():
+            v[...] = params[name]
+        if self.comm.is_root:
+            log.info("starting from the weights of %s (%s)", path, what)
+
+
 # Facts that may differ between the ranks of one run (they live on different nodes).
 LOCAL_FACTS = ("threads_per_rank", "versions", "blas", "data")
 
@@ -457,6 +526,7 @@ def train(cfg: Config, comm: Comm | None = None) -> int:
             threads = cfg.threads or default_threads()
             threadpool_limits(threads)                               # BLAS threads of this process from now on
             data_path = ensure_data(cfg, comm)
+            cfg = settle_validation(cfg, comm, data_path)
             run_dir = RunDir(cfg.out)
             on_root(comm, run_dir.open)                              # rank 0 holds the directory's lock
             try:

@@ -3,11 +3,16 @@ schemes and starting from a checkpoint's weights. Each random draw depends on th
 epoch, the global batch and the position in it only, so every test here also checks that one
 rank and three see the same bits."""
 
+import json
 import math
 
 import numpy as np
 import pytest
+from conftest import run_job
+from test_train import assert_same_state, final_state, job_args, metrics, records_without_timings, train
 
+from dpcnn import checkpoint as ckpt
+from dpcnn.config import Config, parse_args
 from dpcnn.data import Augment, ShardedLoader, Split, affine, holdout, translate
 from dpcnn.model import CNN, ModelSpec
 
@@ -149,3 +154,117 @@ def test_init_schemes():
     assert np.array_equal(CNN(spec, seed=5, init="torch").params, torch.params)
     with pytest.raises(ValueError, match="init must be one of"):
         CNN(spec, init="lecun")
+
+
+def test_init_flag_sets_the_initial_weights(tiny_h5, tmp_path):
+    for scheme in ("he", "torch"):
+        assert train(tiny_h5, tmp_path / scheme, "--max-steps", "1", "--lr", "0", "--init", scheme,
+                     "--val-size", "0") == 0
+        got = final_state(tmp_path / scheme).params                  # lr 0: the weights it started from
+        want = CNN(ModelSpec(), seed=0, init=scheme).p
+        assert all(np.array_equal(got[k], want[k]) for k in want), scheme
+
+
+# ------------------------------------------------------------------------- the trainer
+
+def test_validation_in_records_and_config(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--epochs", "2", "--val-size", "64", "--shift", "1") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["val_size"], cfg["val_seed"], cfg["train_samples"], cfg["steps_per_epoch"]) == (64, 0, 320, 10)
+    assert (cfg["shift"], cfg["rotate"], cfg["init"], cfg["init_from"]) == (1, 0.0, "he", None)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [10, 20]
+    assert all(0 <= r["val_accuracy"] <= 1 and r["val_loss"] > 0 for r in rows)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert ckpt.load(out / "best.h5").config["val_size"] == 64
+    assert train(tiny_h5, tmp_path / "none", "--max-steps", "3", "--val-size", "0") == 0
+    assert metrics(tmp_path / "none")[-1]["val_accuracy"] is None
+
+
+def test_default_validation_size():
+    assert Config().val_size is None and parse_args([])[0].val_size is None
+    assert Config().with_val_size(60000).val_size == 5000          # MNIST: 55,000 left to train on
+    assert Config().with_val_size(384).val_size == 0               # a small data set: none
+    assert Config(val_size=7).with_val_size(60000).val_size == 7
+
+
+@pytest.mark.parametrize("by", ["val", "test"])
+def test_best_is_chosen_by_validation_accuracy(tiny_h5, tmp_path, monkeypatch, by):
+    """best.h5 follows the validation accuracy and ignores the test accuracy, which chooses only
+    without a validation split."""
+    from dpcnn import train as T
+    scores = iter([(0.5, 0.9), (0.9, 0.5), (0.7, 0.95)])          # (validation, test) after epochs 1-3
+    orig = T.Trainer.record
+
+    def record(self, final=False):
+        rec = orig(self, final)
+        val, test = next(scores)
+        rec["val_accuracy"], rec["test_accuracy"] = (val if by == "val" else None), test
+        return rec
+
+    monkeypatch.setattr(T.Trainer, "record", record)
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--epochs", "3", "--val-size", "64" if by == "val" else "0") == 0
+    best = ckpt.load(out / "best.h5")
+    assert (best.step, best.best_accuracy) == ((20, 0.9) if by == "val" else (36, 0.95))   # 10 or 12 steps an epoch
+
+
+def test_validation_refusals(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--val-size", "360") == 1                # 24 left: less than a batch of 32
+    err = capsys.readouterr().err
+    assert "--val-size 360 leaves 24 of the 384 training samples" in err and err.count("\n") == 1, err
+    assert train(tiny_h5, out, "--epochs", "2", "--max-steps", "3", "--val-size", "64", "--shift", "1") == 0
+    capsys.readouterr()
+    for extra, said in ((["--val-size", "32", "--shift", "1"], "saved with --val-size 64, this run has --val-size 32"),
+                        (["--val-size", "64", "--shift", "1", "--val-seed", "1"], "--val-seed 0"),
+                        (["--val-size", "64"], "saved with --shift 1, this run has --shift 0"),
+                        (["--val-size", "64", "--shift", "1", "--init", "torch"], "this run has --init torch")):
+        assert train(tiny_h5, out, "--epochs", "2", "--max-steps", "6", *extra) == 1
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    for flag, value in (("--rotate", "200"), ("--shift", "-1"), ("--val-size", "-5"), ("--init", "zeros")):
+        with pytest.raises(SystemExit) as e:
+            parse_args([flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_init_from_starts_a_new_run_from_the_weights(tiny_h5, tmp_path, capsys):
+    src, tune = tmp_path / "src", tmp_path / "tune"
+    assert train(tiny_h5, src, "--epochs", "1", "--val-size", "0") == 0
+    source = ckpt.load(src / "best.h5")
+    # lr 0: after one step the weights are still the source's; the step count starts afresh
+    assert train(tiny_h5, tune, "--epochs", "2", "--max-steps", "1", "--lr", "0", "--val-size", "0",
+                 "--init-from", src / "best.h5") == 0
+    s = final_state(tune)
+    assert s.step == 1 and len(s.metrics) == 1 and s.config["init_from"] == str(src / "best.h5")
+    assert all(np.array_equal(s.params[k], source.params[k]) for k in source.params)
+    assert not all(np.array_equal(s.velocity[k], source.velocity[k]) for k in source.velocity)
+    capsys.readouterr()
+    # resuming that run needs the same --init-from; another model is refused in one line
+    assert train(tiny_h5, tune, "--epochs", "2", "--max-steps", "2", "--lr", "0", "--val-size", "0") == 1
+    err = capsys.readouterr().err
+    assert "this run has no --init-from" in err and err.count("\n") == 1, err
+    assert train(tiny_h5, tmp_path / "other", "--channels", "4,8", "--init-from", src / "best.h5") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --init-from {src / 'best.h5'}: saved for model") and err.count("\n") == 1, err
+    assert train(tiny_h5, tmp_path / "none", "--init-from", tmp_path / "missing.h5") == 1
+    err = capsys.readouterr().err
+    assert "missing.h5: no such checkpoint file" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.timeout(300)
+def test_same_bits_on_1_and_3_ranks_with_validation_augmentation_and_init(tiny_h5, tmp_path):
+    """The new draws keep the guarantee: a validation hold-out, shifts and rotations and PyTorch's
+    initialisation on 1 and 3 ranks (batch 28 in micro-batches of 4: 3/2/2 on 3 ranks)."""
+    flags = ("--max-steps", "20", "--batch-size", "28", "--micro-batch", "4", "--eval-every", "7",
+             "--val-size", "40", "--shift", "2", "--rotate", "10", "--init", "torch")
+    runs = {}
+    for p in (1, 3):
+        runs[p] = tmp_path / f"p{p}"
+        r = run_job(job_args(tiny_h5, runs[p], *flags), nprocs=p)
+        assert r.returncode == 0, r.stderr
+    assert records_without_timings(runs[3]) == records_without_timings(runs[1])
+    assert_same_state(final_state(runs[3]), final_state(runs[1]))
+    assert all(m["val_accuracy"] is not None for m in metrics(runs[1]))
