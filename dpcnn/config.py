@@ -81,6 +81,7 @@ class Config:
     timeout: float = 600.0                   # seconds without progress before the watchdog ends the job
     log_every: int = 0
     progress: bool = True                    # a progress bar on a terminal (rank 0)
+    tensorboard: bool = False                # also write TensorBoard event files (rank 0)
 
     def __post_init__(self):
         for name in ("milestones", "channels", "hidden"):          # JSON and callers give lists
@@ -257,6 +258,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     s.add_argument("--log-every", type=nonneg_int, default=D.log_every,
                    help="log a line every N steps (default: ~10 an epoch)")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar even on a terminal")
+    s.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to <out>/tensorboard (needs: pip install "
+                        "'dpcnn[tensorboard]'); then: tensorboard --logdir runs")
     add_common_flags(p)
     return p
 

@@ -4,6 +4,8 @@
         .lock                   held (flock) by the training that owns the directory
         config.json             the Config and the facts of the run (ranks, nodes, versions)
         metrics.jsonl           one JSON record per evaluation
+        train.log               what rank 0's console showed, with times (appended by every attempt)
+        tensorboard/            event files for TensorBoard, with --tensorboard
         ckpt-step000001874.h5   the newest --keep step checkpoints
         best.h5                 the checkpoint of the best evaluation so far
 
@@ -52,6 +54,8 @@ class RunDir:
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
         self.best = self.path / "best.h5"
+        self.log = self.path / "train.log"
+        self.tensorboard = self.path / "tensorboard"
         self._lock_fd: int | None = None
         self._created = False
 
@@ -93,11 +97,12 @@ class RunDir:
 
     def close(self) -> None:
         """Release the lock (the process's end would too). A directory this process created and
-        left empty (a run refused before writing anything) is removed."""
+        left without results (a run refused before writing anything but its log) is removed."""
         if self._lock_fd is None:
             return
-        if self._created and [q.name for q in self.path.iterdir()] == [".lock"]:
-            (self.path / ".lock").unlink()
+        if self._created and {q.name for q in self.path.iterdir()} <= {".lock", self.log.name}:
+            for q in self.path.iterdir():
+                q.unlink()
             self.path.rmdir()
         os.close(self._lock_fd)
         self._lock_fd = None
@@ -109,7 +114,14 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- config and metrics ------------------------------------------------------------
+    # -- logs, config and metrics -------------------------------------------------------
+
+    def attach_log(self) -> logging.Handler:
+        """Copy what the console shows (the root logger: dpcnn's messages) into train.log, with times."""
+        h = logging.FileHandler(self.log, encoding="utf-8")
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logging.getLogger().addHandler(h)
+        return h
 
     def write_config(self, config: dict) -> None:
         write_atomic(self.config, json.dumps(config, indent=2) + "\n")
@@ -181,3 +193,33 @@ class RunDir:
             raise RunDirError(f"--out {self.path} already holds checkpoints at or after step {start_step} "
                               f"({later[-1].name}{more}) that would mix with this run; give another --out, "
                               "delete them, or continue their run with --resume auto")
+
+
+class Board:
+    """TensorBoard event files (written with tensorboardX) beside metrics.jsonl: the same records,
+    as curves that `tensorboard --logdir runs` shows while the run goes on."""
+
+    SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
+               "train_accuracy": "accuracy/train", "val_accuracy": "accuracy/val", "test_accuracy": "accuracy/test",
+               "lr": "learning_rate", "images_per_second": "images_per_second"}
+
+    @staticmethod
+    def check() -> None:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise RunDirError("--tensorboard needs tensorboardX: pip install 'dpcnn[tensorboard]'") from None
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory))
+
+    def write(self, record: dict) -> None:
+        for key, tag in self.SCALARS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cli import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, entry_point, report_error, setup_logging
+from .cli import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, entry_point, error_line, report_error, setup_logging
 from .comm import (
     Comm,
     CommError,
@@ -52,7 +52,7 @@ from .metrics import Totals, evaluate
 from .model import EVAL_BATCH, ModelSpec
 from .optim import Schedule
 from .prepare import DownloadError, offline_message, prepare
-from .rundir import RunDir
+from .rundir import Board, RunDir
 from .step import Diverged, StepResult, TrainStep
 from .watchdog import StopRequest, Watchdog, watched
 
@@ -249,6 +249,9 @@ class Trainer:
         self.xt, self.yt = self.test_set.read(lo, hi)
         self.xv, self.yv = eval_rows(self.train_set, self.val_rows, comm)
         self.last_ckpt_time = time.monotonic()
+        if cfg.tensorboard:
+            on_root(comm, Board.check)
+        self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
 
     def _facts(self) -> dict:
         """config.json: the Config and what this run is made of (data, model, ranks, nodes, versions)."""
@@ -404,6 +407,8 @@ class Trainer:
         self.metrics.append(rec)
         if self.comm.is_root:
             self.run_dir.append_metrics(rec)
+            if self.board is not None:
+                self.board.write(rec)
             train = f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%  " if n else ""
             if val:
                 train += f"val loss {val.loss:.4f} acc {100 * val.accuracy:.2f}%  "
@@ -529,9 +534,22 @@ def train(cfg: Config, comm: Comm | None = None) -> int:
             cfg = settle_validation(cfg, comm, data_path)
             run_dir = RunDir(cfg.out)
             on_root(comm, run_dir.open)                              # rank 0 holds the directory's lock
+            logfile = run_dir.attach_log() if comm.is_root else None # train.log: the console, with times
             try:
-                return Trainer(cfg, comm, data_path, run_dir, threads, node_cpus, stop, dog).train()
+                trainer = Trainer(cfg, comm, data_path, run_dir, threads, node_cpus, stop, dog)
+                try:
+                    return trainer.train()
+                finally:
+                    if trainer.board is not None:
+                        trainer.board.close()
+            except BaseException as e:                               # the error line goes to the log too
+                if logfile is not None:
+                    logfile.emit(logging.makeLogRecord({"msg": f"error: {error_line(e)}", "levelno": logging.ERROR}))
+                raise
             finally:
+                if logfile is not None:
+                    logging.getLogger().removeHandler(logfile)
+                    logfile.close()
                 run_dir.close()
         finally:
             dog.close()

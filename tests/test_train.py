@@ -442,3 +442,32 @@ def test_unusable_run_directory_is_named(tiny_h5, tmp_path, capsys):
     (run / ".ckpt-step000000004.h5.999.tmp").write_bytes(b"partial")
     assert train(tiny_h5, run, "--max-steps", "1") == 0
     assert not list(run.glob(".*tmp*"))
+
+
+def test_run_directory_keeps_the_console_log_and_tensorboard_events(tiny_h5, tmp_path):
+    pytest.importorskip("tensorboardX")
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    out = tmp_path / "run"
+    assert main(["--data", str(tiny_h5), "--out", str(out), "--comm", "serial", "--batch-size", "32",
+                 "--no-progress", "--threads", "1", "--max-steps", "24", "--eval-every", "6", "--tensorboard"]) == 0
+    text = (out / "train.log").read_text()
+    assert "dpcnn 0." in text and "step 24" in text and "done: 24 steps" in text
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", text)                 # with times
+    tags = {}
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):    # TFRecord: length, crc, data, crc
+        raw = events.read_bytes()
+        i = 0
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            e = Event.FromString(raw[i + 12:i + 12 + n])
+            i += 16 + n
+            for v in e.summary.value:
+                tags.setdefault(v.tag, []).append((e.step, v.simple_value))
+    assert [s for s, _ in tags["accuracy/test"]] == [6, 12, 18, 24]
+    assert tags["loss/test"][-1][1] == pytest.approx(metrics(out)[-1]["test_loss"], rel=1e-6)
+    # a run refused at start leaves no directory behind, log included
+    assert main(["--data", str(tiny_h5), "--out", str(tmp_path / "new"), "--comm", "serial", "-q",
+                 "--resume", str(tmp_path / "missing.h5")]) == 1
+    assert not (tmp_path / "new").exists()
