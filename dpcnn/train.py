@@ -363,9 +363,9 @@ class Trainer:
                      __version__, c.size, c.num_nodes, self.threads, blas_summary(),
                      f", {self.facts['versions'].get('mpi', '')}" if c.size > 1 else "")
             log.info("data %s (%d train, %d validation, %d test); model %s params; global batch %d (%s per rank, "
-                     "micro-batches of %d); %d steps/epoch, %d epochs; run dir %s", self.data_path, self.loader.n,
+                     "micro-batches of %d); %d steps/epoch, %d epoch%s; run dir %s", self.data_path, self.loader.n,
                      len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m,
-                     self.steps_per_epoch, self.cfg.epochs, self.run_dir.path)
+                     self.steps_per_epoch, self.cfg.epochs, "s"[:self.cfg.epochs != 1], self.run_dir.path)
             if self.cfg.shift or self.cfg.rotate:
                 log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees",
                          self.cfg.shift, self.cfg.rotate)
@@ -486,8 +486,9 @@ class Trainer:
         self.iv = Interval(**{k: s.interval.get(k, 0) for k in CARRIED})   # the training totals since the last record
         if self.comm.is_root:
             epoch, done = divmod(s.step, self.steps_per_epoch)
-            log.info("resuming from %s at step %d (epoch %d, %d of %d batches done; saved on %d rank(s))",
-                     path, s.step, epoch + 1, done, self.steps_per_epoch, s.world_size)
+            where = (f"the end of epoch {epoch}" if done == 0 and epoch else
+                     f"epoch {epoch + 1}, {done} of {self.steps_per_epoch} batches done")
+            log.info("resuming from %s at step %d (%s; saved on %d rank(s))", path, s.step, where, s.world_size)
         return path
 
 
