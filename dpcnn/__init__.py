@@ -31,8 +31,18 @@ scaling (P ranks against PyTorch DDP), torchref (the model in PyTorch), malloc.
 
 __version__ = "0.1.0"
 
-from .api import Classifier, export_npz, load
-from .config import Config
-from .train import train as fit
-
 __all__ = ["Classifier", "Config", "__version__", "export_npz", "fit", "load"]
+
+# The API is imported on first use (PEP 562), not by `import dpcnn`: `python -m dpcnn.train` and
+# `python -m dpcnn.data` then run their module once, as __main__, without importing it first.
+_API = {"Classifier": ("api", "Classifier"), "load": ("api", "load"), "export_npz": ("api", "export_npz"),
+        "Config": ("config", "Config"), "fit": ("train", "train")}
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'dpcnn' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _API[name]
+    return getattr(importlib.import_module(f".{module}", __name__), attr)

@@ -94,7 +94,7 @@ class Classifier:
             scale = 1.0
         else:
             raise UserError(f"images of dtype {a.dtype}, expected integers (0-255) or floats (0-1)")
-        return standardise(a, self.norm.mean, self.norm.std, scale=scale)[..., 0]     # as in training
+        return standardise(a, self.norm.mean, self.norm.std, scale=scale)          # as in training
 
     def predict_proba(self, images) -> np.ndarray:
         """(N, K) class probabilities (float64)."""

@@ -197,7 +197,7 @@ def recorded_data_path(state: State, path: Path) -> Path:
 def check_data(state: State, ckpt_path: Path, split: Split, model: CNN, force: bool) -> None:
     """Refuse data the model cannot read; refuse another data set (fingerprint) unless force."""
     want = tuple(model.spec.input_shape)
-    if tuple(split.image_shape) + (1,) != want or split.num_classes != model.spec.classes:
+    if tuple(split.image_shape) + (split.channels,) != want or split.num_classes != model.spec.classes:
         raise CheckpointError(f"{ckpt_path}: the model takes {want[0]}x{want[1]} images in {model.spec.classes} "
                               f"classes, {split.path} has {split.image_shape[0]}x{split.image_shape[1]} images "
                               f"in {split.num_classes}")

@@ -73,7 +73,8 @@ def _open_h5(path: Path) -> h5py.File:
 class Split:
     """One split ("train" or "test") of a prepared HDF5 file, opened read-only.
 
-    Attributes: n, image_shape (H, W), num_classes, class_names, mean, std, dataset,
+    Attributes: n, image_shape (H, W), channels (1 for (N, H, W) images, else C of (N, H, W, C)),
+    num_classes, class_names, mean, std, dataset,
     fingerprint (hex SHA-256 of the data set name and its source SHA-256s), source_sha256.
     Labels (N,) are held in memory; images are read on demand.
     """
@@ -111,8 +112,8 @@ class Split:
         if self.split not in f or not {"images", "labels"} <= set(f[self.split]):
             self._fail(f"no {self.split}/images and {self.split}/labels")
         x, y = f[self.split]["images"], f[self.split]["labels"]
-        if x.ndim != 3 or x.dtype != np.uint8:
-            self._fail(f"{self.split}/images is {x.shape} {x.dtype}, expected (N, H, W) uint8")
+        if x.ndim not in (3, 4) or x.dtype != np.uint8 or (x.ndim == 4 and not 1 <= x.shape[3] <= 16):
+            self._fail(f"{self.split}/images is {x.shape} {x.dtype}, expected (N, H, W) or (N, H, W, C) uint8")
         if y.shape != (x.shape[0],) or y.dtype != np.uint8:
             self._fail(f"{self.split}/labels is {y.shape} {y.dtype}, expected ({x.shape[0]},) uint8")
         self._images, self.labels = x, self._read(lambda: y[...], "labels")
@@ -120,7 +121,8 @@ class Split:
         if len(self.labels) and self.labels.max() >= self.num_classes:
             self._fail(f"{self.split}/labels has label {self.labels.max()}, "
                        f"expected 0..{self.num_classes - 1}")
-        self.n, self.image_shape = x.shape[0], tuple(x.shape[1:])
+        self.n, self.image_shape = x.shape[0], tuple(x.shape[1:3])
+        self.channels = x.shape[3] if x.ndim == 4 else 1
         key = json.dumps({"dataset": self.dataset, "source_sha256": self.source_sha256}, sort_keys=True)
         self.fingerprint = hashlib.sha256(key.encode()).hexdigest()
 
@@ -141,11 +143,11 @@ class Split:
                        "prepare it again with --force")
 
     def standardise(self, u8: np.ndarray) -> np.ndarray:
-        """Images (m, H, W) uint8 -> (m, H, W, 1) float32, (x/255 - mean) / std."""
+        """Images (m, H, W) or (m, H, W, C) uint8 -> (m, H, W, C) float32, (x/255 - mean) / std."""
         return standardise(u8, self.mean, self.std, scale=255.0)
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Contiguous rows [lo, hi): x (m, H, W, 1) float32 standardised, y (m,) int64."""
+        """Contiguous rows [lo, hi): x (m, H, W, C) float32 standardised, y (m,) int64."""
         return (self.standardise(self._read(lambda: self._images[lo:hi], "images")),
                 self.labels[lo:hi].astype(np.int64))
 
@@ -215,12 +217,13 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 
 def standardise(images: np.ndarray, mean: float, std: float, scale: float = 255.0) -> np.ndarray:
-    """Images (m, H, W) with intensities in [0, scale] -> network input (m, H, W, 1) float32,
-    (x/scale - mean) / std, where mean and std are those of the training set's x/scale."""
+    """Images (m, H, W) or (m, H, W, C) with intensities in [0, scale] -> network input
+    (m, H, W, C) float32 (C = 1 for grey), (x/scale - mean) / std, where mean and std are those
+    of the training set's x/scale."""
     x = images.astype(np.float32)
     x *= np.float32(1.0 / (scale * std))
     x -= np.float32(mean / std)
-    return x[..., None]
+    return x if x.ndim == 4 else x[..., None]
 
 
 def shard_bounds(m: int, rank: int, size: int) -> tuple[int, int]:
@@ -352,15 +355,24 @@ class Augment:
         return dy, dx, angle
 
     def __call__(self, images: np.ndarray, epoch: int, k: int, M: int, start: int) -> np.ndarray:
-        """images (m, H, W) uint8 at positions [start, start + m) of global batch k of M samples
-        -> (m, H, W): uint8 when only shifting, else float32 in [0, 255]."""
+        """images (m, H, W) or (m, H, W, C) uint8 at positions [start, start + m) of global batch k
+        of M samples -> the same shape: uint8 when only shifting, else float32 in [0, 255]."""
         dy, dx, angle = self.draws(epoch, k, M)
         mine = slice(start, start + len(images))
-        if not self.rotate:
-            return translate(images, dy[mine], dx[mine])
         # cosines and sines of the whole batch, then sliced: the same bits on every rank
         c, s = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-        return affine(images, dy[mine], dx[mine], c[mine], s[mine])
+        draws = [a[mine] for a in (dy, dx, c, s)]
+        if images.ndim == 4:                  # (m, H, W, C): every channel of an image moves alike
+            m, H, W, C = images.shape
+            planes = np.moveaxis(images, 3, 1).reshape(m * C, H, W)
+            out = self._apply(planes, *(np.repeat(a, C) for a in draws))
+            return np.moveaxis(out.reshape(m, C, H, W), 1, 3)
+        return self._apply(images, *draws)
+
+    def _apply(self, images: np.ndarray, dy, dx, c, s) -> np.ndarray:
+        if not self.rotate:
+            return translate(images, dy, dx)
+        return affine(images, dy, dx, c, s)
 
 
 def translate(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -465,7 +477,8 @@ def info_lines(path) -> list[str]:
                           f"classes        {', '.join(s.class_names)}"]
                 lines += [f"sha256         {k} {v}" for k, v in s.source_sha256.items()]
             counts = np.bincount(s.labels, minlength=s.num_classes)
-            lines.append(f"{split:<14} {s.n} x {'x'.join(map(str, s.image_shape))}, "
+            shape = s.image_shape + ((s.channels,) if s.channels > 1 else ())
+            lines.append(f"{split:<14} {s.n} x {'x'.join(map(str, shape))}, "
                          f"per class: {' '.join(map(str, counts))}")
     return lines
 

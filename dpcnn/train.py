@@ -85,9 +85,9 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
         with Split(path, "train") as tr, Split(path, "test") as te:
             if te.n == 0:
                 raise DataError(f"{path}: the test split is empty; nothing to evaluate on")
-            if (te.image_shape, te.num_classes) != (tr.image_shape, tr.num_classes):
-                raise DataError(f"{path}: test images {te.image_shape} in {te.num_classes} classes, training "
-                                f"images {tr.image_shape} in {tr.num_classes}")
+            if (te.image_shape, te.channels, te.num_classes) != (tr.image_shape, tr.channels, tr.num_classes):
+                raise DataError(f"{path}: test images {te.image_shape + (te.channels,)} in {te.num_classes} "
+                                f"classes, training images {tr.image_shape + (tr.channels,)} in {tr.num_classes}")
             try:
                 model_spec(cfg, tr)
             except ValueError as e:
@@ -117,8 +117,9 @@ def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
 
 
 def model_spec(cfg: Config, train_set: Split) -> ModelSpec:
-    return ModelSpec(input_shape=train_set.image_shape + (1,), channels=cfg.channels, kernel=cfg.kernel,
-                     hidden=cfg.hidden, classes=train_set.num_classes)
+    """The model of cfg for the data: its input (H, W, C) and classes come from the data file."""
+    return ModelSpec(input_shape=train_set.image_shape + (train_set.channels,), channels=cfg.channels,
+                     kernel=cfg.kernel, hidden=cfg.hidden, classes=train_set.num_classes)
 
 
 def make_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Schedule:

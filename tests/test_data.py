@@ -249,7 +249,7 @@ def _replace(group, name, value):
     (lambda f: f.attrs.__setitem__("std", 0.0), "bad pixel statistics"),
     (lambda f: f.__delitem__("train"), "no train/images and train/labels"),
     (lambda f: _replace(f["train"], "images", np.zeros((50, 784), np.uint8)),
-     r"train/images is \(50, 784\) uint8, expected \(N, H, W\) uint8"),
+     r"train/images is \(50, 784\) uint8, expected \(N, H, W\) or \(N, H, W, C\) uint8"),
     (lambda f: _replace(f["train"], "images", np.zeros((50, 28, 28), np.float32)), "float32"),
     (lambda f: _replace(f["train"], "labels", np.zeros(49, np.uint8)),
      r"labels is \(49,\) uint8, expected \(50,\)"),
