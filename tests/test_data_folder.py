@@ -110,3 +110,21 @@ def test_a_colour_folder_trains_and_predicts(tmp_path):
     with h5py.File(data) as f:
         x, y = f["test/images"][...], f["test/labels"][...]
     assert x.shape[1:] == (24, 24, 3) and np.mean(clf.predict(x) == y) > 0.8
+
+
+def test_a_file_written_with_plain_h5py_as_the_readme_documents_trains(tmp_path, tiny_h5):
+    """The README's layout table, entry by entry, with nothing but h5py: it trains ('not verified')."""
+    from dpcnn.train import main
+    with h5py.File(tiny_h5) as src, h5py.File(tmp_path / "mine.h5", "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/images"] = src[f"{split}/images"][...]
+            f[f"{split}/labels"] = src[f"{split}/labels"][...]
+        f.attrs.update(format_version=1, dataset="mine", class_names=json.dumps(list("abcdefghij")),
+                       mean=0.3, std=0.3, source_sha256="{}")
+    assert verify(tmp_path / "mine.h5") is False                       # no array checksums: not verified
+    assert main(["--data", str(tmp_path / "mine.h5"), "--out", str(tmp_path / "run"), "--max-steps", "4",
+                 "--val-size", "0", "--comm", "serial", "--threads", "1", "--no-progress", "-q"]) == 0
+    with h5py.File(tmp_path / "mine.h5", "a") as f:
+        del f.attrs["class_names"]
+    assert main(["--data", str(tmp_path / "mine.h5"), "--out", str(tmp_path / "run2"), "--comm", "serial",
+                 "-q"]) == 1
