@@ -59,6 +59,7 @@ from .watchdog import StopRequest, Watchdog, watched
 log = logging.getLogger("dpcnn")
 
 CARRIED = ("loss", "correct", "samples")      # interval totals a checkpoint carries across a resume
+SLOW = 3.0                                    # this many times slower than the start: say why
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -250,6 +251,8 @@ class Trainer:
         self.xt, self.yt = self.test_set.read(lo, hi)
         self.xv, self.yv = eval_rows(self.train_set, self.val_rows, comm)
         self.last_ckpt_time = time.monotonic()
+        self.first_rate: float | None = None                 # images/s of the first interval, for check_speed
+        self.warned_slow = False
         if cfg.tensorboard:
             on_root(comm, Board.check)
         self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
@@ -416,8 +419,21 @@ class Trainer:
             log.info("epoch %.2f step %d  %stest loss %.4f acc %.2f%%  %s img/s  %.1f s",
                      rec["epoch"], self.step, train, totals.loss, 100 * totals.accuracy,
                      f"{rec['images_per_second']:.0f}" if rec["images_per_second"] else "-", rec["elapsed_seconds"])
+            self.check_speed(rec["images_per_second"])
         self.iv = Interval()
         return rec
+
+    def check_speed(self, rate: float | None) -> None:
+        """Warn (once) when training runs far slower than this process's own first interval."""
+        if not rate:
+            return
+        if self.first_rate is None:
+            self.first_rate = rate
+        elif rate < self.first_rate / SLOW and not self.warned_slow:
+            self.warned_slow = True
+            log.warning("warning: %.0f images/s, %.1fx slower than at the start of this run (%.0f): another program "
+                        "is probably using the cores (see top); use fewer ranks than free cores, and --threads 1",
+                        rate, self.first_rate / rate, self.first_rate)
 
     def record_and_checkpoint(self, final: bool) -> None:
         """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the

@@ -474,3 +474,20 @@ def test_run_directory_keeps_the_console_log_and_tensorboard_events(tiny_h5, tmp
     assert main(["--data", str(tiny_h5), "--out", str(tmp_path / "new"), "--comm", "serial", "-q",
                  "--resume", str(tmp_path / "missing.h5")]) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_far_slower_than_its_start_says_why(tiny_h5, tmp_path, capsys, monkeypatch):
+    """Another program taking the cores mid-run: the rate drops; one warning says what to try."""
+    from dpcnn import train as T
+    orig = T.Trainer.train_step
+
+    def step(self, *a):
+        if self.step >= 6:
+            time.sleep(0.05)                     # from step 6 on, something else holds the core
+        return orig(self, *a)
+
+    monkeypatch.setattr(T.Trainer, "train_step", step)
+    assert main(["--data", str(tiny_h5), "--out", str(tmp_path / "run"), "--comm", "serial", *BASE[:-3],
+                 "--threads", "1", "--max-steps", "18", "--eval-every", "6"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("slower than at the start of this run") == 1 and "use fewer ranks than free cores" in err
