@@ -161,8 +161,9 @@ def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = 
     """
     from . import layers
 
-    names = ("im2col", "col2im", "pad_hw", "conv_forward", "conv_backward", "maxpool_forward", "maxpool_backward",
-             "relu_forward", "relu_backward", "dense_forward", "dense_backward", "softmax_cross_entropy", "sum_rows")
+    names = ("split_planes", "merge_planes", "im2col", "col2im", "conv_forward", "conv_backward",
+             "maxpool_forward", "maxpool_backward", "relu_forward", "relu_backward", "dense_forward",
+             "dense_backward", "softmax_cross_entropy", "sum_rows")
     own = dict.fromkeys(names, 0.0)
     stack = []                                      # [start, time of nested calls]
     originals = {n: getattr(layers, n) for n in names}

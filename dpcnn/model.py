@@ -152,15 +152,13 @@ class CNN:
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """x: (N, H, W, C) -> logits: (N, classes). train=True keeps what backward needs."""
         s, p = self.spec, self.p
-        x = np.asarray(x, dtype=self.dtype)
+        x = np.asarray(x, dtype=self.dtype).transpose(1, 2, 0, 3)      # (H, W, N, C): see dpcnn.layers
         caches: list = []
         for i in range(1, len(s.channels) + 1):
-            # conv - ReLU - pool, computed as conv - pool - (+bias) - ReLU: max-pooling
-            # commutes with ReLU and with adding a per-channel constant, and the
-            # reordered form does the bias and ReLU on a quarter of the values.
-            x, c_conv = L.conv_forward(x, p[f"conv{i}.w"], None, s.padding)
+            # conv - ReLU - pool, computed as conv - pool - ReLU: max-pooling commutes with
+            # ReLU, which then runs on a quarter of the values
+            x, c_conv = L.conv_forward(x, p[f"conv{i}.w"], p[f"conv{i}.b"], s.padding)
             x, c_pool = L.maxpool_forward(x)
-            x += p[f"conv{i}.b"]
             x, c_relu = L.relu_forward(x)
             caches.append((c_conv, c_pool, c_relu))
         x, c_flat = L.flatten_forward(x)
@@ -192,9 +190,8 @@ class CNN:
         for i in range(n_conv, 0, -1):
             c_conv, c_pool, c_relu = caches[i - 1]
             d = L.relu_backward(d, c_relu)
-            g[f"conv{i}.b"][...] = L.sum_rows(d.reshape(-1, d.shape[-1]))
             d = L.maxpool_backward(d, c_pool)
-            d, g[f"conv{i}.w"][...], _ = L.conv_backward(d, c_conv, need_dx=i > 1)
+            d, g[f"conv{i}.w"][...], g[f"conv{i}.b"][...] = L.conv_backward(d, c_conv, need_dx=i > 1)
         self._caches = None
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, denom: float | None = None):

@@ -1,4 +1,8 @@
-"""Layers against plain-loop references and centred finite differences (float64)."""
+"""Layers against plain-loop references and centred finite differences (float64).
+
+The loop references work on ordinary (N, H, W, C) arrays; ``hwnc`` and ``window_major``
+put their results in the layouts the layers use (see dpcnn.layers).
+"""
 
 import numpy as np
 import pytest
@@ -25,6 +29,28 @@ def numeric_grad(f, x, eps=1e-6):
         x[i] = old
         g[i] = (fp - fm) / (2 * eps)
     return g
+
+
+def hwnc(x):
+    """(N, H, W, C) -> (H, W, N, C), the layers' layout between conv and pool."""
+    return np.ascontiguousarray(x.transpose(1, 2, 0, 3))
+
+
+def window_major(y):
+    """A conv output (N, Ho, Wo, F) -> (4, Ho // 2, Wo // 2, N, F), the four positions of
+    every 2x2 window as conv_forward returns them (odd last rows and columns dropped)."""
+    N, Ho, Wo, F = y.shape
+    H2, W2 = Ho // 2, Wo // 2
+    return np.stack([y[:, dy:2 * H2:2, dx:2 * W2:2].transpose(1, 2, 0, 3) for dy, dx in L.WINDOWS])
+
+
+def unwindow(d, Ho, Wo):
+    """Inverse of window_major: (4, H2, W2, N, F) -> (N, Ho, Wo, F), zero where dropped."""
+    _, H2, W2, N, F = d.shape
+    y = np.zeros((N, Ho, Wo, F), d.dtype)
+    for k, (dy, dx) in enumerate(L.WINDOWS):
+        y[:, dy:2 * H2:2, dx:2 * W2:2] = d[k].transpose(2, 0, 1, 3)
+    return y
 
 
 def conv_loop(x, w, b, padding):
@@ -58,7 +84,10 @@ def pool_loop(x):
     return out, mask
 
 
-CONV_CASES = [(3, "same", 2, 3), (3, "valid", 3, 2), (2, "same", 1, 4), (5, "same", 2, 2), (1, "valid", 3, 5)]
+# (kernel, padding, C, F) on 7 x 6 inputs: odd conv output sizes, whose last row the pool drops,
+# even kernels, whose 'same' padding is uneven, and a 1 x 1 kernel
+CONV_CASES = [(3, "same", 2, 3), (3, "valid", 3, 2), (2, "same", 1, 4), (5, "same", 2, 2), (1, "valid", 3, 5),
+              (4, "valid", 2, 3)]
 
 
 @pytest.mark.parametrize("k,padding,C,F", CONV_CASES)
@@ -67,8 +96,8 @@ def test_conv_forward_matches_loop(k, padding, C, F):
     x = rng.standard_normal((2, 7, 6, C))
     w = rng.standard_normal((k, k, C, F))
     b = rng.standard_normal(F)
-    out, _ = L.conv_forward(x, w, b, padding)
-    ref = conv_loop(x, w, b, padding)
+    out, _ = L.conv_forward(hwnc(x), w, b, padding)
+    ref = window_major(conv_loop(x, w, b, padding))
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -76,7 +105,7 @@ def test_conv_forward_matches_loop(k, padding, C, F):
 @pytest.mark.parametrize("k,padding,C,F", CONV_CASES)
 def test_conv_backward_matches_finite_differences(k, padding, C, F):
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((2, 5, 6, C))
+    x = hwnc(rng.standard_normal((2, 5, 6, C)))
     w = rng.standard_normal((k, k, C, F))
     b = rng.standard_normal(F)
     out, cache = L.conv_forward(x, w, b, padding)
@@ -89,46 +118,80 @@ def test_conv_backward_matches_finite_differences(k, padding, C, F):
     assert rel_error(dx, numeric_grad(f, x)) < 1e-6
     assert rel_error(dw, numeric_grad(f, w)) < 1e-6
     assert rel_error(db, numeric_grad(f, b)) < 1e-6
-    dx_skipped, dw2, _ = L.conv_backward(dout, cache, need_dx=False)
-    assert dx_skipped is None and np.array_equal(dw, dw2)
+    dx_skipped, dw2, db2 = L.conv_backward(dout, cache, need_dx=False)
+    assert dx_skipped is None and np.array_equal(dw, dw2) and np.array_equal(db, db2)
 
 
 def test_conv_backward_matches_loop_reference():
-    """The input gradient of a convolution is the full correlation with the flipped kernel."""
+    """The input gradient of a convolution is the full correlation with the flipped kernel;
+    the pixels the pool drops (here the last row) pass no gradient."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 6, 5, 3))
+    x = rng.standard_normal((2, 7, 6, 3))
     w = rng.standard_normal((3, 3, 3, 4))
-    out, cache = L.conv_forward(x, w, np.zeros(4), "same")
+    out, cache = L.conv_forward(hwnc(x), w, np.zeros(4), "same")
     dout = rng.standard_normal(out.shape)
     dx, dw, db = L.conv_backward(dout, cache)
+    dy = unwindow(dout, 7, 6)
+    assert not dy[:, 6].any()
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     dxp, dw_ref = np.zeros_like(xp), np.zeros_like(w)
     for n in range(2):
-        for i in range(6):
-            for j in range(5):
+        for i in range(7):
+            for j in range(6):
                 for f in range(4):
-                    dxp[n, i:i + 3, j:j + 3, :] += w[..., f] * dout[n, i, j, f]
-                    dw_ref[..., f] += xp[n, i:i + 3, j:j + 3, :] * dout[n, i, j, f]
-    np.testing.assert_allclose(dx, dxp[:, 1:-1, 1:-1, :], rtol=1e-12, atol=1e-12)
+                    dxp[n, i:i + 3, j:j + 3, :] += w[..., f] * dy[n, i, j, f]
+                    dw_ref[..., f] += xp[n, i:i + 3, j:j + 3, :] * dy[n, i, j, f]
+    np.testing.assert_allclose(dx, hwnc(dxp[:, 1:-1, 1:-1, :]), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(db, dout.sum(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 1, 2)), rtol=1e-12)
 
 
-def test_im2col_col2im_are_adjoint():
-    """<im2col(x), D> == <x, col2im(D)> with D in col2im's tap-major layout."""
+@pytest.mark.parametrize("H,W,k,padding", [(7, 6, 3, "same"), (9, 8, 3, "valid"), (6, 7, 2, "same"),
+                                           (8, 8, 5, "same"), (5, 9, 4, "valid")])
+def test_split_and_merge_planes_are_adjoint(H, W, k, padding):
+    """split_planes puts each padded pixel on its parity plane; merge_planes is its adjoint."""
     rng = np.random.default_rng(4)
-    xp = rng.standard_normal((2, 6, 7, 3))
-    kh, kw = 3, 2
-    cols = L.im2col(xp, kh, kw)
-    N, Ho, Wo, C = 2, 4, 6, 3
-    assert cols.shape == (N * Ho * Wo, kh * kw * C)
-    D = rng.standard_normal((kh, kw, N, Ho, Wo, C))
-    D_rows = D.transpose(2, 3, 4, 0, 1, 5).reshape(cols.shape)   # the same numbers, im2col layout
-    lhs = np.sum(cols * D_rows)
-    rhs = np.sum(xp * L.col2im(D, xp.shape))
-    assert abs(lhs - rhs) < 1e-10 * abs(lhs)
-    # each row of cols is the patch under that output pixel
-    assert np.array_equal(cols[N * Ho * Wo - 1].reshape(kh, kw, C), xp[1, 3:6, 5:7, :])
+    g = L.conv_geometry(H, W, k, k, padding)
+    x = rng.standard_normal((H, W, 2, 3))
+    xs = L.split_planes(x, g)
+    assert xs.shape == (2, 2, 3, g.Hh, g.Wh, 2)
+    ph, pw = L.pad_amounts(k, padding), L.pad_amounts(k, padding)
+    xp = np.pad(x, (ph, pw, (0, 0), (0, 0)))
+    xp = np.pad(xp, ((0, max(0, 2 * g.Hh - xp.shape[0])), (0, max(0, 2 * g.Wh - xp.shape[1])), (0, 0), (0, 0)))
+    for a in (0, 1):
+        for b in (0, 1):
+            plane = xp[a:2 * g.Hh:2, b:2 * g.Wh:2]                 # (Hh, Wh, N, C)
+            np.testing.assert_array_equal(xs[a, b], plane.transpose(3, 0, 1, 2))
+    D = rng.standard_normal(xs.shape)
+    lhs, rhs = np.sum(xs * D), np.sum(x * L.merge_planes(D, x.shape, g))
+    assert abs(lhs - rhs) < 1e-12 * abs(lhs)
+
+
+@pytest.mark.parametrize("H,W,k,padding", [(7, 6, 3, "same"), (9, 8, 3, "valid"), (6, 7, 2, "same"),
+                                           (8, 8, 5, "same"), (5, 9, 4, "valid")])
+def test_im2col_col2im_are_adjoint(H, W, k, padding):
+    """Each column of im2col is the patch under its conv output pixel (and a 1 for the bias);
+    <im2col(xs), D> == <xs, col2im(D)> with D in col2im's window-major layout."""
+    rng = np.random.default_rng(5)
+    N, C = 2, 3
+    g = L.conv_geometry(H, W, k, k, padding)
+    x = rng.standard_normal((H, W, N, C))
+    xs = L.split_planes(x, g)
+    cols = L.im2col(xs, k, k, g)
+    M = g.H2 * g.W2 * N
+    assert cols.shape == (k * k * C + 1, 4 * M) and np.all(cols[-1] == 1)
+    xp = np.pad(x, (L.pad_amounts(k, padding), L.pad_amounts(k, padding), (0, 0), (0, 0)))
+    for c in rng.integers(0, 4 * M, 20):
+        window, h2, w2, n = np.unravel_index(c, (4, g.H2, g.W2, N))
+        dy, dx = L.WINDOWS[window]
+        patch = xp[2 * h2 + dy:2 * h2 + dy + k, 2 * w2 + dx:2 * w2 + dx + k, n, :]
+        np.testing.assert_array_equal(cols[:-1, c], patch.ravel())
+    D = rng.standard_normal((k * k * C, 4 * M))
+    D_windows = D.reshape(-1, 4, M).transpose(1, 0, 2)                # (4, k * k * C, M)
+    lhs = np.sum(cols[:-1] * D)
+    rhs = np.sum(xs * L.col2im(D_windows, xs.shape, k, k, g))
+    assert abs(lhs - rhs) < 1e-12 * abs(lhs)
+    assert np.array_equal(L.col2im(iter(D_windows), xs.shape, k, k, g), L.col2im(D_windows, xs.shape, k, k, g))
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 8, 3), (1, 5, 7, 2)])
@@ -137,20 +200,21 @@ def test_maxpool_matches_loop_reference(shape):
     x = rng.standard_normal(shape)
     x[0, 0:2, 0:2, 0] = 1.5                       # a fully tied window: first position wins
     x[0, 2:4, 0:2, 1] = [[0.0, 3.0], [3.0, 3.0]]  # ties at b, c, d: b wins
-    out, cache = L.maxpool_forward(x)
+    x[0, 0:2, 2:4, 1] = [[0.0, 0.0], [2.0, 2.0]]  # ties at c, d: c wins
+    out, cache = L.maxpool_forward(window_major(x))
     ref, mask = pool_loop(x)
-    assert np.array_equal(out, ref)
+    assert np.array_equal(out, hwnc(ref))
     dout = rng.standard_normal(out.shape)
     dx = L.maxpool_backward(dout, cache)
     up = np.zeros_like(x)
     H2, W2 = shape[1] // 2 * 2, shape[2] // 2 * 2
-    up[:, :H2, :W2] = dout.repeat(2, axis=1).repeat(2, axis=2)
-    assert np.array_equal(dx, up * mask)
+    up[:, :H2, :W2] = dout.transpose(2, 0, 1, 3).repeat(2, axis=1).repeat(2, axis=2)
+    assert np.array_equal(dx, window_major(up * mask))
 
 
 def test_maxpool_backward_matches_finite_differences():
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((2, 4, 6, 3))
+    x = rng.standard_normal((4, 2, 3, 2, 3))
     out, cache = L.maxpool_forward(x)
     dout = rng.standard_normal(out.shape)
     dx = L.maxpool_backward(dout, cache)
@@ -162,14 +226,17 @@ def test_relu_dense_flatten_gradients():
     x = rng.standard_normal((4, 3, 2, 2))
     x[np.abs(x) < 1e-3] = 0.5                     # stay away from the kink
     out, cache = L.relu_forward(x)
+    assert np.array_equal(out, np.maximum(x, 0))
     dout = rng.standard_normal(out.shape)
     dx = L.relu_backward(dout, cache)
     assert rel_error(dx, numeric_grad(lambda: np.sum(L.relu_forward(x)[0] * dout), x)) < 1e-6
+    assert np.array_equal(L.relu_backward(dout.T.copy().T, cache), dx)    # any strides in, same result
 
-    flat, fcache = L.flatten_forward(x)
-    assert flat.shape == (4, 12) and L.flatten_backward(flat, fcache).shape == x.shape
+    flat, fcache = L.flatten_forward(x)           # x as (H, W, N, C): sample n's features in (h, w, c) order
+    assert flat.shape == (2, 24) and np.array_equal(flat[1], x[:, :, 1, :].ravel())
+    assert np.array_equal(L.flatten_backward(flat, fcache), x)
 
-    w, b = rng.standard_normal((12, 5)), rng.standard_normal(5)
+    w, b = rng.standard_normal((24, 5)), rng.standard_normal(5)
     out, cache = L.dense_forward(flat, w, b)
     np.testing.assert_allclose(out, flat @ w + b)
     dout = rng.standard_normal(out.shape)
@@ -203,15 +270,25 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
     assert abs(loss - 5e4) < 1.0                  # -log softmax = 1e5 for the second row, 0 for the first
 
 
-def test_conv_pool_reordering_equals_conv_relu_pool():
-    """The model computes conv - pool - (+bias) - ReLU; it equals conv - ReLU - pool."""
+@pytest.mark.parametrize("k,padding", [(3, "same"), (2, "valid")])
+def test_conv_pool_relu_equals_conv_relu_pool(k, padding):
+    """The model computes conv - pool - ReLU; it equals conv - ReLU - pool (loop references),
+    odd sizes included."""
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((3, 8, 8, 2))
-    w, b = rng.standard_normal((3, 3, 2, 4)), rng.standard_normal(4)
-    y1, c1 = L.conv_forward(x, w, b)
-    r1, cr = L.relu_forward(y1)
-    ref, cp = L.maxpool_forward(r1)
-    y2, _ = L.conv_forward(x, w, None)
-    p2, _ = L.maxpool_forward(y2)
-    out, _ = L.relu_forward(p2 + b)
-    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    x = rng.standard_normal((3, 9, 8, 2))
+    w, b = rng.standard_normal((k, k, 2, 4)), rng.standard_normal(4)
+    ref, _ = pool_loop(np.maximum(conv_loop(x, w, b, padding), 0))
+    y, _ = L.conv_forward(hwnc(x), w, b, padding)
+    p, _ = L.maxpool_forward(y)
+    out, _ = L.relu_forward(p)
+    np.testing.assert_allclose(out, hwnc(ref), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_geometry():
+    g = L.conv_geometry(28, 28, 3, 3, "same")
+    assert (g.H2, g.W2, g.Hh, g.Wh, g.covered) == (14, 14, 15, 15, True)
+    g = L.conv_geometry(9, 9, 3, 3, "valid")      # conv 7 x 7, pooled 3 x 3: the last input row and column
+    assert (g.H2, g.W2, g.covered) == (3, 3, False)   # reach only the dropped conv row and column
+    assert L.conv_geometry(28, 28, 3, 3, "same") is L.conv_geometry(28, 28, 3, 3, "same")
+    with pytest.raises(ValueError):
+        L.conv_geometry(8, 8, 3, 3, "full")
