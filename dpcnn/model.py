@@ -185,7 +185,7 @@ class CNN:
             c_fc, c_relu = caches[n_conv + i]
             if c_relu is not None:
                 d = L.relu_backward(d, c_relu)
-            d, g[f"fc{i}.w"][...], g[f"fc{i}.b"][...] = L.dense_backward(d, c_fc)
+            d, _, _ = L.dense_backward(d, c_fc, out=(g[f"fc{i}.w"], g[f"fc{i}.b"]))
         d = L.flatten_backward(d, caches[n_conv])
         for i in range(n_conv, 0, -1):
             c_conv, c_pool, c_relu = caches[i - 1]

@@ -248,6 +248,9 @@ def test_relu_dense_flatten_gradients():
     assert rel_error(dx, numeric_grad(f, flat)) < 1e-6
     assert rel_error(dw, numeric_grad(f, w)) < 1e-6
     assert rel_error(db, numeric_grad(f, b)) < 1e-6
+    dw_out, db_out = np.empty_like(dw), np.empty_like(db)
+    _, dw2, db2 = L.dense_backward(dout, cache, need_dx=False, out=(dw_out, db_out))
+    assert dw2 is dw_out and db2 is db_out and np.array_equal(dw_out, dw) and np.array_equal(db_out, db)
 
 
 def test_softmax_cross_entropy_value_and_gradient():
