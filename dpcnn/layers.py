@@ -147,7 +147,7 @@ def im2col(xs: np.ndarray, kh: int, kw: int, g: ConvGeometry) -> np.ndarray:
     # S[s, a, t, b, c, h2, w2, n] = xs[a, b, c, h2 + s, w2 + t, n]: the shifted planes
     # xpad[p::2, q::2] for p = 2 s + a, q = 2 t + b
     S = np.empty((2 * g.Ps, 2 * g.Qs, C, M), xs.dtype)
-    shape = (g.Ps, 2, g.Qs, 2, C, g.H2, g.W2, N)
+    shape: tuple[int, ...] = (g.Ps, 2, g.Qs, 2, C, g.H2, g.W2, N)
     S.reshape(shape)[...] = _strided(xs, shape, (su, sa, sv, sb, sc, su, sv, 1))
     # cols[i, j, c, dy, dx] = S[i + dy, j + dx, c]: each row one whole shifted plane
     sp, sq = 2 * g.Qs * C * M, C * M
@@ -167,11 +167,12 @@ def col2im(dcols, xs_shape: tuple[int, ...], kh: int, kw: int, g: ConvGeometry) 
     """
     _, _, C, Hh, Wh, N = xs_shape
     M, P, Q = g.H2 * g.W2 * N, 2 * g.Ps, 2 * g.Qs
-    dS = None
+    dS: np.ndarray | None = None
     for (dy, dx), block in zip(WINDOWS, dcols, strict=True):
         if dS is None:
             dS = np.zeros((P, Q, C * M), block.dtype)                 # the shifted planes
         dS[dy:dy + kh, dx:dx + kw] += block.reshape(kh, kw, C * M)
+    assert dS is not None                                             # four blocks, always
     # plane (p, q) = (2 s + a, 2 t + b) goes to parity plane (a, b) shifted by (s, t)
     dS = dS.reshape(g.Ps, 2, g.Qs, 2 * C, g.H2, g.W2 * N)
     dxs = np.zeros((2, 2 * C, Hh, Wh * N), dS.dtype)
