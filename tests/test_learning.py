@@ -172,7 +172,7 @@ def test_validation_in_records_and_config(tiny_h5, tmp_path):
     assert train(tiny_h5, out, "--epochs", "2", "--val-size", "64", "--shift", "1") == 0
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["val_size"], cfg["val_seed"], cfg["train_samples"], cfg["steps_per_epoch"]) == (64, 0, 320, 10)
-    assert (cfg["shift"], cfg["rotate"], cfg["init"], cfg["init_from"]) == (1, 0.0, "he", None)
+    assert (cfg["shift"], cfg["rotate"], cfg["init"], cfg["init_from"]) == (1, 0.0, "torch", None)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [10, 20]
     assert all(0 <= r["val_accuracy"] <= 1 and r["val_loss"] > 0 for r in rows)
@@ -220,7 +220,7 @@ def test_validation_refusals(tiny_h5, tmp_path, capsys):
     for extra, said in ((["--val-size", "32", "--shift", "1"], "saved with --val-size 64, this run has --val-size 32"),
                         (["--val-size", "64", "--shift", "1", "--val-seed", "1"], "--val-seed 0"),
                         (["--val-size", "64"], "saved with --shift 1, this run has --shift 0"),
-                        (["--val-size", "64", "--shift", "1", "--init", "torch"], "this run has --init torch")):
+                        (["--val-size", "64", "--shift", "1", "--init", "he"], "this run has --init he")):
         assert train(tiny_h5, out, "--epochs", "2", "--max-steps", "6", *extra) == 1
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
