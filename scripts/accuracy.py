@@ -4,13 +4,17 @@
     python scripts/accuracy.py --phases init,torch --seeds 0 --out runs/accuracy-quick
     python scripts/accuracy.py --summarise-only         # the tables again from the runs in --out
 
+To measure one commit while the working tree changes, run it from an export of that commit:
+``git archive HEAD | tar -x -C /tmp/m && cd /tmp/m && python scripts/accuracy.py --data
+$PWD/data/mnist.h5 --out $PWD/runs/accuracy`` (from the checkout, with its virtualenv active).
+
 Runs, one after another (never two at once), each in a fresh directory under --out:
 
 * init:  ``mpiexec -n 2 python -m dpcnn.train --epochs 8 --val-size 5000 --init I --seed S``
   for every --inits I and --seeds S (the default recipe otherwise);
 * torch: ``scripts/torch_reference.py`` (the same recipe, data and sample order in PyTorch,
   2 threads), right after each seed's dpcnn runs, so both see the same machine;
-* aug:   the default recipe with ``--shift 2`` (and ``--aug-flags``) for ``--aug-epochs``.
+* aug:   the default recipe with ``--aug-flags`` (default ``--shift 2``) for each of ``--aug-epochs``.
 
 ``uptime`` is recorded before and after each phase. The summary (``summary.md`` and
 ``summary.json`` in --out) has per init the test accuracy after each epoch as the mean over
@@ -143,7 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--inits", default="he,torch,glorot")
     p.add_argument("--aug-init", default=None, help="--init of the augmented runs (default: dpcnn's default)")
-    p.add_argument("--aug-epochs", type=int, default=16)
+    p.add_argument("--aug-epochs", default="8,16", help="run lengths of the augmented runs (default 8,16)")
     p.add_argument("--aug-flags", default="--shift 2", help="the augmentation flags (default --shift 2)")
     p.add_argument("--mpiexec", default=shutil.which("mpiexec") or "mpiexec")
     p.add_argument("--summarise-only", action="store_true")
@@ -154,7 +158,9 @@ def main(argv=None) -> None:
         return
     phases, seeds = a.phases.split(","), [int(s) for s in a.seeds.split(",")]
     out.mkdir(parents=True, exist_ok=True)
-    meta: dict = {"uptime": [("start", uptime())], "runs": []}
+    # runs of earlier invocations in --out stay in the summary; a run done again replaces its entry
+    old = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else {}
+    meta: dict = {"uptime": old.get("uptime", []) + [("start " + a.phases, uptime())], "runs": old.get("runs", [])}
     py = sys.executable
     dpcnn = [a.mpiexec, "-n", "2", py, "-m", "dpcnn.train", "--data", a.data, "--threads", "1", "--no-progress",
              "-q", "--val-size", "5000"]
@@ -163,6 +169,7 @@ def main(argv=None) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         wall = run(cmd, run_dir / "output.log")
+        meta["runs"] = [r for r in meta["runs"] if r["name"] != name]
         meta["runs"].append({"group": group, "name": name, "seed": seed, "wall_s": wall,
                              "cmd": " ".join(cmd).replace(py, "python")})
         rows = records(run_dir / "metrics.jsonl")
@@ -184,11 +191,12 @@ def main(argv=None) -> None:
     meta["uptime"].append(("after init/torch", uptime()))
     if "aug" in phases:
         init = ["--init", a.aug_init] if a.aug_init else []
-        for seed in seeds:
-            name = f"aug-s{seed}"
-            one(f"dpcnn {a.aug_flags} {' '.join(init)}".strip() + f", {a.aug_epochs} epochs", name, seed,
-                dpcnn + ["--epochs", str(a.aug_epochs), *a.aug_flags.split(), *init, "--seed", str(seed),
-                         "--out", str(out / name)], out / name)
+        for epochs in a.aug_epochs.split(","):
+            for seed in seeds:
+                name = f"aug-e{epochs}-s{seed}"
+                one(f"dpcnn {a.aug_flags} {' '.join(init)}".strip() + f", {epochs} epochs", name, seed,
+                    dpcnn + ["--epochs", epochs, *a.aug_flags.split(), *init, "--seed", str(seed),
+                             "--out", str(out / name)], out / name)
         meta["uptime"].append(("after aug", uptime()))
     (out / "runs.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(summarise(out, a))
