@@ -171,7 +171,9 @@ def test_a_stop_during_start_up_exits_75_with_nothing_new(tiny_h5, tmp_path):
     """SIGUSR1 while rank 0 is still preparing (here: in the resume): status 75, nothing written."""
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--max-steps", "4") == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    def results():                                 # all but the lock and the log (which records the stop)
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (".lock", "train.log")}
+    before = results()
     code = ("import os, signal, sys, dpcnn.train as t\n"
             "orig = t.Trainer._resume\n"
             "def resume(self):\n"
@@ -182,7 +184,8 @@ def test_a_stop_during_start_up_exits_75_with_nothing_new(tiny_h5, tmp_path):
     r = run_job(["-c", code], nprocs=2, timeout=90)
     assert r.returncode == EXIT_STOPPED, r.stderr
     assert "during start-up" in r.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+    assert results() == before
+    assert "during start-up" in (out / "train.log").read_text().splitlines()[-1]
 
 
 @contextlib.contextmanager
