@@ -158,6 +158,8 @@ def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = 
 
     Wraps the functions of dpcnn.layers for the measurement and restores them after;
     returns [(name, ms per step)] with the optimizer and the rest of the step last.
+    col2im's time includes the input gradient's matrix products: conv_backward hands it a
+    generator that computes one window's block at a time, as col2im adds them up.
     """
     from . import layers
 
