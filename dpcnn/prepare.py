@@ -348,7 +348,9 @@ def _watched(http_class, watch: _Watchdog):
     return make
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _WatchedOpen:
+    """An urllib handler whose connections report their progress to a _Watchdog."""
+
     def __init__(self, watch: _Watchdog):
         super().__init__()
         self.watch = watch
@@ -357,13 +359,12 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         return super().do_open(_watched(http_class, self.watch), req, **kwargs)
 
 
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watch: _Watchdog):
-        super().__init__()
-        self.watch = watch
+class _HTTPHandler(_WatchedOpen, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(_watched(http_class, self.watch), req, **kwargs)
+
+class _HTTPSHandler(_WatchedOpen, urllib.request.HTTPSHandler):
+    pass
 
 
 def _download(url: str, tmp: Path, timeout: float, max_bytes: int, desc: str) -> None:
