@@ -28,8 +28,7 @@ from .cli import entry_point, positive_int
 from .comm import SerialComm, blas_summary
 from .config import Config
 from .malloc import keep_freed_memory
-from .model import CNN, ModelSpec
-from .optim import SGD
+from .model import ModelSpec
 from .step import TrainStep
 from .torchref import torch_model
 
@@ -42,27 +41,19 @@ def _batch(spec: ModelSpec, batch_size: int, seed: int) -> tuple[np.ndarray, np.
     return x, rng.integers(0, spec.classes, batch_size)
 
 
-def numpy_stepper(spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0):
+def numpy_stepper(spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0,
+                  exact: bool = True):
     """A function that runs one dpcnn training step (the trainer's TrainStep, one process) on a
     fixed random batch."""
     x, y = _batch(spec, batch_size, seed)
     step = TrainStep(spec, SerialComm(), micro_batch=micro_batch, seed=seed, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4)
+                     weight_decay=5e-4, exact=exact)
     return lambda: step(x, y, batch_size, 0.01)
 
 
 def float_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
-    """The same step without micro-batches or exact sums: one float32 pass over the whole batch
-    (what the trainer did before it gave the same bits on any number of ranks)."""
-    x, y = _batch(spec, batch_size, seed)
-    model = CNN(spec, seed=seed)
-    opt = SGD(model.params, model.grads, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    def step():
-        model.loss_and_grad(x, y)
-        opt.step(0.01)
-
-    return step
+    """The step of --no-exact: one float32 pass over the whole batch, no micro-batches or exact sums."""
+    return numpy_stepper(spec, batch_size, seed=seed, exact=False)
 
 
 def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0):

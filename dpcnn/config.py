@@ -51,6 +51,7 @@ class Config:
     epochs: int = 8
     batch_size: int = 64                     # GLOBAL batch, split across ranks
     micro_batch: int = 16                    # unit of computation: same bits on any number of ranks
+    exact: bool = True                       # exact sums (the same bits on any rank count); False: float32
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
@@ -199,6 +200,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, default=D.epochs, help="epochs (default 8)")
     t.add_argument("--batch-size", type=positive_int, default=D.batch_size,
                    help="GLOBAL batch size, split across ranks (default 64)")
+    t.add_argument("--exact", action=argparse.BooleanOptionalAction, default=D.exact,
+                   help="exact, order-independent sums over micro-batches: the same bits on any number of ranks "
+                        "(default on; --no-exact: one float32 pass per rank, equal to rounding only)")
     t.add_argument("--micro-batch", type=positive_int, default=D.micro_batch,
                    help="samples per forward/backward pass; each rank computes whole micro-batches, so "
                         "the result is bit-identical on any number of ranks up to batch-size / micro-batch "

@@ -37,14 +37,15 @@ class Diverged(ArithmeticError):
 
 
 class StepBuffer:
-    """One float64 vector [gradient (n) | loss | correct | stop | overflow], reduced in one call.
+    """One vector [gradient (n) | loss | correct | stop | overflow], reduced in one call.
 
-    Gradient and loss hold exact sums of grid values (``dpcnn.exact``); ``grads`` is a view of
-    the first n entries and the counters are read by name after the reduction.
+    float64 holding exact sums of grid values (``dpcnn.exact``), or float32 for the plain
+    float path (``exact=False``); ``grads`` is a view of the first n entries and the counters
+    are read by name after the reduction.
     """
 
-    def __init__(self, n: int):
-        self.array = np.zeros(n + 4, dtype=np.float64)
+    def __init__(self, n: int, dtype=np.float64):
+        self.array = np.zeros(n + 4, dtype=dtype)
         self.grads = self.array[:n]
         self._counters = self.array[n:]
 
@@ -88,13 +89,16 @@ class TrainStep:
     """The model, its optimizer and the communication buffer of synchronous data-parallel SGD."""
 
     def __init__(self, spec: ModelSpec, comm: Comm, *, micro_batch: int = 16, seed: int = 0,
-                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
+                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0, exact: bool = True):
+        """exact=False: the plain float path, one pass over the rank's slice and a float32
+        allreduce; the same to float32 rounding on any rank count, not the same bits."""
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-        self.comm, self.micro_batch = comm, micro_batch
-        self.buf = StepBuffer(spec.num_params)
+        self.comm, self.micro_batch, self.exact = comm, micro_batch, exact
+        self.buf = StepBuffer(spec.num_params, np.float64 if exact else np.float32)
         self._tmp = np.empty(spec.num_params, np.float64)
-        self.model = CNN(spec, seed=seed)
+        # the float path lets backward write its gradient straight into the buffer
+        self.model = CNN(spec, seed=seed, grads=None if exact else self.buf.grads)
         comm.bcast(self.model.params)                    # every rank starts from rank 0's weights
         self.opt = SGD(self.model.params, self.model.grads, momentum=momentum,
                        nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
@@ -102,6 +106,8 @@ class TrainStep:
     def compute(self, x: np.ndarray, y: np.ndarray, global_batch: int, stop: bool = False) -> None:
         """x (k, H, W, C), y (k,): this rank's whole micro-batches (in order) of a global batch of
         global_batch samples -> their fixed-point sums in the buffer."""
+        if not self.exact:
+            return self._compute_float(x, y, stop)
         m, buf, model = self.micro_batch, self.buf, self.model
         bound = exact.limit(-(-global_batch // m) + 1)     # no sum of all micro-batches can overflow
         buf.clear()
@@ -116,6 +122,12 @@ class TrainStep:
                 correct += c
         buf.add_counters(loss_fixed, correct, stop, overflow)
 
+    def _compute_float(self, x: np.ndarray, y: np.ndarray, stop: bool) -> None:
+        """One float32 pass over this rank's slice, its summed gradient written into the buffer."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, correct = self.model.loss_and_grad(x, y, denom=1)
+        self.buf._counters[:] = (loss, correct, int(stop), 0 if np.isfinite(loss) else 1)
+
     def reduce(self) -> None:
         self.comm.allreduce(self.buf.array)
 
@@ -125,7 +137,10 @@ class TrainStep:
         b = self.buf
         if b.overflow:
             raise Diverged("the training loss or a gradient is not finite, or too large to sum exactly")
-        np.multiply(b.grads, 1.0 / global_batch, out=self.model.grads, casting="unsafe")   # float64 -> float32
+        if self.exact:
+            np.multiply(b.grads, 1.0 / global_batch, out=self.model.grads, casting="unsafe")   # float64 -> float32
+        else:
+            self.model.grads *= np.float32(1.0 / global_batch)
         self.opt.step(lr)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, global_batch: int, lr: float,

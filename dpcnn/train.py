@@ -223,18 +223,19 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.train_set, self.test_set = Split(data_path, "train"), Split(data_path, "test")
         self.spec = model_spec(cfg, self.train_set)
+        self.unit = cfg.micro_batch if cfg.exact else 1     # what a rank computes whole: a micro-batch, or a sample
         # the validation rows, held out of the training split; training orders only the others
         self.train_rows, self.val_rows = holdout(self.train_set.n, cfg.val_size or 0, cfg.val_seed)
         augment = Augment(cfg.shift, cfg.rotate, cfg.seed) if cfg.shift or cfg.rotate else None
         self.loader = ShardedLoader(self.train_set, batch_size=cfg.batch_size, rank=comm.rank, size=comm.size,
-                                    seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=cfg.micro_batch,
+                                    seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=self.unit,
                                     subset=self.train_rows if cfg.val_size else None, augment=augment)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         self.facts = self._facts()
         check_same(comm, {k: v for k, v in self.facts.items() if k not in LOCAL_FACTS})   # before any other
-        self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, seed=cfg.seed,
+        self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, exact=cfg.exact, seed=cfg.seed,
                                  momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.model = self.step_fn.model
         self.model.init(cfg.seed, cfg.init)      # TrainStep drew He-normal: draw by --init (the same on every rank)
@@ -360,7 +361,7 @@ class Trainer:
         if c.is_root:
             self.run_dir.write_metrics(self.metrics)       # a resumed run keeps exactly what its checkpoint knew
             self.run_dir.write_config({**self.facts, "resumed_from": self.resumed_from})
-            m, B = self.cfg.micro_batch, self.cfg.batch_size
+            m, B = self.unit, self.cfg.batch_size
             sizes = [hi - lo for lo, hi in (micro_bounds(B, m, r, c.size) for r in range(c.size))]
             per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
@@ -370,6 +371,9 @@ class Trainer:
                      "micro-batches of %d); %d steps/epoch, %d epoch%s; run dir %s", self.data_path, self.loader.n,
                      len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m,
                      self.steps_per_epoch, self.cfg.epochs, "s"[:self.cfg.epochs != 1], self.run_dir.path)
+            if not self.cfg.exact:
+                log.info("--no-exact: float32 sums, one pass over each rank's slice; rank counts agree to rounding, "
+                         "not to the bit")
             if self.cfg.shift or self.cfg.rotate:
                 log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees",
                          self.cfg.shift, self.cfg.rotate)

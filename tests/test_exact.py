@@ -112,3 +112,18 @@ def test_an_overflowing_gradient_is_a_divergence_not_a_wrapped_sum():
     with pytest.raises(Diverged, match="not finite, or too large to sum exactly"):
         step.update(8, 0.1)
     assert np.array_equal(step.model.params, before)                 # nothing applied
+
+
+def test_the_float_path_is_one_pass_and_the_plain_mean():
+    """--no-exact: TrainStep(exact=False) applies the mean float32 gradient of one pass."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((12, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 12)
+    step = TrainStep(ModelSpec(), SerialComm(), seed=2, momentum=0.0, exact=False)
+    ref = TrainStep(ModelSpec(), SerialComm(), seed=2, momentum=0.0)
+    before = step.model.params.copy()
+    r = step(x, y, 12, lr=0.1)
+    ref.model.loss_and_grad(x, y)                               # the mean, one float32 pass
+    want = before - np.float32(0.1) * ref.model.grads          # (1/M after the sum rounds apart from a mean)
+    assert np.abs(step.model.params - want).max() <= 1e-6 * np.abs(want).max()
+    assert step.buf.array.dtype == np.float32 and r.samples == 12 and 0 <= r.correct <= 12

@@ -275,6 +275,19 @@ def test_same_bits_on_1_2_3_ranks_on_real_mnist(mnist_h5, tmp_path):
     assert records[1][-1]["test_accuracy"] > 0.9
 
 
+@pytest.mark.timeout(120)
+def test_no_exact_trains_the_same_to_rounding_on_1_and_2_ranks(tiny_h5, tmp_path):
+    """--no-exact (float32 sums, one pass per rank): rank counts agree to float32 rounding."""
+    loss = {}
+    for p in (1, 2):
+        out = tmp_path / f"p{p}"
+        r = run_job(job_args(tiny_h5, out, "--max-steps", "8", "--eval-every", "8", "--lr", "0.005", "--no-exact"),
+                    nprocs=p)
+        assert r.returncode == 0, r.stderr
+        loss[p] = metrics(out)[-1]["test_loss"]
+    assert abs(loss[2] - loss[1]) / loss[1] < 1e-5
+
+
 def test_threads_change_the_bits_so_the_guarantee_names_them(tiny_h5, tmp_path):
     """The README's claim: a BLAS thread count is part of what must match (OpenBLAS splits the
     products differently, and rounds differently, with 2 threads than with 1)."""
