@@ -46,14 +46,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: int) -> dict | None:
+def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: int, exact: bool) -> dict | None:
     """One rank of the dpcnn measurement (the trainer's TrainStep); returns the summary on rank 0."""
     threadpool_limits(1)
     keep_freed_memory()
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    step = TrainStep(ModelSpec(), comm, micro_batch=micro_batch, seed=0, momentum=0.9, nesterov=True,
+    step = TrainStep(ModelSpec(), comm, micro_batch=micro_batch, exact=exact, seed=0, momentum=0.9, nesterov=True,
                      weight_decay=5e-4)
     times = np.zeros((steps, 3))                      # per timed step: compute, wait, transfer
     start = time.perf_counter()
@@ -153,6 +153,7 @@ def launch(framework: str, P: int, args) -> dict:
     bind = ["-bind-to", args.bind_to] if args.bind_to != "none" else []      # MPICH hydra's syntax
     cmd = [mpiexec, "-n", str(P), *bind, sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
            "--per-rank-batch", str(args.per_rank_batch), "--micro-batch", str(args.micro_batch),
+           *(["--exact"] if args.exact else []),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -173,8 +174,9 @@ def main(argv=None) -> int:
                                         "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")
     ap.add_argument("--ranks", type=int_list, default=(1, 2), help="comma-separated rank counts (default 1,2)")
     ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
+    ap.add_argument("--exact", action="store_true", help="dpcnn's --exact step (micro-batches, exact sums)")
     ap.add_argument("--micro-batch", type=positive_int, default=Config.micro_batch,
-                    help=f"dpcnn's micro-batch, as in training (default {Config.micro_batch})")
+                    help=f"with --exact: dpcnn's micro-batch, as in training (default {Config.micro_batch})")
     ap.add_argument("--steps", type=positive_int, default=200, help="timed steps (default 200)")
     ap.add_argument("--warmup", type=nonneg_int, default=20, help="untimed steps first (default 20)")
     ap.add_argument("--repeat", type=positive_int, default=3,
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
         comm = get_comm("mpi") if args.worker == "dpcnn" else None
         try:
             if comm is not None:
-                res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch)
+                res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch, args.exact)
             else:
                 res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
         except BaseException:                   # end the launch now rather than leave ranks waiting
@@ -215,9 +217,10 @@ def main(argv=None) -> int:
         use_torch = False
     base = None
     if not args.json:
-        print(f"per-rank batch {args.per_rank_batch} (micro-batches of {args.micro_batch}), 1 thread per rank, "
-              f"{args.steps} steps, median of {args.repeat} launch(es), bind-to {args.bind_to}; "
-              f"allreduce of {StepBuffer(ModelSpec().num_params).array.nbytes / 1e3:.0f} KB per step")
+        buf = StepBuffer(ModelSpec().num_params, np.float64 if args.exact else np.float32)
+        mode = f"--exact, micro-batches of {args.micro_batch}" if args.exact else "float32 sums"
+        print(f"per-rank batch {args.per_rank_batch} ({mode}), 1 thread per rank, {args.steps} steps, median of "
+              f"{args.repeat} launch(es), bind-to {args.bind_to}; allreduce of {buf.array.nbytes / 1e3:.0f} KB a step")
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} "
               f"{'wait':>7} {'xfer':>7}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))

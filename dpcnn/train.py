@@ -371,9 +371,8 @@ class Trainer:
                      "micro-batches of %d); %d steps/epoch, %d epoch%s; run dir %s", self.data_path, self.loader.n,
                      len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m,
                      self.steps_per_epoch, self.cfg.epochs, "s"[:self.cfg.epochs != 1], self.run_dir.path)
-            if not self.cfg.exact:
-                log.info("--no-exact: float32 sums, one pass over each rank's slice; rank counts agree to rounding, "
-                         "not to the bit")
+            if self.cfg.exact:
+                log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
             if self.cfg.shift or self.cfg.rotate:
                 log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees",
                          self.cfg.shift, self.cfg.rotate)

@@ -20,6 +20,9 @@ python3 -m dpcnn.scaling --ranks 1 --steps 20 --repeat 1 --no-torch >/dev/null  
 echo "== scaling, per-rank batch 32, 1 thread per rank"
 python3 -m dpcnn.scaling --ranks "$RANKS" --per-rank-batch 32 --steps "$STEPS" --repeat "$REPEAT" \
     --timeout "$TIMEOUT" "${save[@]}"
+echo "== the same with --exact (the same bits on any rank count)"
+python3 -m dpcnn.scaling --ranks "$RANKS" --per-rank-batch 32 --steps "$STEPS" --repeat "$REPEAT" \
+    --timeout "$TIMEOUT" --exact --no-torch "${save[@]}"
 echo "== the same, each rank pinned to a core"
 python3 -m dpcnn.scaling --ranks "$RANKS" --per-rank-batch 32 --steps "$STEPS" --repeat "$REPEAT" \
     --timeout "$TIMEOUT" --bind-to core --no-torch "${save[@]}"

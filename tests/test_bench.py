@@ -41,7 +41,7 @@ def test_scaling_reports_efficiency_and_allreduce_split():
     base = rows[0]["images_per_second"]
     assert rows[1]["efficiency"] == round(rows[1]["images_per_second"] / (2 * base), 3)
     assert rows[0]["imbalance_ms"] == 0                                   # one rank: nothing to wait for
-    assert rows[1]["allreduce_bytes"] == 8 * (ModelSpec().num_params + 4)     # int64: gradient and 4 counters
+    assert rows[1]["allreduce_bytes"] == 4 * (ModelSpec().num_params + 4)     # float32: gradient and 4 counters
 
 
 def test_scaling_figures_follow_their_definitions():

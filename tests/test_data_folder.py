@@ -100,7 +100,7 @@ def test_a_colour_folder_trains_and_predicts(tmp_path):
     for p in (1, 2):
         out = tmp_path / f"run{p}"
         r = run_job(["-m", "dpcnn.train", "--data", data, "--out", out, "--epochs", "6", "--batch-size", "16",
-                     "--micro-batch", "8", "--val-size", "0", "--threads", "1", "--no-progress", "-q"],
+                     "--micro-batch", "8", "--exact", "--val-size", "0", "--threads", "1", "--no-progress", "-q"],
                     nprocs=p, timeout=100)
         assert r.returncode == 0, r.stderr
         states[p] = ckpt.load(sorted(out.glob("ckpt-step*.h5"))[-1])

@@ -308,7 +308,7 @@ def test_mpiexec_across_two_nodes_equals_one_node(cluster, tiny_h5, tmp_path, ra
     # 4 ranks on a 2-core machine are oversubscribed (slow through shared memory): few steps.
     # A global batch of 64 gives every rank samples (whole micro-batches of 16 each).
     common = ["--max-steps", "8", "--batch-size", "64", "--lr", "0.01", "--eval-every", "4",
-              "--threads", "1"]
+              "--threads", "1", "--exact"]
     two, one = tmp_path / "two-nodes", tmp_path / "one-node"
     t0 = time.monotonic()
     r = mpiexec_nodes(ranks, ranks // 2, train_args(tiny_h5, two, *common))
@@ -394,7 +394,7 @@ def sbatch_train(data: Path, run_dir: Path, log: Path, cpus_per_task=1, *train, 
     """Submit scripts/slurm/train.sbatch on both nodes, one rank a node; by default 4 epochs of
     125 steps of 32 samples (16 a rank; ~5 s on 2 idle cores), an evaluation every 25 steps.
     launcher: the script's LAUNCHER (default: its own, srun --mpi=pmi2). Returns the job ID."""
-    train = train or ("--epochs", "4", "--batch-size", "32", "--eval-every", "25")
+    train = train or ("--epochs", "4", "--batch-size", "32", "--eval-every", "25", "--exact")
     env = cluster_env(RUN_DIR=str(run_dir))
     env.pop("LAUNCHER", None)
     if launcher:

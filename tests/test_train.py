@@ -246,7 +246,7 @@ def test_same_bits_on_1_2_3_ranks(tiny_h5, tmp_path):
     for p in (1, 2, 3):
         out = tmp_path / f"p{p}"
         r = run_job(job_args(tiny_h5, out, "--max-steps", "30", "--batch-size", "28", "--micro-batch", "4",
-                             "--keep-last", "--eval-every", "8"), nprocs=p)
+                             "--keep-last", "--eval-every", "8", "--exact"), nprocs=p)
         assert r.returncode == 0, r.stderr
         runs[p] = out
         assert [m["step"] for m in metrics(out)] == [8, 14, 16, 24, 28, 30]
@@ -266,7 +266,7 @@ def test_same_bits_on_1_2_3_ranks_on_real_mnist(mnist_h5, tmp_path):
     for p in (1, 2, 3):
         out = tmp_path / f"p{p}"
         r = run_job(["-m", "dpcnn.train", "--data", mnist_h5, "--out", out, "--max-steps", "200", "--eval-every",
-                     "100", "--threads", "1", "--no-progress", "-q"], nprocs=p, timeout=240)
+                     "100", "--threads", "1", "--no-progress", "-q", "--exact"], nprocs=p, timeout=240)
         assert r.returncode == 0, r.stderr
         states[p], records[p] = final_state(out), records_without_timings(out)
     for p in (2, 3):
@@ -276,13 +276,12 @@ def test_same_bits_on_1_2_3_ranks_on_real_mnist(mnist_h5, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_no_exact_trains_the_same_to_rounding_on_1_and_2_ranks(tiny_h5, tmp_path):
-    """--no-exact (float32 sums, one pass per rank): rank counts agree to float32 rounding."""
+def test_the_default_float_path_trains_the_same_to_rounding_on_1_and_2_ranks(tiny_h5, tmp_path):
+    """Without --exact (float32 sums, one pass per rank): rank counts agree to float32 rounding."""
     loss = {}
     for p in (1, 2):
         out = tmp_path / f"p{p}"
-        r = run_job(job_args(tiny_h5, out, "--max-steps", "8", "--eval-every", "8", "--lr", "0.005", "--no-exact"),
-                    nprocs=p)
+        r = run_job(job_args(tiny_h5, out, "--max-steps", "8", "--eval-every", "8", "--lr", "0.005"), nprocs=p)
         assert r.returncode == 0, r.stderr
         loss[p] = metrics(out)[-1]["test_loss"]
     assert abs(loss[2] - loss[1]) / loss[1] < 1e-5
@@ -361,7 +360,7 @@ def rank_pids(launcher_pid: int) -> list[int]:
 def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
     run = tmp_path / "run"
     cmd = [mpiexec(), "-n", "2", sys.executable, *map(str, job_args(tiny_h5, run, "--epochs", "400",
-                                                                    "--eval-every", "4"))]
+                                                                    "--eval-every", "4", "--exact"))]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         deadline = time.time() + 90
@@ -384,15 +383,15 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
     target = stopped.step + 5
     ref = tmp_path / "ref"
     for out in (run, ref):
-        r = run_job(job_args(tiny_h5, out, "--epochs", "400", "--max-steps", target), nprocs=2)
+        r = run_job(job_args(tiny_h5, out, "--epochs", "400", "--max-steps", target, "--exact"), nprocs=2)
         assert r.returncode == 0, r.stderr
     assert_same_state(final_state(run), final_state(ref))
     # resume the stopped checkpoint on 3 ranks, and run it uninterrupted on 1: the same bits
     other, single = tmp_path / "other", tmp_path / "single"
-    r = run_job(job_args(tiny_h5, other, "--epochs", "400", "--max-steps", target,
+    r = run_job(job_args(tiny_h5, other, "--epochs", "400", "--max-steps", target, "--exact",
                          "--resume", RunDir(run).step_path(stopped.step)), nprocs=3)
     assert r.returncode == 0, r.stderr
-    r = run_job(job_args(tiny_h5, single, "--epochs", "400", "--max-steps", target))
+    r = run_job(job_args(tiny_h5, single, "--epochs", "400", "--max-steps", target, "--exact"))
     assert r.returncode == 0, r.stderr
     assert_same_state(final_state(other), final_state(ref))
     assert_same_state(final_state(single), final_state(ref))
