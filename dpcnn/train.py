@@ -111,7 +111,7 @@ def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
                 raise DataError(f"--val-size {v} leaves {max(tr.n - v, 0)} of the {tr.n} training samples of "
                                 f"{path}, fewer than {'one' if cfg.keep_last else f'a batch of {need}'}; "
                                 "give a smaller --val-size (0: none)")
-            return cfg.with_val_size(tr.n).val_size or 0
+            return v
 
     v = on_root(comm, check)
     return cfg if cfg.val_size is not None else cfg.replace(val_size=v)
@@ -143,7 +143,7 @@ def evaluate_shared(model, xt: np.ndarray, yt: np.ndarray, comm: Comm) -> Totals
 
 
 def eval_rows(split: Split, rows: np.ndarray, comm: Comm) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's whole evaluation batches of the sorted rows (n,) of split: x (m, H, W, 1), y (m,)."""
+    """This rank's whole evaluation batches of the sorted rows (n,) of split: x (m, H, W, C), y (m,)."""
     lo, hi = micro_bounds(len(rows), EVAL_BATCH, comm.rank, comm.size)
     mine = rows[lo:hi]
     return split.standardise(split.rows(mine)), split.labels[mine].astype(np.int64)
@@ -510,7 +510,6 @@ class Trainer:
                      f"epoch {epoch + 1}, {done} of {self.steps_per_epoch} batches done")
             log.info("resuming from %s at step %d (%s; saved on %d rank(s))", path, s.step, where, s.world_size)
         return path
-
 
     def _init_from(self, path: Path) -> None:
         """Start from the weights of the checkpoint at path (rank 0 reads it; every rank gets them):

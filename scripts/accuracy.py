@@ -14,7 +14,9 @@ Runs, one after another (never two at once), each in a fresh directory under --o
   for every --inits I and --seeds S (the default recipe otherwise);
 * torch: ``scripts/torch_reference.py`` (the same recipe, data and sample order in PyTorch,
   2 threads), right after each seed's dpcnn runs, so both see the same machine;
-* aug:   the default recipe with ``--aug-flags`` (default ``--shift 2``) for each of ``--aug-epochs``.
+* aug:   the default recipe with ``--aug-flags`` (default ``--shift 2``) for each of ``--aug-epochs``;
+* time:  ``--time-rounds`` more pairs of the default recipe (seed 0) and the reference, alternating,
+  for the time to 99.0% on a busy machine (the medians are what to compare).
 
 ``uptime`` is recorded before and after each phase. The summary (``summary.md`` and
 ``summary.json`` in --out) has per init the test accuracy after each epoch as the mean over
@@ -84,9 +86,9 @@ def time_line(runs: list[list[dict]], walls: list[float]) -> str:
     hits = [first_at(r) for r in runs]
     got = [h for h in hits if h]
     each = ", ".join(f"epoch {h[0]} {h[1]:.1f} s" if h else "not reached" for h in hits)
-    mean = f"mean {statistics.mean(h[1] for h in got):.1f} s" if len(got) == len(hits) else \
+    mid = f"median {statistics.median(h[1] for h in got):.1f} s" if len(got) == len(hits) else \
         f"{len(got)} of {len(hits)} reached it"
-    return f"{mean} ({each}); whole command {statistics.mean(walls):.1f} s"
+    return f"{mid} ({each}); whole command median {statistics.median(walls):.1f} s"
 
 
 def best_by_val(rows: list[dict]) -> dict:
@@ -143,12 +145,13 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/mnist.h5")
     p.add_argument("--out", type=Path, default=Path("runs/accuracy"))
-    p.add_argument("--phases", default="init,torch,aug", help="which of init,torch,aug to run")
+    p.add_argument("--phases", default="init,torch,aug", help="which of init,torch,aug,time to run")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--inits", default="he,torch,glorot")
     p.add_argument("--aug-init", default=None, help="--init of the augmented runs (default: dpcnn's default)")
     p.add_argument("--aug-epochs", default="8,16", help="run lengths of the augmented runs (default 8,16)")
     p.add_argument("--aug-flags", default="--shift 2", help="the augmentation flags (default --shift 2)")
+    p.add_argument("--time-rounds", type=int, default=3, help="pairs run by the time phase (default 3)")
     p.add_argument("--mpiexec", default=shutil.which("mpiexec") or "mpiexec")
     p.add_argument("--summarise-only", action="store_true")
     a = p.parse_args(argv)
@@ -193,11 +196,20 @@ def main(argv=None) -> None:
         init = ["--init", a.aug_init] if a.aug_init else []
         for epochs in a.aug_epochs.split(","):
             for seed in seeds:
-                name = f"aug-e{epochs}-s{seed}"
+                name = f"aug-{''.join(a.aug_flags.replace('-', ' ').split())}-e{epochs}-s{seed}"
                 one(f"dpcnn {a.aug_flags} {' '.join(init)}".strip() + f", {epochs} epochs", name, seed,
                     dpcnn + ["--epochs", epochs, *a.aug_flags.split(), *init, "--seed", str(seed),
                              "--out", str(out / name)], out / name)
         meta["uptime"].append(("after aug", uptime()))
+    if "time" in phases:
+        for i in range(a.time_rounds):
+            one("timing: dpcnn (defaults)", f"time-dpcnn-r{i}", 0, dpcnn + ["--epochs", "8", "--seed", "0", "--out",
+                                                                           str(out / f"time-dpcnn-r{i}")],
+                out / f"time-dpcnn-r{i}")
+            one("timing: PyTorch reference", f"time-torch-r{i}", 0,
+                [py, "scripts/torch_reference.py", "--data", a.data, "--epochs", "8", "--seed", "0", "--threads", "2",
+                 "--out", str(out / f"time-torch-r{i}" / "metrics.jsonl")], out / f"time-torch-r{i}")
+        meta["uptime"].append(("after time", uptime()))
     (out / "runs.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(summarise(out, a))
 
