@@ -191,7 +191,8 @@ def main(argv=None) -> None:
             one("PyTorch reference", name, seed, [py, "scripts/torch_reference.py", "--data", a.data, "--epochs", "8",
                                                   "--seed", str(seed), "--threads", "2", "--out",
                                                   str(out / name / "metrics.jsonl")], out / name)
-    meta["uptime"].append(("after init/torch", uptime()))
+    if "init" in phases or "torch" in phases:
+        meta["uptime"].append(("after init/torch", uptime()))
     if "aug" in phases:
         init = ["--init", a.aug_init] if a.aug_init else []
         for epochs in a.aug_epochs.split(","):
