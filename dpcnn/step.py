@@ -89,7 +89,8 @@ class TrainStep:
     """The model, its optimizer and the communication buffer of synchronous data-parallel SGD."""
 
     def __init__(self, spec: ModelSpec, comm: Comm, *, micro_batch: int = 16, seed: int = 0,
-                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0, exact: bool = True):
+                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0, exact: bool = True,
+                 init: str = "he"):
         """exact=False: the plain float path, one pass over the rank's slice and a float32
         allreduce; the same to float32 rounding on any rank count, not the same bits."""
         if micro_batch < 1:
@@ -98,7 +99,7 @@ class TrainStep:
         self.buf = StepBuffer(spec.num_params, np.float64 if exact else np.float32)
         self._tmp = np.empty(spec.num_params, np.float64)
         # the float path lets backward write its gradient straight into the buffer
-        self.model = CNN(spec, seed=seed, grads=None if exact else self.buf.grads)
+        self.model = CNN(spec, seed=seed, grads=None if exact else self.buf.grads, init=init)
         comm.bcast(self.model.params)                    # every rank starts from rank 0's weights
         self.opt = SGD(self.model.params, self.model.grads, momentum=momentum,
                        nesterov=nesterov and momentum > 0, weight_decay=weight_decay)

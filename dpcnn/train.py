@@ -236,9 +236,9 @@ class Trainer:
         self.facts = self._facts()
         check_same(comm, {k: v for k, v in self.facts.items() if k not in LOCAL_FACTS})   # before any other
         self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, exact=cfg.exact, seed=cfg.seed,
-                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                 init=cfg.init)
         self.model = self.step_fn.model
-        self.model.init(cfg.seed, cfg.init)      # TrainStep drew He-normal: draw by --init (the same on every rank)
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.saved_step: int | None = None       # step of the last checkpoint this process wrote
