@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -135,6 +136,7 @@ class MPIComm(SerialComm):
         """End every rank of the job now (the launcher kills the others)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.5)                        # let the launcher forward the last lines before the kill
         self.comm.Abort(code)
 
     def versions(self) -> dict:

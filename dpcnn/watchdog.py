@@ -153,7 +153,6 @@ class Watchdog:
     def _abort(self, code: int, message: str) -> None:
         prefix = f"rank {self.comm.rank}: " if self.comm.size > 1 else ""
         print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
-        time.sleep(0.5)                        # let the launcher forward the line before the abort kills it
         self.comm.abort(code)                  # ends every rank of the job (MPI_Abort)
         os._exit(code)                         # in case the abort returned
 
