@@ -511,6 +511,11 @@ def test_sbatch_checkpoint_requeue_resume_on_two_nodes(cluster, data_4000, unint
         # A requeued job may start again only after the credential lifetime (the cluster sets
         # 30 s, Slurm's default is 120 s): let it start now (once PENDING: an update while the
         # job is still COMPLETING can be lost).
+        # That wait is also what lets the requeue's kill of the old step finish: wait for idle nodes
+        # instead, or the new step's ranks can catch the old step's SIGTERM (exit 15 at start).
+        wait_for("idle nodes", lambda: set(run(["sinfo", "-h", "-N", "-o", "%t"], timeout=30,
+                                               env=cluster_env()).stdout.split()) == {"idle"}, 60, log, job)
+        time.sleep(1)
         r = run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30, env=cluster_env())
         assert r.returncode == 0, r.stdout
         wait_for("the resumed job to end", lambda: job_fields(job).get("JobState") in DONE, 150, log, job)

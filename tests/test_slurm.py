@@ -165,7 +165,12 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
         assert 25 <= stopped_at < steps, text
         assert (run_dir / f"ckpt-step{stopped_at:09d}.h5").exists(), sorted(os.listdir(run_dir))
 
-        # 3. Slurm holds a requeued job ~2 minutes before it may start again; skip the wait.
+        # 3. Slurm holds a requeued job ~2 minutes before it may start again; skip the wait, but
+        #    only once the node is idle: the requeue's kill of the old step must be over, or the
+        #    new step's ranks can catch its SIGTERM at start.
+        wait_for("an idle node", lambda: set(run(["sinfo", "-h", "-N", "-o", "%t"], env=env, timeout=30)
+                                             .stdout.split()) == {"idle"}, 60, log)
+        time.sleep(1)
         run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
         wait_for("the resumed job to finish",
                  lambda: job_fields(job, env).get("JobState") in
