@@ -8,6 +8,10 @@ One process, no MPI. The data file defaults to the one the checkpoint was traine
 and std, as in training. A checkpoint trained on another data set (its fingerprint
 differs from the file's) is refused unless ``--force``.
 
+Splits: ``test`` (the default), ``val`` (the rows the run held out of the training split
+for validation, found again from its --val-size and --val-seed) and ``train`` (the rows
+it trained on: the training split less the validation rows).
+
 Exit status: 0 done, 1 error, 2 bad command line.
 """
 
@@ -19,9 +23,11 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
 from .cli import EXIT_ERROR, EXIT_OK, add_common_flags, entry_point, positive_int, report_error, setup_logging
-from .data import Split
+from .data import Split, holdout
 from .malloc import keep_freed_memory
 from .metrics import evaluate
 from .model import EVAL_BATCH
@@ -33,7 +39,8 @@ examples:
   python -m dpcnn.evaluate --checkpoint runs/latest/best.h5
   python -m dpcnn.evaluate --checkpoint runs/latest/ckpt-step000007496.h5 --data data/mnist.h5
   python -m dpcnn.evaluate --checkpoint runs/latest/best.h5 --json > eval.json
-  python -m dpcnn.evaluate --checkpoint runs/latest/best.h5 --split train
+  python -m dpcnn.evaluate --checkpoint runs/latest/best.h5 --split val     the held-out validation rows
+  python -m dpcnn.evaluate --checkpoint runs/latest/best.h5 --split train   the rows it trained on
   dpcnn-evaluate --checkpoint runs/latest/best.h5      the same, as a console script
 
 --json prints one object: accuracy, loss, count, per_class_accuracy, confusion (rows: true
@@ -45,9 +52,14 @@ exit status: 0 done, 1 error, 2 bad command line.
 # ----------------------------------------------------------------------------- evaluation
 
 
+SPLITS = ("test", "val", "train")
+
+
 def run(checkpoint: Path, data: Path | None = None, split: str = "test", batch_size: int = EVAL_BATCH,
         force: bool = False) -> dict:
-    """Evaluate a checkpoint on one split of a data file -> the result dict that --json prints."""
+    """Evaluate a checkpoint on one split (test, val or train) of a data file -> the dict --json prints."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     checkpoint = Path(checkpoint)
     model, state = load_model(checkpoint)
     if data is None:
@@ -55,14 +67,32 @@ def run(checkpoint: Path, data: Path | None = None, split: str = "test", batch_s
         if not data.is_file():
             raise CheckpointError(f"{data}: no such file (the data file recorded in {checkpoint}); "
                                   "pass --data")
-    with Split(data, split) as s:
+    with Split(data, "test" if split == "test" else "train") as s:
         check_data(state, checkpoint, s, model, force)
-        log.info("evaluating %s (step %d) on %s, %s split, %d images", checkpoint, state.step, s.path, split, s.n)
-        x, y = s.read(0, s.n)
+        if split == "test":
+            x, y = s.read(0, s.n)
+        else:
+            rows = split_rows(state.config, s.n, split, checkpoint)
+            x, y = s.standardise(s.rows(rows)), s.labels[rows].astype(np.int64)
+        log.info("evaluating %s (step %d) on %s, %s split, %d images", checkpoint, state.step, s.path, split, len(y))
         totals = evaluate(model, x, y, batch_size)
         names = list(s.class_names)
     return {**totals.summary(), "class_names": names, "checkpoint": str(checkpoint), "data": str(data),
             "split": split, "step": state.step}
+
+
+def split_rows(config: dict, n: int, split: str, checkpoint: Path) -> np.ndarray:
+    """The training-split rows (sorted) that a run with this config trained on ("train") or held out
+    for validation ("val"), drawn again as the trainer drew them."""
+    size, seed = config.get("val_size") or 0, int(config.get("val_seed", 0))
+    if split == "val" and not size:
+        raise CheckpointError(f"{checkpoint}: its run held out no validation rows (--val-size 0); "
+                              "use --split test or --split train")
+    if size >= n:
+        raise CheckpointError(f"{checkpoint}: its run held out {size} validation rows, but this training "
+                              f"split has only {n}")
+    train_rows, val_rows = holdout(n, size, seed)
+    return val_rows if split == "val" else train_rows
 
 
 def _label(i: int, name: str) -> str:
@@ -101,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")
     p.add_argument("--data", type=Path, help="prepared HDF5 data file (default: the one the checkpoint "
                                              "was trained on)")
-    p.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="test (default); val: the rows the run held out for validation; train: the rows it "
+                        "trained on")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH,
                    help=f"images per forward pass (default {EVAL_BATCH})")
     p.add_argument("--force", action="store_true", help="evaluate even if the checkpoint was trained on "

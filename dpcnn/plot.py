@@ -1,10 +1,12 @@
-"""Plot a run's metrics.jsonl: loss, test accuracy and throughput per epoch, as one PNG.
+"""Plot a run's metrics.jsonl: loss, accuracy and throughput per epoch, as one PNG.
 
     python -m dpcnn.plot runs/latest                  # writes runs/latest/metrics.png
     python -m dpcnn.plot runs/latest --out loss.png
 
-Three panels sharing the epoch axis: training and test loss; test accuracy (training
-accuracy dashed, for comparison); images per second of training. Needs matplotlib
+Three panels sharing the epoch axis: training, validation and test loss; validation and
+test accuracy (training accuracy dashed, for comparison), with the best record starred:
+the best validation accuracy, which is how best.h5 is chosen (the best test accuracy only
+for runs without a validation split); images per second of training. Needs matplotlib
 (the optional extra ``plot``); it draws with the Agg backend, so no display is needed.
 
 Exit status: 0 done, 1 error, 2 bad command line.
@@ -94,19 +96,33 @@ def _pyplot():
     return plt, ticker
 
 
-def plot(records: list[dict], out: Path, title: str = "") -> Path:
-    """Draw the three panels of the records into the PNG `out`; returns out."""
+CURVES = (("train", "tab:blue"), ("val", "tab:purple"), ("test", "tab:orange"))
+NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+
+def best_record(records: list[dict]) -> tuple[str, float, float] | None:
+    """(split, epoch, accuracy %) of the record best.h5 follows: the best validation accuracy, or the best
+    test accuracy in a run without a validation split; the first of equals, as the trainer keeps it."""
+    for split in ("val", "test"):
+        e, v = _series(records, f"{split}_accuracy")
+        if e:
+            i = max(range(len(v)), key=v.__getitem__)
+            return split, e[i], 100 * v[i]
+    return None
+
+
+def draw(records: list[dict], title: str = ""):
+    """The figure of the records: loss, accuracy and throughput panels sharing the epoch axis."""
     plt, ticker = _pyplot()
     fig, (ax_loss, ax_acc, ax_ips) = plt.subplots(
         3, 1, sharex=True, figsize=(8, 8.5), gridspec_kw={"height_ratios": [3, 3, 1.4]})
     style = dict(marker="o", markersize=3.5, linewidth=1.6)
 
-    e, v = _series(records, "train_loss")
-    if e:
-        ax_loss.plot(e, v, label="train", color="tab:blue", **style)
-    e, v = _series(records, "test_loss")
-    ax_loss.plot(e, v, label="test", color="tab:orange", **style)
-    losses = [x for k in ("train_loss", "test_loss") for x in _series(records, k)[1]]
+    for split, color in CURVES:
+        e, v = _series(records, f"{split}_loss")
+        if e:
+            ax_loss.plot(e, v, label=NAMES[split], color=color, **style)
+    losses = [x for split, _ in CURVES for x in _series(records, f"{split}_loss")[1]]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
         ax_loss.set_yscale("log")                       # plain numbers on the ticks, not 2x10^-1
         ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -115,26 +131,31 @@ def plot(records: list[dict], out: Path, title: str = "") -> Path:
     ax_loss.set_ylabel("cross-entropy loss")
     ax_loss.legend(loc="best")
 
-    e, v = _series(records, "train_accuracy")
-    if e:
-        ax_acc.plot(e, [100 * a for a in v], label="train (mean since last record)", color="tab:blue",
+    te, tv = _series(records, "train_accuracy")
+    if te:
+        ax_acc.plot(te, [100 * a for a in tv], label="train (mean since last record)", color="tab:blue",
                     linestyle="--", alpha=0.6, **style)
-    e, v = _series(records, "test_accuracy")
-    acc = [100 * a for a in v]
-    ax_acc.plot(e, acc, label="test", color="tab:orange", **style)
-    if acc:
-        i = max(range(len(acc)), key=acc.__getitem__)
-        ax_acc.plot([e[i]], [acc[i]], marker="*", markersize=13, color="tab:red", linestyle="none",
-                    label="best test")
-        ax_acc.set_title(f"test accuracy: last {acc[-1]:.2f}% (epoch {e[-1]:.3g}), "
-                         f"best {acc[i]:.2f}% (epoch {e[i]:.3g})", fontsize=9, loc="left")
-        # scale to the test curve and the training points near it; early, low training points may fall below
-        shown = acc + [100 * a for a in _series(records, "train_accuracy")[1] if 100 * a >= min(acc) - 5]
+    held = []                                           # validation and test accuracies (%), to scale the axis
+    for split, color in CURVES[1:]:
+        e, v = _series(records, f"{split}_accuracy")
+        if e:
+            held += [100 * a for a in v]
+            ax_acc.plot(e, [100 * a for a in v], label=NAMES[split], color=color, **style)
+    best = best_record(records)
+    if best:
+        split, be, bacc = best
+        last = {s: _series(records, f"{s}_accuracy") for s, _ in CURVES[1:]}
+        ax_acc.plot([be], [bacc], marker="*", markersize=13, color="tab:red", linestyle="none",
+                    label=f"best {NAMES[split]} (best.h5)")
+        said = [f"last {NAMES[s]} {100 * v[-1]:.2f}%" for s, (e, v) in last.items() if e]
+        ax_acc.set_title(f"{', '.join(said)} (epoch {records[-1]['epoch']:.3g}); best {NAMES[split]} "
+                         f"{bacc:.2f}% (epoch {be:.3g})", fontsize=9, loc="left")
+        # scale to the held-out curves and the training points near them; early, low training points may fall below
+        shown = held + [100 * a for a in tv if 100 * a >= min(held) - 5]
         lo, hi = min(shown), max(shown)
         pad = max(0.5, 0.15 * (hi - lo))
         bottom = max(lo - pad, 0)
         ax_acc.set_ylim(bottom, min(hi + pad, 100.5))
-        te, tv = _series(records, "train_accuracy")
         below = [(x, 100 * a) for x, a in zip(te, tv) if 100 * a < bottom]
         if below:                                       # say so, at the axis, instead of clipping silently
             ax_acc.plot([x for x, _ in below], [bottom] * len(below), marker="v", markersize=7, linestyle="none",
@@ -154,11 +175,18 @@ def plot(records: list[dict], out: Path, title: str = "") -> Path:
 
     for ax in (ax_loss, ax_acc, ax_ips):
         ax.grid(True, alpha=0.3)
-    last = max(r["epoch"] for r in records)
-    ax_ips.set_xlim(0, last * 1.04 if last > 0 else 1)    # keep the last points off the frame
+    last_epoch = max(r["epoch"] for r in records)
+    ax_ips.set_xlim(0, last_epoch * 1.04 if last_epoch > 0 else 1)    # keep the last points off the frame
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def plot(records: list[dict], out: Path, title: str = "") -> Path:
+    """Draw the three panels of the records into the image `out` (.png, .pdf, .svg); returns out."""
+    plt, _ = _pyplot()
+    fig = draw(records, title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -12,7 +12,7 @@ from conftest import child_env
 
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot, predict
-from dpcnn.data import Split
+from dpcnn.data import Split, holdout
 from dpcnn.metrics import evaluate as metrics_evaluate
 from dpcnn.model import CNN, ModelSpec
 from dpcnn.prepare import write_h5
@@ -28,7 +28,8 @@ def make_data(path: Path, seed: int, name: str = "tiny") -> Path:
     return path
 
 
-def save_checkpoint(path: Path, data: Path, dataset: str = "tiny", seed: int = 1, step: int = 7) -> CNN:
+def save_checkpoint(path: Path, data: Path, dataset: str = "tiny", seed: int = 1, step: int = 7,
+                    **config) -> CNN:
     """Save a freshly initialised CNN as a checkpoint trained on `data`; returns the model."""
     model = CNN(ModelSpec(), seed=seed)
     model.p["fc2.b"][...] = np.linspace(-0.5, 0.5, 10)       # some class preference, so predictions vary
@@ -37,7 +38,8 @@ def save_checkpoint(path: Path, data: Path, dataset: str = "tiny", seed: int = 1
     ckpt.save(path, ckpt.State(params={k: v.copy() for k, v in model.p.items()},
                                velocity={k: np.zeros_like(v) for k, v in model.p.items()},
                                epoch=0, next_batch=step, step=step, spec=model.spec.to_dict(),
-                               config={"data": str(data), "dataset": dataset}, data_fingerprint=fingerprint))
+                               config={"data": str(data), "dataset": dataset, **config},
+                               data_fingerprint=fingerprint))
     return model
 
 
@@ -75,6 +77,29 @@ def test_evaluate_json_equals_metrics_evaluate(run, capsys):
     assert r["per_class_accuracy"] == want.summary()["per_class_accuracy"]
     assert r["step"] == 7 and r["checkpoint"] == str(path) and r["data"] == str(data)   # data from the checkpoint
     assert r["class_names"] == list("0123456789")
+
+
+def test_evaluate_val_and_train_splits_are_the_runs_rows(run, tmp_path, capsys):
+    """--split val evaluates exactly the rows the run held out (its --val-size/--val-seed), --split
+    train the rest: together they are the whole training split, confusion for confusion."""
+    data, _, model = run
+    path = tmp_path / "val.h5"
+    save_checkpoint(path, data, val_size=10, val_seed=3)
+    got = {}
+    for split in ("val", "train"):
+        assert evaluate.main(["--checkpoint", str(path), "--split", split, "--json"]) == 0
+        got[split] = json.loads(capsys.readouterr().out)
+    _, val_rows = holdout(40, 10, 3)
+    with Split(data, "train") as s:
+        want = metrics_evaluate(model, s.standardise(s.rows(val_rows)), s.labels[val_rows].astype(np.int64))
+        whole = metrics_evaluate(model, *s.read(0, s.n))
+    assert (got["val"]["count"], got["train"]["count"]) == (10, 30)
+    assert got["val"]["confusion"] == want.confusion.tolist()
+    assert np.array_equal(np.add(got["val"]["confusion"], got["train"]["confusion"]), whole.confusion)
+    none = tmp_path / "none.h5"
+    save_checkpoint(none, data, val_size=0)
+    assert evaluate.main(["--checkpoint", str(none), "--split", "val"]) == 1
+    one_error_line(capsys.readouterr().err, "none.h5", "--val-size 0", "--split test")
 
 
 def test_evaluate_text_report(run, capsys):
@@ -137,6 +162,28 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert plot.main([str(tmp_path / "run" / "metrics.jsonl"), "--out", str(tmp_path / "a" / "b.png")]) == 0
     assert (tmp_path / "a" / "b.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_plot_draws_validation_and_stars_what_best_follows(with_val):
+    """The validation curve is drawn, and the star marks the best validation accuracy (how best.h5 is
+    chosen), not the best test accuracy; without a validation split, the best test accuracy."""
+    pytest.importorskip("matplotlib")
+    val = [0.90, 0.95, 0.93, 0.94] if with_val else [None] * 4
+    recs = [{"epoch": i + 1.0, "train_loss": 0.5, "train_accuracy": 0.9, "val_loss": v and 1 - v,
+             "val_accuracy": v, "test_loss": 0.1, "test_accuracy": t, "images_per_second": 9.0}
+            for i, (v, t) in enumerate(zip(val, [0.91, 0.92, 0.96, 0.94]))]
+    assert plot.best_record(recs) == (("val", 2.0, 95.0) if with_val else ("test", 3.0, 96.0))
+    fig = plot.draw(recs)
+    ax_loss, ax_acc, _ = fig.axes
+    acc = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax_acc.get_lines()}
+    loss = [line.get_label() for line in ax_loss.get_lines()]
+    star = acc.pop("best validation (best.h5)" if with_val else "best test (best.h5)")
+    assert star == (([2.0], [95.0]) if with_val else ([3.0], [96.0]))
+    assert ("validation" in acc) == ("validation" in loss) == with_val
+    if with_val:
+        assert acc["validation"][1] == pytest.approx([90, 95, 93, 94])
+    fig.clf()
 
 
 @pytest.mark.parametrize("content, needle", [(None, "no such file"), ("", "no records yet"),
