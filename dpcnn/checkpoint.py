@@ -77,11 +77,15 @@ def save(path: Path, s: State) -> Path:
         a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
         a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
         a["written_at"], a["interval"] = time.time(), json.dumps(s.interval)
-        # The only randomness of training: the sample order, a permutation drawn from (seed, epoch)
-        # alone (dpcnn.data.epoch_order). Recorded here so the file says how to continue.
-        a["sample_order"] = json.dumps({"generator": "numpy.random.default_rng([seed, epoch]).permutation(N)",
-                                        "seed": s.config.get("seed"), "epoch": s.epoch,
-                                        "next_batch": s.next_batch})
+        # Where the randomness after the initial weights comes from (dpcnn.data), all drawn from the
+        # configuration and the position alone, so the file says how to continue on any rank count.
+        a["sample_order"] = json.dumps({
+            "order": "train_rows[numpy.random.default_rng([seed, epoch]).permutation(len(train_rows))]",
+            "train_rows": "dpcnn.data.holdout(N, val_size, val_seed)[0] (all N rows when val_size is 0)",
+            "augmentation": "dpcnn.data.Augment(shift, rotate, seed): stream (seed, epoch, batch), "
+                            "one draw per position in the global batch",
+            "seed": s.config.get("seed"), "val_size": s.config.get("val_size"),
+            "val_seed": s.config.get("val_seed"), "epoch": s.epoch, "next_batch": s.next_batch})
         a["arrays_sha256"] = arrays_digest(s)
         for group, arrays in (("params", s.params), ("velocity", s.velocity)):
             g = f.create_group(group)
