@@ -82,7 +82,7 @@ def save(path: Path, s: State) -> Path:
         a["sample_order"] = json.dumps({
             "order": "train_rows[numpy.random.default_rng([seed, epoch]).permutation(len(train_rows))]",
             "train_rows": "dpcnn.data.holdout(N, val_size, val_seed)[0] (all N rows when val_size is 0)",
-            "augmentation": "dpcnn.data.Augment(shift, rotate, seed): stream (seed, epoch, batch), "
+            "augmentation": "dpcnn.data.Augment(shift, rotate, seed, scale): stream (seed, epoch, batch), "
                             "one draw per position in the global batch",
             "seed": s.config.get("seed"), "val_size": s.config.get("val_size"),
             "val_seed": s.config.get("val_seed"), "epoch": s.epoch, "next_batch": s.next_batch})

@@ -47,6 +47,7 @@ class Config:
     val_seed: int = 0                        # which rows are held out (not --seed: the same rows for every seed)
     shift: int = 0                           # augmentation: random translations of up to this many pixels
     rotate: float = 0.0                      # augmentation: random rotations of up to this many degrees
+    scale: float = 0.0                       # augmentation: random zooms by a factor in [1 - scale, 1 + scale]
     # training
     epochs: int = 8
     batch_size: int = 64                     # GLOBAL batch, split across ranks
@@ -132,7 +133,7 @@ NOT_SAVED = ("progress",)
 # every sum), the optimizer and learning-rate schedule (epochs sets the schedule's length),
 # and how the run started (init, init_from), so that config.json keeps describing it.
 RESUME_FIELDS = ("seed", "batch_size", "micro_batch", "keep_last", "val_size", "val_seed", "shift", "rotate",
-                 "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init",
+                 "scale", "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init",
                  "init_from")
 RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 STORE_TRUE = ("keep_last",)                            # flags without a --no- form
@@ -196,6 +197,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     d.add_argument("--rotate", type=degrees, default=D.rotate,
                    help="augmentation: rotate each training image by up to this many degrees (default 0: off; "
                         "slower: bilinear resampling)")
+    d.add_argument("--scale", type=zoom_range, default=D.scale,
+                   help="augmentation: magnify each training image by a factor drawn from [1 - SCALE, 1 + SCALE] "
+                        "(default 0: off; e.g. 0.1; slower: bilinear resampling)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=D.epochs, help="epochs (default 8)")
     t.add_argument("--batch-size", type=positive_int, default=D.batch_size,
@@ -275,6 +279,13 @@ def degrees(s: str) -> float:
     v = float(s)
     if not 0 <= v <= 180:
         raise argparse.ArgumentTypeError(f"expected degrees in [0, 180], got {s}")
+    return v
+
+
+def zoom_range(s: str) -> float:
+    v = float(s)
+    if not 0 <= v <= 0.5:
+        raise argparse.ArgumentTypeError(f"expected a zoom range in [0, 0.5], got {s}")
     return v
 
 

@@ -328,39 +328,43 @@ class ShardedLoader:
 
 
 class Augment:
-    """Random translations, and optionally small rotations, of training images (as Keras's
-    RandomTranslation/RandomRotation or torchvision's RandomAffine do), filled with 0 (black).
+    """Random translations, and optionally small rotations and zooms, of training images (as Keras's
+    RandomTranslation/RandomRotation/RandomZoom or torchvision's RandomAffine do), filled with 0 (black).
 
     shift: each image moves by an integer number of pixels drawn uniformly from
     [-shift, shift] on each axis; rotate: and turns about its centre by an angle drawn
-    uniformly from [-rotate, rotate] degrees (then it is resampled bilinearly, as floats).
-    The draws of global batch k of epoch e come from stream_rng(AUGMENT_STREAM, seed, e, k),
-    one per position in the global batch of M samples, so an image gets the same transform
-    whichever rank reads it and whatever the rank count.
+    uniformly from [-rotate, rotate] degrees; scale: and is magnified about its centre by a
+    factor drawn uniformly from [1 - scale, 1 + scale] (with a rotation or a zoom it is
+    resampled bilinearly, as floats). The draws of global batch k of epoch e come from
+    stream_rng(AUGMENT_STREAM, seed, e, k), one per position in the global batch of M samples,
+    so an image gets the same transform whichever rank reads it and whatever the rank count.
 
-        aug = Augment(shift=2, rotate=10, seed=0)
+        aug = Augment(shift=2, rotate=10, scale=0.1, seed=0)
         out = aug(images, epoch, k, M, start)     # images: positions [start, start + m) of batch k
     """
 
-    def __init__(self, shift: int = 0, rotate: float = 0.0, seed: int = 0):
-        if shift < 0 or not 0 <= rotate <= 180:
-            raise ValueError(f"shift must be >= 0 and rotate in [0, 180], got {shift}, {rotate}")
-        self.shift, self.rotate, self.seed = int(shift), float(rotate), int(seed)
+    def __init__(self, shift: int = 0, rotate: float = 0.0, seed: int = 0, scale: float = 0.0):
+        if shift < 0 or not 0 <= rotate <= 180 or not 0 <= scale <= 0.5:
+            raise ValueError(f"shift must be >= 0, rotate in [0, 180] and scale in [0, 0.5], "
+                             f"got {shift}, {rotate}, {scale}")
+        self.shift, self.rotate, self.scale, self.seed = int(shift), float(rotate), float(scale), int(seed)
 
-    def draws(self, epoch: int, k: int, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(dy, dx, angle) of the M positions of global batch k: (M,) int64 pixels, (M,) radians."""
+    def draws(self, epoch: int, k: int, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(dy, dx, angle, zoom) of the M positions of global batch k: (M,) int64 pixels, (M,) radians,
+        (M,) magnifications."""
         rng = stream_rng(AUGMENT_STREAM, self.seed, epoch, k)
         dy, dx = rng.integers(-self.shift, self.shift + 1, size=(2, M))
         angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate, M)) if self.rotate else np.zeros(M)
-        return dy, dx, angle
+        zoom = rng.uniform(1 - self.scale, 1 + self.scale, M) if self.scale else np.ones(M)
+        return dy, dx, angle, zoom
 
     def __call__(self, images: np.ndarray, epoch: int, k: int, M: int, start: int) -> np.ndarray:
         """images (m, H, W) or (m, H, W, C) uint8 at positions [start, start + m) of global batch k
         of M samples -> the same shape: uint8 when only shifting, else float32 in [0, 255]."""
-        dy, dx, angle = self.draws(epoch, k, M)
+        dy, dx, angle, zoom = self.draws(epoch, k, M)
         mine = slice(start, start + len(images))
-        # cosines and sines of the whole batch, then sliced: the same bits on every rank
-        c, s = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+        # the source's step per output pixel, whole batch then sliced: the same bits on every rank
+        c, s = (np.cos(angle) / zoom).astype(np.float32), (np.sin(angle) / zoom).astype(np.float32)
         draws = [a[mine] for a in (dy, dx, c, s)]
         if images.ndim == 4:                  # (m, H, W, C): every channel of an image moves alike
             m, H, W, C = images.shape
@@ -370,7 +374,7 @@ class Augment:
         return self._apply(images, *draws)
 
     def _apply(self, images: np.ndarray, dy, dx, c, s) -> np.ndarray:
-        if not self.rotate:
+        if not (self.rotate or self.scale):
             return translate(images, dy, dx)
         return affine(images, dy, dx, c, s)
 
@@ -389,8 +393,8 @@ def translate(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
 def affine(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """images (m, H, W) rotated about their centre by the angles whose cosine and sine are
     cos, sin (m,) float32, then shifted by dy, dx (m,) pixels -> (m, H, W) float32, sampled
-    bilinearly, 0 outside. Elementwise float32 arithmetic only, so each output value depends
-    on its own image and draw alone, not on m."""
+    bilinearly, 0 outside; cos and sin divided by z also magnify the image z times. Elementwise
+    float32 arithmetic only, so each output value depends on its own image and draw alone, not on m."""
     m, H, W = images.shape
     f = np.float32
     cy, cx = f((H - 1) / 2), f((W - 1) / 2)

@@ -226,7 +226,8 @@ class Trainer:
         self.unit = cfg.micro_batch if cfg.exact else 1     # what a rank computes whole: a micro-batch, or a sample
         # the validation rows, held out of the training split; training orders only the others
         self.train_rows, self.val_rows = holdout(self.train_set.n, cfg.val_size or 0, cfg.val_seed)
-        augment = Augment(cfg.shift, cfg.rotate, cfg.seed) if cfg.shift or cfg.rotate else None
+        augment = Augment(cfg.shift, cfg.rotate, cfg.seed, cfg.scale) if cfg.shift or cfg.rotate or cfg.scale \
+            else None
         self.loader = ShardedLoader(self.train_set, batch_size=cfg.batch_size, rank=comm.rank, size=comm.size,
                                     seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=self.unit,
                                     subset=self.train_rows if cfg.val_size else None, augment=augment)
@@ -373,9 +374,9 @@ class Trainer:
                      self.steps_per_epoch, self.cfg.epochs, "s"[:self.cfg.epochs != 1], self.run_dir.path)
             if self.cfg.exact:
                 log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
-            if self.cfg.shift or self.cfg.rotate:
-                log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees",
-                         self.cfg.shift, self.cfg.rotate)
+            if self.cfg.shift or self.cfg.rotate or self.cfg.scale:
+                log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees, "
+                         "zooms of up to %g%%", self.cfg.shift, self.cfg.rotate, 100 * self.cfg.scale)
             if min(sizes) == 0:
                 log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
                             "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B,

@@ -100,12 +100,12 @@ def test_rotation_resamples_like_the_geometry_says():
     assert r.min() >= 0 and r.max() <= 255 and abs(r.sum() / blob.sum() - 1) < 0.02
 
 
-@pytest.mark.parametrize("rotate", [0.0, 10.0])
-def test_augmented_batch_is_the_same_on_1_and_3_ranks(tiny_h5, rotate):
+@pytest.mark.parametrize("rotate, scale", [(0.0, 0.0), (10.0, 0.0), (0.0, 0.1)])
+def test_augmented_batch_is_the_same_on_1_and_3_ranks(tiny_h5, rotate, scale):
     """Each image's transform is drawn for its position in the global batch: the ranks' slices
     concatenate bitwise to the one-rank batch, also from a fresh loader (a resume)."""
     tr, _ = holdout(384, 64, seed=0)
-    aug = Augment(shift=2, rotate=rotate, seed=7)
+    aug = Augment(shift=2, rotate=rotate, seed=7, scale=scale)
     with Split(tiny_h5) as s:
         def loader(rank, size):
             return ShardedLoader(s, batch_size=28, rank=rank, size=size, seed=7, subset=tr, micro_batch=4,
@@ -125,13 +125,32 @@ def test_augmented_batch_is_the_same_on_1_and_3_ranks(tiny_h5, rotate):
 
 def test_augment_draws_depend_on_seed_epoch_and_batch_only():
     a = Augment(shift=2, seed=3)
-    dy, dx, angle = a.draws(1, 5, 64)
+    dy, dx, angle, zoom = a.draws(1, 5, 64)
     assert dy.min() >= -2 and dy.max() <= 2 and set(np.unique(dx)) == set(range(-2, 3)) and not angle.any()
-    assert all(np.array_equal(u, v) for u, v in zip(a.draws(1, 5, 64), (dy, dx, angle), strict=True))
+    assert (zoom == 1).all()
+    assert all(np.array_equal(u, v) for u, v in zip(a.draws(1, 5, 64), (dy, dx, angle, zoom), strict=True))
     for other in (Augment(shift=2, seed=4).draws(1, 5, 64), a.draws(2, 5, 64), a.draws(1, 6, 64)):
         assert not np.array_equal(other[0], dy)
-    _, _, angle = Augment(shift=1, rotate=15, seed=3).draws(0, 0, 1000)
+    _, _, angle, _ = Augment(shift=1, rotate=15, seed=3).draws(0, 0, 1000)
     assert np.abs(angle).max() <= math.radians(15) and np.abs(angle).max() > math.radians(14)
+    # a zoom is drawn after the others: adding --scale leaves the shifts and angles of a run as they were
+    *same, zoom = Augment(shift=1, rotate=15, seed=3, scale=0.1).draws(0, 0, 1000)
+    assert all(np.array_equal(u, v) for u, v in zip(same, Augment(shift=1, rotate=15, seed=3).draws(0, 0, 1000)))
+    assert 0.9 <= zoom.min() < 0.901 and 1.099 < zoom.max() <= 1.1
+
+
+def test_zoom_magnifies_about_the_centre():
+    """cos/z, sin/z magnify z times: a centred Gaussian blob (sd 4 pixels) keeps its centre, its sd
+    becomes 4z and its mass grows by z^2."""
+    i = np.arange(41) - 20
+    g = np.rint(250 * np.exp(-(i[:, None] ** 2 + i[None, :] ** 2) / (2 * 4.0 ** 2))).astype(np.uint8)
+    z = np.array([1.25, 0.8])
+    c, s = (np.cos(0.0) / z).astype(np.float32), (np.sin(0.0) / z).astype(np.float32)
+    out = affine(np.stack([g, g]), np.zeros(2, int), np.zeros(2, int), c, s)
+    np.testing.assert_allclose(out.sum((1, 2)) / g.sum(), z ** 2, rtol=1e-3)
+    for img, zoom in zip(out, z):
+        rows = img.sum(1) / img.sum()
+        assert abs(rows @ i) < 1e-4 and abs(np.sqrt(rows @ i ** 2) - 4 * zoom) < 0.01
 
 
 # ------------------------------------------------------------------------- initialisation
@@ -220,11 +239,13 @@ def test_validation_refusals(tiny_h5, tmp_path, capsys):
     for extra, said in ((["--val-size", "32", "--shift", "1"], "saved with --val-size 64, this run has --val-size 32"),
                         (["--val-size", "64", "--shift", "1", "--val-seed", "1"], "--val-seed 0"),
                         (["--val-size", "64"], "saved with --shift 1, this run has --shift 0"),
-                        (["--val-size", "64", "--shift", "1", "--init", "he"], "this run has --init he")):
+                        (["--val-size", "64", "--shift", "1", "--init", "he"], "this run has --init he"),
+                        (["--val-size", "64", "--shift", "1", "--scale", "0.1"], "this run has --scale 0.1")):
         assert train(tiny_h5, out, "--epochs", "2", "--max-steps", "6", *extra) == 1
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
-    for flag, value in (("--rotate", "200"), ("--shift", "-1"), ("--val-size", "-5"), ("--init", "zeros")):
+    for flag, value in (("--rotate", "200"), ("--shift", "-1"), ("--val-size", "-5"), ("--init", "zeros"),
+                        ("--scale", "0.7"), ("--scale", "nan")):
         with pytest.raises(SystemExit) as e:
             parse_args([flag, value])
         assert e.value.code == 2 and flag in capsys.readouterr().err
@@ -256,10 +277,10 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_h5, tmp_path, capsys):
 
 @pytest.mark.timeout(300)
 def test_same_bits_on_1_and_3_ranks_with_validation_augmentation_and_init(tiny_h5, tmp_path):
-    """The new draws keep the guarantee: a validation hold-out, shifts and rotations and PyTorch's
+    """The new draws keep the guarantee: a validation hold-out, shifts, rotations, zooms and PyTorch's
     initialisation on 1 and 3 ranks (batch 28 in micro-batches of 4: 3/2/2 on 3 ranks)."""
     flags = ("--max-steps", "20", "--batch-size", "28", "--micro-batch", "4", "--eval-every", "7",
-             "--val-size", "40", "--shift", "2", "--rotate", "10", "--init", "torch", "--exact")
+             "--val-size", "40", "--shift", "2", "--rotate", "10", "--scale", "0.1", "--init", "torch", "--exact")
     runs = {}
     for p in (1, 3):
         runs[p] = tmp_path / f"p{p}"
