@@ -163,7 +163,8 @@ examples:
   python -m dpcnn.train --max-steps 200 --eval-every 100 --out runs/quick
   srun --mpi=pmi2 python -m dpcnn.train --out runs/$SLURM_JOB_ID --resume auto
   python -m dpcnn.train --dataset fashion-mnist --epochs 15
-  python -m dpcnn.train --shift 2 --epochs 16               random translations of up to 2 pixels
+  python -m dpcnn.train --shift 2 --rotate 10 --epochs 32   augmentation: shifts of up to 2 pixels,
+                                                            rotations of up to 10 degrees (99.46% on MNIST)
   python -m dpcnn.train --init-from runs/latest/best.h5 --epochs 2 --lr 0.005 --out runs/tune
 
 exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1/Ctrl-C (run the same command again to
