@@ -70,6 +70,11 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
     path = cfg.data or default_data_path(cfg.dataset)
 
     def check() -> Path:
+        if not path.exists() and cfg.data is not None and cfg.data_source is None:
+            # a file the user named is theirs to make: a typo must not become a fresh copy of MNIST
+            raise DataError(f"--data {path}: no such file; prepare it first (python -m dpcnn.data prepare "
+                            f"--out {path} ...), add --data-source DIR|URL to prepare {cfg.dataset} there, or "
+                            f"leave out --data to use {default_data_path(cfg.dataset)}")
         if not path.exists():
             log.info("%s not found: preparing %s", path, cfg.dataset)
             try:
@@ -299,7 +304,7 @@ class Trainer:
             if k + 1 == spe or s == self.end_step:                  # an epoch or the run ended
                 self.record_and_checkpoint(final=s == self.end_step)
             elif cfg.eval_every and s % cfg.eval_every == 0:
-                self.record()
+                self.record_and_checkpoint(final=False, only_if_best=True)
             if self.checkpoint_due(s):
                 self.save_checkpoint()
             self.dog.beat(s + 1)
@@ -313,7 +318,7 @@ class Trainer:
         if c.is_root:
             last = self.metrics[-1]
             val = f"validation accuracy {100 * last['val_accuracy']:.2f}%, " if last["val_accuracy"] is not None else ""
-            log.info("done: %d steps, %stest accuracy %.2f%%, %.1f s", self.step, val,
+            log.info("done: %d step%s, %stest accuracy %.2f%%, %.1f s", self.step, "s"[:self.step != 1], val,
                      100 * last["test_accuracy"], self.elapsed())
         return EXIT_OK
 
@@ -439,14 +444,16 @@ class Trainer:
                         "is probably using the cores (see top); use fewer ranks than free cores, and --threads 1",
                         rate, self.first_rate / rate, self.first_rate)
 
-    def record_and_checkpoint(self, final: bool) -> None:
+    def record_and_checkpoint(self, final: bool, only_if_best: bool = False) -> None:
         """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the
-        test accuracy without a validation split) improved."""
+        test accuracy without a validation split) improved; only_if_best (the evaluations of
+        --eval-every within an epoch): checkpoint only then, so best.h5 is the best of every record."""
         rec = self.record(final=final)
         acc = rec["test_accuracy"] if rec["val_accuracy"] is None else rec["val_accuracy"]
         best = acc > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, acc)
-        self.save_checkpoint(best=best)
+        if best or not only_if_best:
+            self.save_checkpoint(best=best)
 
     # -- checkpoints -----------------------------------------------------------------
 

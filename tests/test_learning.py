@@ -229,6 +229,27 @@ def test_best_is_chosen_by_validation_accuracy(tiny_h5, tmp_path, monkeypatch, b
     assert (best.step, best.best_accuracy) == ((20, 0.9) if by == "val" else (36, 0.95))   # 10 or 12 steps an epoch
 
 
+def test_best_follows_every_evaluation_also_within_epochs(tiny_h5, tmp_path, monkeypatch):
+    """With --eval-every, best.h5 is the best of all records, not only of the epoch ends; a record
+    within an epoch that is not the best writes no checkpoint."""
+    from dpcnn import train as T
+    scores = iter([0.5, 0.8, 0.6, 0.7, 0.75, 0.4])        # records at steps 4, 8, 10 (epoch end), 12, 16, 20
+    orig = T.Trainer.record
+
+    def record(self, final=False):
+        rec = orig(self, final)
+        rec["val_accuracy"] = next(scores)
+        return rec
+
+    monkeypatch.setattr(T.Trainer, "record", record)
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--epochs", "2", "--val-size", "64", "--eval-every", "4", "--keep", "10") == 0
+    assert [r["step"] for r in metrics(out)] == [4, 8, 10, 12, 16, 20]
+    best = ckpt.load(out / "best.h5")
+    assert (best.step, best.best_accuracy) == (8, 0.8)
+    assert sorted(int(p.name[9:18]) for p in out.glob("ckpt-step*.h5")) == [4, 8, 10, 20]
+
+
 def test_validation_refusals(tiny_h5, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--val-size", "360") == 1                # 24 left: less than a batch of 32

@@ -104,8 +104,16 @@ def test_stop_and_resume_records_like_an_uninterrupted_run(tiny_h5, tmp_path, mo
 def test_checkpoint_every_also_on_evaluation_steps(tiny_h5, tmp_path):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "5", "--checkpoint-every", "10", "--keep", "10") == 0
-    assert [step_of(p) for p in RunDir(out).checkpoints()] == [24, 20, 12, 10]
-    assert [m["step"] for m in metrics(out)] == [5, 10, 12, 15, 20, 24]
+    records = metrics(out)
+    assert [m["step"] for m in records] == [5, 10, 12, 15, 20, 24]
+    # epoch ends (12, 24), every 10 steps, and the records within an epoch that were the best so far (best.h5)
+    best, improved = -1.0, set()
+    for m in records:
+        if m["test_accuracy"] > best:
+            best, improved = m["test_accuracy"], improved | {m["step"]}
+    assert 5 in improved
+    assert [step_of(p) for p in RunDir(out).checkpoints()] == sorted({24, 20, 12, 10} | (improved & {5, 15}),
+                                                                     reverse=True)
 
 
 def test_resume_past_max_steps_changes_nothing(tiny_h5, tmp_path, capsys):
@@ -190,6 +198,11 @@ def test_missing_data_and_bad_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and f"--data-source {tmp_path / 'nowhere'}: not a directory" in err
     assert not (tmp_path / "none.h5").exists()
+    # a --data file that does not exist is an error, not a place to prepare MNIST (without --data-source)
+    rc = main(["--data", str(tmp_path / "photos.h5"), "--out", str(tmp_path / "r"), "--comm", "serial", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"--data {tmp_path / 'photos.h5'}: no such file" in err, err
+    assert not (tmp_path / "photos.h5").exists() and not (tmp_path / "r").exists()
     with pytest.raises(SystemExit) as e:
         main(["--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
