@@ -3,7 +3,7 @@
     import dpcnn
     clf = dpcnn.load("runs/latest/best.h5")
     clf.predict(images)                                  # uint8 0-255 or float 0-1, (N, H, W)
-    dpcnn.fit(dpcnn.Config(epochs=2, out="runs/quick"))  # train from Python (mpirun: every rank)
+    dpcnn.fit(dpcnn.Config(epochs=2, out="runs/api"))    # train from Python (mpirun: every rank)
 
 The data path reads top to bottom, one module per concern:
 
@@ -36,7 +36,7 @@ __all__ = ["Classifier", "Config", "__version__", "export_npz", "fit", "load"]
 # The API is imported on first use (PEP 562), not by `import dpcnn`: `python -m dpcnn.train` and
 # `python -m dpcnn.data` then run their module once, as __main__, without importing it first.
 _API = {"Classifier": ("api", "Classifier"), "load": ("api", "load"), "export_npz": ("api", "export_npz"),
-        "Config": ("config", "Config"), "fit": ("train", "train")}
+        "Config": ("config", "Config"), "fit": ("api", "fit")}
 
 
 def __getattr__(name: str):

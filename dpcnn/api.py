@@ -7,7 +7,7 @@
     clf.class_names                             # ['0', '1', ...]
     clf.export_npz("weights.npz")               # layer name -> array, for use elsewhere
 
-    dpcnn.fit(dpcnn.Config(epochs=2, out="runs/quick"))   # the trainer; under mpirun on every rank
+    dpcnn.fit(dpcnn.Config(epochs=2, out="runs/api"))     # the trainer; under mpirun on every rank
 
 ``images`` may be uint8 (pixel values 0-255) or float (intensities in [0, 1]), shaped (H, W),
 (N, H, W) or (N, H, W, C); they are standardised with the mean and std of the data the model was
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, State, check_data, load_model, recorded_data_path
-from .cli import UserError
+from .cli import UserError, setup_logging
 from .data import Split, standardise
 from .layers import softmax
 from .model import CNN
@@ -127,3 +127,19 @@ def load(path, data=None, force: bool = False) -> Classifier:
 def export_npz(checkpoint, out) -> Path:
     """Shortcut: load(checkpoint).export_npz(out)."""
     return load(checkpoint).export_npz(out)
+
+
+def fit(config, comm=None) -> int:
+    """Train with a Config as ``python -m dpcnn.train`` does (run under mpirun, on every rank, it
+    trains on all of them); the exit status: 0 done, 75 stopped by a signal with a checkpoint
+    written. Errors raise (a UserError's message is the one line the command would print).
+
+    When the program has not set up logging itself, rank 0 shows the command's lines on stderr,
+    and train.log receives them, as from the command line."""
+    from .comm import get_comm
+    from .train import train
+
+    comm = comm or get_comm(config.comm)
+    if not logging.getLogger().handlers:
+        setup_logging(quiet=False, rank=comm.rank)
+    return train(config, comm)

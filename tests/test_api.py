@@ -1,9 +1,12 @@
 """The Python API: dpcnn.fit with a Config, dpcnn.load(...).predict, export_npz."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import child_env
 
 import dpcnn
 from dpcnn import evaluate
@@ -18,6 +21,21 @@ def trained(tiny_h5, tmp_path_factory):
     cfg = dpcnn.Config(data=tiny_h5, out=out, epochs=2, batch_size=32, threads=1, progress=False)
     assert dpcnn.fit(cfg, SerialComm()) == 0
     return out
+
+
+def test_fit_from_a_script_shows_and_logs_the_commands_lines(tiny_h5, tmp_path):
+    """A script calling dpcnn.fit without setting up logging sees the command's lines on stderr,
+    and train.log receives them (it used to stay empty)."""
+    out = tmp_path / "run"
+    script = ("import sys, dpcnn\n"
+              f"cfg = dpcnn.Config(data={str(tiny_h5)!r}, out={str(out)!r}, max_steps=1, batch_size=32, "
+              "progress=False, comm='serial')\n"
+              "sys.exit(dpcnn.fit(cfg))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert "done: 1 step, test accuracy" in r.stderr
+    assert "done: 1 step, test accuracy" in (out / "train.log").read_text()
 
 
 def test_fit_then_load_predicts_like_evaluate(trained, tiny_h5):
