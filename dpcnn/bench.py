@@ -24,7 +24,7 @@ import tracemalloc
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .cli import entry_point, positive_int
+from .cli import Parser, entry_point, positive_int
 from .comm import SerialComm, blas_summary
 from .config import Config
 from .malloc import keep_freed_memory
@@ -196,7 +196,7 @@ def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = 
 
 @entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m dpcnn.bench", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m dpcnn.bench --batch-size 64 --threads 1\n"

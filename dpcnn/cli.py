@@ -26,6 +26,14 @@ class UserError(Exception):
     """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported as every other error is: one line,
+    ``error: argument --flag: expected ..., got ... (see PROG --help)``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 # argparse types: a bad value becomes "argument --flag: expected ..., got ..." and exit status 2.
 
 def positive_int(s: str) -> int:

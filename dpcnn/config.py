@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import (
+    Parser,
     add_common_flags,
     float_list,
     int_list,
@@ -176,7 +177,7 @@ continue from the newest checkpoint), 69 a rank or node stopped responding (--ti
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The trainer's command line; every default is Config's."""
     D = Config()
-    p = argparse.ArgumentParser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
+    p = Parser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", type=Path, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
-from .cli import EXIT_ERROR, EXIT_OK, add_common_flags, entry_point, positive_int, report_error, setup_logging
+from .cli import EXIT_ERROR, EXIT_OK, Parser, add_common_flags, entry_point, positive_int, report_error, setup_logging
 from .data import Split, holdout
 from .malloc import keep_freed_memory
 from .metrics import evaluate
@@ -126,7 +126,7 @@ def report(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpcnn.evaluate", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m dpcnn.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")
     p.add_argument("--data", type=Path, help="prepared HDF5 data file (default: the one the checkpoint "

@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import EXIT_ERROR, EXIT_OK, UserError, add_common_flags, entry_point, report_error, setup_logging
+from .cli import EXIT_ERROR, EXIT_OK, Parser, UserError, add_common_flags, entry_point, report_error, setup_logging
 
 log = logging.getLogger("dpcnn")
 
@@ -207,7 +207,7 @@ def title_of(records: list[dict], path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpcnn.plot", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m dpcnn.plot", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory (or its metrics.jsonl)")
     p.add_argument("--out", type=Path, help="image to write: .png, .pdf or .svg, or a directory "

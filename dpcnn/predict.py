@@ -48,6 +48,7 @@ from .cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    Parser,
     UserError,
     add_common_flags,
     entry_point,
@@ -226,7 +227,7 @@ def load_inputs(path: Path, size: int) -> tuple[list[str], np.ndarray, np.ndarra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpcnn.predict", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m dpcnn.predict", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
                    help="image files (PNG, JPEG, ...) or .npy arrays")

@@ -48,6 +48,7 @@ from .cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    Parser,
     UserError,
     add_common_flags,
     entry_point,
@@ -715,11 +716,11 @@ def _size(s: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpcnn.data", epilog=EPILOG,
+    p = Parser(prog="python -m dpcnn.data", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Prepare MNIST-style data sets as verified HDF5 files.")
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     add_common_flags(common)
     pp = sub.add_parser("prepare", parents=[common], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,

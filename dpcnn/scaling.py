@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .cli import entry_point, int_list, nonneg_int, positive_float, positive_int
+from .cli import Parser, entry_point, int_list, nonneg_int, positive_float, positive_int
 from .comm import Comm, find_mpiexec, get_comm
 from .config import Config
 from .malloc import keep_freed_memory
@@ -168,7 +168,7 @@ def launch(framework: str, P: int, args) -> dict:
 
 @entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dpcnn.scaling", description=__doc__.split("\n\n")[0],
+    ap = Parser(prog="python -m dpcnn.scaling", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="examples:\n  python -m dpcnn.scaling --ranks 1,2,4,8,16\n"
                                         "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")

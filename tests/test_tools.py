@@ -352,6 +352,23 @@ def test_help_has_examples(module):
         assert flag in r.stdout
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["dpcnn.train", "--scale", "0.9"], "argument --scale: expected a zoom range in [0, 0.5], got 0.9"),
+    (["dpcnn.evaluate"], "the following arguments are required: --checkpoint"),
+    (["dpcnn.plot", "run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["dpcnn.predict", "--checkpoint", "c.h5", "x.png", "--top", "0"], "argument --top"),
+    (["dpcnn.data", "prepare", "--timeout", "-1"], "argument --timeout"),
+    (["dpcnn.bench", "--batch-size", "x"], "argument --batch-size"),
+])
+def test_bad_command_line_is_one_error_line(argv, needle):
+    """A bad command line is reported like every other error: one line, not the whole usage."""
+    r = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", r
+    prog = "python -m " + " ".join(argv[:2] if argv[1] == "prepare" else argv[:1])
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(f" (see {prog} --help)"), lines
+    assert needle in lines[0]
+
 
 @pytest.mark.parametrize("command", ["info", "decorated"])
 def test_closed_stdout_ends_a_command_quietly(tiny_h5, command):
