@@ -364,7 +364,7 @@ def test_bad_command_line_is_one_error_line(argv, needle):
     """A bad command line is reported like every other error: one line, not the whole usage."""
     r = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "", r
-    prog = "python -m " + " ".join(argv[:2] if argv[1] == "prepare" else argv[:1])
+    prog = "python -m " + " ".join(argv[:2] if argv[1:2] == ["prepare"] else argv[:1])
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(f" (see {prog} --help)"), lines
     assert needle in lines[0]
