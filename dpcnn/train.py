@@ -94,6 +94,9 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
             if (te.image_shape, te.channels, te.num_classes) != (tr.image_shape, tr.channels, tr.num_classes):
                 raise DataError(f"{path}: test images {te.image_shape + (te.channels,)} in {te.num_classes} "
                                 f"classes, training images {tr.image_shape + (tr.channels,)} in {tr.num_classes}")
+            if cfg.shift >= min(tr.image_shape):
+                raise DataError(f"--shift {cfg.shift}: the images of {path} are {tr.image_shape[0]}x"
+                                f"{tr.image_shape[1]}; expected a shift of fewer pixels than that (2 suits MNIST)")
             try:
                 model_spec(cfg, tr)
             except ValueError as e:

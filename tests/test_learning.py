@@ -265,6 +265,9 @@ def test_validation_refusals(tiny_h5, tmp_path, capsys):
         assert train(tiny_h5, out, "--epochs", "2", "--max-steps", "6", *extra) == 1
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
+    assert train(tiny_h5, tmp_path / "far", "--shift", "28") == 1
+    err = capsys.readouterr().err
+    assert "--shift 28: the images of" in err and "are 28x28" in err and err.count("\n") == 1, err
     for flag, value in (("--rotate", "200"), ("--shift", "-1"), ("--val-size", "-5"), ("--init", "zeros"),
                         ("--scale", "0.7"), ("--scale", "nan")):
         with pytest.raises(SystemExit) as e:
