@@ -1,4 +1,4 @@
-"""Classify digit images or arrays with a trained checkpoint.
+"""Classify images or arrays with a trained checkpoint.
 
     python -m dpcnn.predict --checkpoint runs/latest/best.h5 seven.png photo.jpg digits.npy
 
@@ -16,6 +16,12 @@ light paper or light on dark) are made into 28x28 inputs the way MNIST was made:
 ``.npy`` arrays are taken as already in MNIST form (white digit on black, centred, 28x28)
 and are not processed: shape (28, 28), (N, 28, 28) or (N, 28, 28, 1); an integer dtype
 means pixel values 0-255, a float dtype means intensities in [0, 1] (that is, x / 255).
+
+That is ``--preprocess mnist``, the default (``auto``) for models of square grey inputs. A model
+of other inputs (``prepare --from-folder --size 32x32 --color rgb``, say) gets ``resize``: image
+files made as --from-folder made its training images, converted to grey or RGB as the model takes
+and resized to its H x W (Lanczos); give ``--preprocess resize`` for a grey 28x28 model trained on
+a folder of images too. Its ``.npy`` arrays are (H, W[, C]) or (N, H, W[, C]).
 
 Both are then standardised like the training data, ``(x/255 - mean) / std``, with the
 mean and std of the data file (``--data``, default the file the checkpoint was trained
@@ -43,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import normalisation
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import load_model
 from .cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -58,6 +64,7 @@ from .cli import (
 )
 from .data import standardise
 from .layers import softmax
+from .prepare import folder_image
 
 log = logging.getLogger("dpcnn")
 
@@ -151,8 +158,8 @@ def mnist_style(grey: np.ndarray, size: int = 28, name: str = "image") -> np.nda
     return out
 
 
-def read_image(path: Path, size: int = 28) -> np.ndarray:
-    """An image file -> (size, size) uint8 MNIST-style. InputError naming the file if unreadable."""
+def _open_image(path: Path, convert):
+    """convert(the Pillow image of the file at path); InputError naming the file if unreadable."""
     Image, _ = _pil()
     if Image is None:
         raise InputError(f"{path}: {PIL_MISSING}")
@@ -161,7 +168,7 @@ def read_image(path: Path, size: int = 28) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                grey = grey_levels(img)
+                return convert(img)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: {e}") from None
     except FileNotFoundError:
@@ -172,16 +179,31 @@ def read_image(path: Path, size: int = 28) -> np.ndarray:
         raise InputError(f"{path}: not an image file Pillow can read (and not .npy)") from None
     except (OSError, ValueError, SyntaxError) as e:     # truncated or corrupt files
         raise InputError(f"{path}: cannot read the image ({' '.join(str(e).split())})") from None
-    return mnist_style(grey, size, str(path))
 
 
-def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
-    """A .npy file -> ((N, size, size) float32 intensities in [0, 1], whether it held one 2-D
-    image); InputError if unusable.
+def read_image(path: Path, size: int = 28) -> np.ndarray:
+    """An image file -> (size, size) uint8 MNIST-style. InputError naming the file if unreadable."""
+    return mnist_style(_open_image(path, grey_levels), size, str(path))
 
-    Accepts (size, size), (N, size, size) or (N, size, size, 1); integer dtype = 0..255,
-    float dtype = [0, 1].
+
+def read_resized(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """An image file -> (H, W) grey or (H, W, 3) RGB uint8 for a model of input shape (H, W, C),
+    made as ``prepare --from-folder`` made its training images."""
+    H, W, C = shape
+    if C not in (1, 3):
+        raise InputError(f"{path}: the model takes {C}-channel inputs, which image files do not hold; "
+                         f"give a .npy array (N, {H}, {W}, {C})")
+    return _open_image(path, lambda img: folder_image(img, (H, W), "grey" if C == 1 else "rgb"))
+
+
+def read_npy(path: Path, shape: tuple[int, int, int] = (28, 28, 1)) -> tuple[np.ndarray, bool]:
+    """A .npy file -> ((N, H, W, C) float32 intensities in [0, 1], whether it held one image) for a
+    model of input shape (H, W, C); InputError if unusable.
+
+    Accepts one image, (H, W) grey or (H, W, C), or N of them, (N, H, W) grey or (N, H, W, C);
+    integer dtype = 0..255, float dtype = [0, 1].
     """
+    H, W, C = shape
     try:
         a = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -190,15 +212,15 @@ def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
         raise InputError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
     if not isinstance(a, np.ndarray):
         raise InputError(f"{path}: holds several arrays (.npz); give one .npy array")
-    shape = a.shape
-    if a.ndim == 4 and a.shape[-1] == 1:
-        a = a[..., 0]
-    single = a.ndim == 2
+    shape_in = a.shape
+    single = a.shape == ((H, W) if C == 1 else (H, W, C))
     if single:
         a = a[None]
-    if a.ndim != 3 or a.shape[1:] != (size, size) or a.shape[0] == 0:
-        raise InputError(f"{path}: array of shape {shape}, expected ({size}, {size}), (N, {size}, {size}) "
-                         f"or (N, {size}, {size}, 1)")
+    if C == 1 and a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[1:] != (H, W, C) or a.shape[0] == 0:
+        want = f"({H}, {W}), (N, {H}, {W}) or (N, {H}, {W}, 1)" if C == 1 else f"({H}, {W}, {C}) or (N, {H}, {W}, {C})"
+        raise InputError(f"{path}: array of shape {shape_in}, expected {want}")
     if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise InputError(f"{path}: integer pixel values must be 0-255, found {a.min()}..{a.max()}")
@@ -216,14 +238,16 @@ def read_npy(path: Path, size: int = 28) -> tuple[np.ndarray, bool]:
 # ----------------------------------------------------------------------------- the command
 
 
-def load_inputs(path: Path, size: int) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """One input file -> (labels, intensities (N, size, size) in [0, 1], the preprocessed uint8 or None)."""
+def load_inputs(path: Path, shape: tuple[int, int, int], digits: bool
+                ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """One input file for a model of input shape (H, W, C) -> (labels, intensities (N, H, W, C) in
+    [0, 1], the preprocessed uint8 image or None); digits: image files are made MNIST-style."""
     if path.suffix.lower() == ".npy":
-        v, single = read_npy(path, size)
+        v, single = read_npy(path, shape)
         labels = [str(path)] if single else [f"{path}[{i}]" for i in range(v.shape[0])]
         return labels, v, None
-    u8 = read_image(path, size)
-    return [str(path)], (u8.astype(np.float32) / np.float32(255))[None], u8
+    u8 = read_image(path, shape[0]) if digits else read_resized(path, shape)
+    return [str(path)], (u8.astype(np.float32) / np.float32(255)).reshape(1, *shape), u8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,10 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="prepared data file for the pixel mean/std and class names "
                                              "(default: the one the checkpoint was trained on)")
     p.add_argument("--top", type=positive_int, default=1, metavar="K",
-                   help="print the K most probable classes (default 1)")
+                   help="print up to the K most probable classes, those at least 1%% likely (default 1)")
+    p.add_argument("--preprocess", choices=("auto", "mnist", "resize"), default="auto",
+                   help="how image files become inputs: mnist (a digit cropped, scaled and centred as MNIST's "
+                        "were), resize (converted and resized, as prepare --from-folder does); default auto: "
+                        "mnist for square grey models, else resize")
     p.add_argument("--json", action="store_true", help="print one JSON object with every prediction")
     p.add_argument("--save-input", type=Path, metavar="DIR",
-                   help="also write each image's 28x28 preprocessed version to DIR as PNG (what the model sees)")
+                   help="also write each image's preprocessed version (HxW) to DIR as PNG (what the model sees)")
     p.add_argument("--force", action="store_true", help="use --data even if the checkpoint was trained on "
                                                         "another data set")
     add_common_flags(p)
@@ -276,10 +304,12 @@ def main(argv=None) -> int:
     try:
         model, state = load_model(args.checkpoint)
         norm = normalisation(state, args.checkpoint, model, args.data, args.force)
-        H, W, C = model.spec.input_shape
-        if H != W or C != 1:
-            raise CheckpointError(f"{args.checkpoint}: the model takes {H}x{W}x{C} inputs; predict handles "
-                                  "square grey images only")
+        H, W, C = shape = model.spec.input_shape
+        style = args.preprocess if args.preprocess != "auto" else "mnist" if C == 1 and H == W else "resize"
+        if style == "mnist" and (C != 1 or H != W):
+            raise InputError(f"--preprocess mnist: the model of {args.checkpoint} takes {H}x{W}x{C} inputs; "
+                             "MNIST-style images are square and grey (use --preprocess resize)")
+        digits = style == "mnist"
         if args.save_input:
             args.save_input.mkdir(parents=True, exist_ok=True)
     except (Exception, KeyboardInterrupt) as e:
@@ -291,10 +321,11 @@ def main(argv=None) -> int:
     results, errors = [], []
     for path in args.images:
         try:
-            labels, v, u8 = load_inputs(path, H)
+            labels, v, u8 = load_inputs(path, shape, digits)
             if u8 is not None and args.save_input:
                 from PIL import Image
-                Image.fromarray(u8, "L").save(args.save_input / f"{_unique_stem(path, args.images)}.28x28.png")
+                Image.fromarray(u8, "L" if u8.ndim == 2 else "RGB").save(
+                    args.save_input / f"{_unique_stem(path, args.images)}.{H}x{W}.png")
             probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std, scale=1.0)).astype(np.float64))
         except KeyboardInterrupt as e:
             report_error(e, args.debug)

@@ -533,6 +533,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 COLORS = {"grey": "L", "rgb": "RGB"}
 
 
+def folder_image(im, size: tuple[int, int], color: str = "grey") -> np.ndarray:
+    """A Pillow image -> (H, W) grey or (H, W, 3) RGB uint8 resized to size = (H, W) (Lanczos):
+    what --from-folder stores, and what predict feeds a model trained on such a file."""
+    from PIL import Image
+
+    H, W = size
+    return np.asarray(im.convert(COLORS[color]).resize((W, H), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
 def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
                 classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     """An image folder, one subfolder per class (the layout torchvision's ImageFolder and Keras's
@@ -566,8 +575,7 @@ def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
             h.update(raw)
             try:
                 with Image.open(io.BytesIO(raw)) as im:
-                    im = im.convert(COLORS[color])
-                    images.append(np.asarray(im.resize((W, H), Image.Resampling.LANCZOS), dtype=np.uint8))
+                    images.append(folder_image(im, size, color))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise DataError(f"{p}: not a readable image ({e})") from None
             labels.append(label)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dpcnn.data import DataError, Split, verify
+from dpcnn.prepare import folder_image, prepare_folder, read_folder
 from dpcnn.prepare import main as prepare_main
-from dpcnn.prepare import prepare_folder, read_folder
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -87,7 +87,7 @@ def test_folder_errors_name_the_problem(tmp_path, capsys):
 
 
 @pytest.mark.timeout(120)
-def test_a_colour_folder_trains_and_predicts(tmp_path):
+def test_a_colour_folder_trains_and_predicts(tmp_path, capsys):
     """RGB images end to end: the model's input channels come from the data file; the same bits
     on 1 and 2 ranks; the Python API classifies colour arrays."""
     from conftest import run_job
@@ -110,6 +110,18 @@ def test_a_colour_folder_trains_and_predicts(tmp_path):
     with h5py.File(data) as f:
         x, y = f["test/images"][...], f["test/labels"][...]
     assert x.shape[1:] == (24, 24, 3) and np.mean(clf.predict(x) == y) > 0.8
+    # predict on the image files prepares them as prepare did (RGB, resized to 24x24), and on .npy arrays
+    from dpcnn import predict
+    files = sorted(src.glob("*/*"))[::7]
+    np.save(tmp_path / "x.npy", x[:5])
+    assert predict.main(["--checkpoint", str(tmp_path / "run1" / "best.h5"), "--json",
+                         *map(str, files), str(tmp_path / "x.npy")]) == 0
+    got = json.loads(capsys.readouterr().out)["predictions"]
+    seen = np.stack([folder_image(Image.open(f), (24, 24), "rgb") for f in files])
+    want = np.concatenate([clf.predict_proba(seen), clf.predict_proba(x[:5])])
+    assert [g["class"] for g in got] == list(want.argmax(1))
+    np.testing.assert_allclose([g["probability"] for g in got], want.max(1), rtol=1e-5)
+    assert np.mean([g["name"] == f.parent.name for g, f in zip(got, files)]) > 0.8
 
 
 def test_a_file_written_with_plain_h5py_as_the_readme_documents_trains(tmp_path, tiny_h5):

@@ -266,6 +266,29 @@ def test_predict_image_probabilities_equal_model_softmax(run, tmp_path, capsys):
     assert rec["low_confidence"] == (p.max() < 0.5)
 
 
+def test_predict_preprocess_resize_is_what_prepare_from_folder_stores(run, tmp_path, capsys):
+    """--preprocess resize feeds a grey model the image as --from-folder would have stored it;
+    mnist on a model that is not square and grey is refused."""
+    Image = pytest.importorskip("PIL.Image")
+    from dpcnn.prepare import folder_image
+    _, path, _ = run
+    img = tmp_path / "seven.png"
+    Image.fromarray(drawn_seven()).convert("RGB").save(img)
+    seen = tmp_path / "seen"
+    assert predict.main(["--checkpoint", str(path), str(img), "--preprocess", "resize", "--save-input", str(seen),
+                         "-q"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(seen / "seven.28x28.png")),
+                                  folder_image(Image.open(img), (28, 28), "grey"))
+    capsys.readouterr()
+    rgb = tmp_path / "rgb.h5"
+    model = CNN(ModelSpec(input_shape=(28, 28, 3)), seed=1)
+    ckpt.save(rgb, ckpt.State(params=dict(model.p), velocity={k: np.zeros_like(v) for k, v in model.p.items()},
+                              epoch=0, next_batch=0, step=0, spec=model.spec.to_dict(),
+                              config={"dataset": "mnist"}, data_fingerprint="x"))
+    assert predict.main(["--checkpoint", str(rgb), str(img), "--preprocess", "mnist", "-q"]) == 1
+    one_error_line(capsys.readouterr().err, "--preprocess mnist", "28x28x3", "--preprocess resize")
+
+
 def test_predict_text_shows_only_meaningful_probabilities_and_flags_doubt():
     top = [{"name": "7", "probability": 0.29}, {"name": "1", "probability": 0.2},
            {"name": "4", "probability": 0.004}]
