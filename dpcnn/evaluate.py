@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
 from .cli import EXIT_ERROR, EXIT_OK, Parser, add_common_flags, entry_point, positive_int, report_error, setup_logging
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained on")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH,
                    help=f"images per forward pass (default {EVAL_BATCH})")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="BLAS threads (default 1, as training's default: the loss and accuracy then match "
+                        "the run's records bit for bit)")
     p.add_argument("--force", action="store_true", help="evaluate even if the checkpoint was trained on "
                                                         "another data set")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -149,7 +153,8 @@ def main(argv=None) -> int:
     keep_freed_memory()
     setup_logging(args.verbose, args.quiet)
     try:
-        r = run(args.checkpoint, args.data, args.split, args.batch_size, args.force)
+        with threadpool_limits(args.threads):
+            r = run(args.checkpoint, args.data, args.split, args.batch_size, args.force)
     except (Exception, KeyboardInterrupt) as e:
         report_error(e, args.debug)
         return EXIT_ERROR

@@ -116,6 +116,22 @@ def test_checkpoint_every_also_on_evaluation_steps(tiny_h5, tmp_path):
                                                                      reverse=True)
 
 
+def test_evaluate_reproduces_the_records_bit_for_bit(tiny_h5, tmp_path, capsys):
+    """evaluate on the last checkpoint gives the last record's validation and test loss and
+    accuracy exactly (one BLAS thread, as training; the loss is an order-free fixed-point sum)."""
+    from threadpoolctl import threadpool_limits
+
+    from dpcnn import evaluate
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "7", "--val-size", "64") == 0
+    last = metrics(out)[-1]
+    for split in ("val", "test"):
+        with threadpool_limits(2):                  # evaluate sets its own --threads (default 1)
+            assert evaluate.main(["--checkpoint", str(RunDir(out).checkpoints()[0]), "--split", split, "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert (r["loss"], r["accuracy"]) == (last[f"{split}_loss"], last[f"{split}_accuracy"]), split
+
+
 def test_resume_past_max_steps_changes_nothing(tiny_h5, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--max-steps", "7") == 0
