@@ -93,11 +93,17 @@ class Split:
 
     def _validate(self):
         f, a = self._f, self._f.attrs
+        if str(a.get("format", "")) == "dpcnn-checkpoint":
+            self._fail("is a dpcnn checkpoint, not a data file; give a prepared data file (e.g. data/mnist.h5)")
         if "format_version" not in a:
             self._fail("not a dpcnn data file (no format_version); run `python -m dpcnn.data prepare`")
         if str(a["format_version"]) != str(FORMAT_VERSION):
             self._fail(f"format version {a['format_version']}, this dpcnn reads {FORMAT_VERSION}; "
                        "prepare it again with --force")
+        missing = [k for k in ("dataset", "class_names", "source_sha256", "mean", "std") if k not in a]
+        if missing:
+            self._fail(f"missing attribute{'s'[:len(missing) > 1]} {', '.join(missing)} (see the README's "
+                       "layout table)")
         try:
             self.dataset = str(a["dataset"])
             self.class_names = list(json.loads(a["class_names"]))

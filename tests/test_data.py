@@ -245,7 +245,9 @@ def _replace(group, name, value):
 @pytest.mark.parametrize("edit, expect", [
     (lambda f: f.attrs.__setitem__("format_version", 2), "format version 2, this dpcnn reads 1"),
     (lambda f: f.attrs.__delitem__("format_version"), "not a dpcnn data file"),
-    (lambda f: f.attrs.__delitem__("class_names"), "missing or malformed attribute"),
+    (lambda f: f.attrs.__delitem__("class_names"), "missing attribute class_names"),
+    (lambda f: f.attrs.__setitem__("class_names", "[oops"), "missing or malformed attribute"),
+    (lambda f: f.attrs.__setitem__("format", "dpcnn-checkpoint"), "is a dpcnn checkpoint, not a data file"),
     (lambda f: f.attrs.__setitem__("std", 0.0), "bad pixel statistics"),
     (lambda f: f.__delitem__("train"), "no train/images and train/labels"),
     (lambda f: _replace(f["train"], "images", np.zeros((50, 784), np.uint8)),
