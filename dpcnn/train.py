@@ -20,6 +20,7 @@ Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a ch
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import sys
 import time
@@ -262,7 +263,7 @@ class Trainer:
         self.xv, self.yv = eval_rows(self.train_set, self.val_rows, comm)
         self.last_ckpt_time = time.monotonic()
         self.first_rate: float | None = None                 # images/s of the first interval, for check_speed
-        self.warned_slow = False
+        self.warned_slow = self.warned_loss = False
         if cfg.tensorboard:
             on_root(comm, Board.check)
         self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
@@ -376,9 +377,9 @@ class Trainer:
             log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
                      __version__, c.size, c.num_nodes, self.threads, blas_summary(),
                      f", {self.facts['versions'].get('mpi', '')}" if c.size > 1 else "")
-            log.info("data %s (%d train, %d validation, %d test); model %s params; global batch %d (%s per rank, "
-                     "micro-batches of %d); %d steps/epoch, %d epoch%s; run dir %s", self.data_path, self.loader.n,
-                     len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank, m,
+            log.info("data %s (%d train, %d validation, %d test); model %s params; global batch %d (%s per rank); "
+                     "%d steps/epoch, %d epoch%s; run dir %s", self.data_path, self.loader.n,
+                     len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank,
                      self.steps_per_epoch, self.cfg.epochs, "s"[:self.cfg.epochs != 1], self.run_dir.path)
             if self.cfg.exact:
                 log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
@@ -432,6 +433,7 @@ class Trainer:
                      rec["epoch"], self.step, train, totals.loss, 100 * totals.accuracy,
                      f"{rec['images_per_second']:.0f}" if rec["images_per_second"] else "-", rec["elapsed_seconds"])
             self.check_speed(rec["images_per_second"])
+            self.check_loss(rec["train_loss"])
         self.iv = Interval()
         return rec
 
@@ -446,6 +448,16 @@ class Trainer:
             log.warning("warning: %.0f images/s, %.1fx slower than at the start of this run (%.0f): another program "
                         "is probably using the cores (see top); use fewer ranks than free cores, and --threads 1",
                         rate, self.first_rate / rate, self.first_rate)
+
+    def check_loss(self, loss: float | None) -> None:
+        """Warn (once) when the training loss is far above chance level, ln(classes): the model is
+        confidently wrong, which a too high learning rate causes, before the loss becomes NaN or not."""
+        chance = math.log(self.spec.classes)
+        if loss is not None and loss > 2 * chance and not self.warned_loss:
+            self.warned_loss = True
+            log.warning("warning: training loss %.3g, more than twice that of guessing (ln %d = %.2f): the "
+                        "learning rate is probably too high for this data; try a smaller --lr (now %g)",
+                        loss, self.spec.classes, chance, self.cfg.lr)
 
     def record_and_checkpoint(self, final: bool, only_if_best: bool = False) -> None:
         """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the

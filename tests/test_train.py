@@ -132,6 +132,14 @@ def test_evaluate_reproduces_the_records_bit_for_bit(tiny_h5, tmp_path, capsys):
         assert (r["loss"], r["accuracy"]) == (last[f"{split}_loss"], last[f"{split}_accuracy"]), split
 
 
+def test_a_loss_far_above_guessing_warns_about_the_learning_rate(tiny_h5, tmp_path, capsys):
+    assert train(tiny_h5, tmp_path / "ok", "--epochs", "1") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert train(tiny_h5, tmp_path / "hot", "--epochs", "1", "--lr", "2", "--schedule", "constant") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: training loss") == 1 and "(ln 10 = 2.30)" in err and "--lr (now 2)" in err, err
+
+
 def test_resume_past_max_steps_changes_nothing(tiny_h5, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--max-steps", "7") == 0
