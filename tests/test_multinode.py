@@ -423,6 +423,33 @@ def job_failed(fields: dict, log: Path, job: str) -> str:
     return f"{fields}{why}\njob log:\n{text[-4000:]}\nSlurm logs:\n{slurm_logs(job)}"
 
 
+def pmi_cut(log: Path, since: str = "") -> bool:
+    """Whether the job's log shows the srun PMI-2 cut (PMI_CUT), after the line holding `since`."""
+    text = log.read_text() if log.exists() else ""
+    return PMI_CUT in text[text.find(since):] if since in text else False
+
+
+def sbatch_past_init(data: Path, run_dir: Path, log: Path, started, timeout: float, tries: int = 3):
+    """Submit sbatch_train and wait until started() is truthy or the job ended. A job that ended
+    at MPI_Init with the srun PMI-2 cut (PMI_CUT: pip's MPICH and Slurm 22.05, not dpcnn), having
+    trained nothing, is submitted again, each time with its own log. -> (job, its log, started()'s
+    value, or None if the job ended)."""
+    for i in range(tries):
+        lg = log if i == 0 else log.with_name(f"{log.stem}.retry{i}{log.suffix}")
+        job = sbatch_train(data, run_dir, lg)
+        try:
+            value = wait_for("the job to start training or end",
+                             lambda j=job: started() or job_fields(j).get("JobState") in DONE, timeout, lg, job)
+        except BaseException:
+            run(["scancel", job], timeout=30, env=cluster_env())
+            raise
+        if value is True and pmi_cut(lg) and not metrics(run_dir):
+            note(f"job {job} failed at MPI_Init with the srun PMI-2 cut (see PMI_CUT): submitted again")
+            continue
+        return job, lg, (None if value is True else value)
+    pytest.fail(f"{tries} jobs in a row failed at MPI_Init with the srun PMI-2 cut (see PMI_CUT)")
+
+
 @pytest.fixture(scope="module")
 def data_4000(tmp_path_factory) -> Path:
     return write_tiny(tmp_path_factory.mktemp("data") / "blobs-4000.h5", n_train=4000, n_test=96)
@@ -443,11 +470,7 @@ def uninterrupted(cluster, data_4000, tmp_path_factory) -> Job:
     d = tmp_path_factory.mktemp("sbatch")
     run_dir, log = d / "run", d / "job.out"
     t0 = time.monotonic()
-    job = sbatch_train(data_4000, run_dir, log)
-    try:
-        wait_for("the job to end", lambda: job_fields(job).get("JobState") in DONE, 150, log, job)
-    finally:
-        run(["scancel", job], timeout=30, env=cluster_env())
+    job, log, _ = sbatch_past_init(data_4000, run_dir, log, lambda: False, 150)
     return Job(job, job_fields(job), run_dir, log, time.monotonic() - t0)
 
 
@@ -493,9 +516,10 @@ def test_sbatch_checkpoint_requeue_resume_on_two_nodes(cluster, data_4000, unint
     the job, and the next run resumes on two nodes and ends with the uninterrupted run's records."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     t0 = time.monotonic()
-    job = sbatch_train(data_4000, run_dir, log)
+    job, log, records = sbatch_past_init(data_4000, run_dir, log, lambda: metrics(run_dir), 120)
     try:
-        first = wait_for("a first evaluation", lambda: metrics(run_dir), 120, log, job)[0]
+        assert records, job_failed(job_fields(job), log, job)
+        first = records[0]
         assert first["world_size"] == 2 and first["step"] == 25, first
 
         assert run(["scancel", "--signal=USR1", job], timeout=30, env=cluster_env()).returncode == 0
@@ -520,8 +544,16 @@ def test_sbatch_checkpoint_requeue_resume_on_two_nodes(cluster, data_4000, unint
         assert r.returncode == 0, r.stdout
         wait_for("the resumed job to end", lambda: job_fields(job).get("JobState") in DONE, 150, log, job)
         fields, text = job_fields(job), log.read_text()
+        if fields["JobState"] == "FAILED" and pmi_cut(log, since="(restart 1)"):
+            # the known srun PMI-2 cut (PMI_CUT) at the restart's MPI_Init: resume by hand, as the
+            # script's header tells users to (a new job, the same RUN_DIR)
+            note(f"the requeued job {job} failed at MPI_Init with the srun PMI-2 cut: resubmitted by hand")
+            job, log, _ = sbatch_past_init(data_4000, run_dir, log.with_name("resubmitted.out"), lambda: False, 150)
+            fields, text = job_fields(job), log.read_text()
+        else:
+            assert "restart 1" in text, text
         assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", job_failed(fields, log, job)
-        assert "restart 1" in text and "exit status 0" in text, text
+        assert "exit status 0" in text, text
     finally:
         run(["scancel", job], timeout=30, env=cluster_env())              # a no-op once done
     cfg = config(run_dir)
