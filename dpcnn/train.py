@@ -210,8 +210,8 @@ class Progress:
             if step % 10 == 0:
                 self.bar.set_postfix_str(iv.text())
         elif step % self.every == 0:
-            epoch, k = divmod(step - 1, self.spe)
-            log.info("epoch %d step %d/%d  %s", epoch + 1, k + 1, self.spe, iv.text())
+            epoch, k = divmod(step - 1, self.spe)       # as Keras counts: epoch 1, batch k of the epoch
+            log.info("epoch %d batch %d/%d (step %d)  %s", epoch + 1, k + 1, self.spe, step, iv.text())
 
     def close(self) -> None:
         if self.bar is not None:
