@@ -277,18 +277,18 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def degrees(s: str) -> float:
-    v = float(s)
-    if not 0 <= v <= 180:
-        raise argparse.ArgumentTypeError(f"expected degrees in [0, 180], got {s}")
-    return v
+def float_in(lo: float, hi: float, what: str):
+    """An argparse type: a number in [lo, hi] ("expected <what> in [lo, hi], got ..." otherwise)."""
+    def parse(s: str) -> float:
+        v = float(s)
+        if not lo <= v <= hi:                        # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {what} in [{lo:g}, {hi:g}], got {s}")
+        return v
+    parse.__name__ = what                            # argparse's "invalid <what> value: 'x'"
+    return parse
 
 
-def zoom_range(s: str) -> float:
-    v = float(s)
-    if not 0 <= v <= 0.5:
-        raise argparse.ArgumentTypeError(f"expected a zoom range in [0, 0.5], got {s}")
-    return v
+degrees, zoom_range = float_in(0, 180, "degrees"), float_in(0, 0.5, "a zoom range")
 
 
 def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:

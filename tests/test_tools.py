@@ -221,6 +221,13 @@ def drawn_seven(h: int = 90, w: int = 60) -> np.ndarray:
     return a
 
 
+def seven_png(d: Path) -> Path:
+    """drawn_seven() saved as an RGB PNG, d/seven.png."""
+    from PIL import Image
+    Image.fromarray(drawn_seven()).convert("RGB").save(d / "seven.png")
+    return d / "seven.png"
+
+
 def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
     m = a.astype(np.float64)
     return (m.sum(1) @ np.arange(a.shape[0])) / m.sum(), (m.sum(0) @ np.arange(a.shape[1])) / m.sum()
@@ -245,9 +252,7 @@ def test_mnist_style_preprocessing():
 def test_predict_image_probabilities_equal_model_softmax(run, tmp_path, capsys):
     Image = pytest.importorskip("PIL.Image")
     data, path, model = run
-    img = tmp_path / "seven.png"
-    Image.fromarray(drawn_seven()).convert("RGB").save(img)
-    seen = tmp_path / "seen"
+    img, seen = seven_png(tmp_path), tmp_path / "seen"
     assert predict.main(["--checkpoint", str(path), str(img), "--json", "--top", "3",
                          "--save-input", str(seen)]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -272,9 +277,7 @@ def test_predict_preprocess_resize_is_what_prepare_from_folder_stores(run, tmp_p
     Image = pytest.importorskip("PIL.Image")
     from dpcnn.prepare import folder_image
     _, path, _ = run
-    img = tmp_path / "seven.png"
-    Image.fromarray(drawn_seven()).convert("RGB").save(img)
-    seen = tmp_path / "seen"
+    img, seen = seven_png(tmp_path), tmp_path / "seen"
     assert predict.main(["--checkpoint", str(path), str(img), "--preprocess", "resize", "--save-input", str(seen),
                          "-q"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(seen / "seven.28x28.png")),
