@@ -18,6 +18,9 @@ from .layers import softmax_cross_entropy
 from .model import EVAL_BATCH
 
 
+LOSS_FIXED_MAX = 2**56          # 2^24 in loss units: 2^7 ranks' sums stay below int64's 2^63
+
+
 @dataclass
 class Totals:
     """Summed evaluation results over some samples.
@@ -50,8 +53,15 @@ class Totals:
         self.confusion += np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
 
     def as_array(self) -> np.ndarray:
-        """Everything in one int64 vector [loss_fixed, nonfinite, confusion...], for one allreduce."""
-        return np.concatenate([[self.loss_fixed, self.nonfinite], self.confusion.ravel()]).astype(np.int64)
+        """Everything in one int64 vector [loss_fixed, nonfinite, confusion...], for one allreduce.
+
+        A summed loss too large for that (over 2^24, beyond any model that learns) counts as not
+        finite: the evaluation then reports inf, as for a diverged model, and the allreduce of up to
+        128 ranks' sums cannot overflow."""
+        fixed, nonfinite = self.loss_fixed, self.nonfinite
+        if abs(fixed) >= LOSS_FIXED_MAX:
+            fixed, nonfinite = 0, nonfinite + 1
+        return np.concatenate([[fixed, nonfinite], self.confusion.ravel()]).astype(np.int64)
 
     @classmethod
     def from_array(cls, a: np.ndarray, num_classes: int) -> Totals:

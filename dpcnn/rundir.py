@@ -157,10 +157,13 @@ class RunDir:
         return None
 
     def save_checkpoint(self, state: ckpt.State, best: bool, keep: int) -> Path:
-        """Write ckpt-stepN.h5 (and best.h5), then prune to the newest `keep` valid step checkpoints."""
-        path = ckpt.save(self.step_path(state.step), state)
+        """Write best.h5 (when best), then ckpt-stepN.h5, then prune to the newest `keep` valid step
+        checkpoints. best.h5 first: a process killed between the two resumes from the previous step
+        checkpoint, whose best accuracy is lower, so the same evaluation writes best.h5 again; the
+        other order could leave a step checkpoint that thinks best.h5 holds what it does not."""
         if best:
             ckpt.save(self.best, state)
+        path = ckpt.save(self.step_path(state.step), state)
         self.prune(keep, known_good=path)
         return path
 

@@ -250,6 +250,37 @@ def test_best_follows_every_evaluation_also_within_epochs(tiny_h5, tmp_path, mon
     assert sorted(int(p.name[9:18]) for p in out.glob("ckpt-step*.h5")) == [4, 8, 10, 20]
 
 
+def test_best_survives_a_kill_between_its_two_writes(tiny_h5, tmp_path, monkeypatch):
+    """A new best writes best.h5 and a step checkpoint; a process killed after the first of the two
+    must still end, once resumed, with best.h5 holding the best record."""
+    from dpcnn import checkpoint
+    from dpcnn import train as T
+    acc = {4: 0.5, 8: 0.8, 10: 0.6, 12: 0.7, 16: 0.75, 20: 0.4}     # by step: the best is at step 8
+    orig_record, orig_save = T.Trainer.record, checkpoint.save
+    saves_at_8 = []
+
+    def record(self, final=False):
+        rec = orig_record(self, final)
+        rec["val_accuracy"] = acc[rec["step"]]
+        return rec
+
+    def save(path, state):
+        if state.step == 8:
+            saves_at_8.append(path.name)
+            if len(saves_at_8) == 2:
+                raise KeyboardInterrupt                      # killed between the two writes
+        return orig_save(path, state)
+
+    monkeypatch.setattr(T.Trainer, "record", record)
+    monkeypatch.setattr(checkpoint, "save", save)
+    out = tmp_path / "run"
+    flags = ("--epochs", "2", "--val-size", "64", "--eval-every", "4", "--keep", "10")
+    assert train(tiny_h5, out, *flags) == 1 and len(saves_at_8) == 2
+    assert train(tiny_h5, out, *flags) == 0                              # resumes, ends
+    best = ckpt.load(out / "best.h5")
+    assert (best.step, best.best_accuracy) == (8, 0.8)
+
+
 def test_validation_refusals(tiny_h5, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--val-size", "360") == 1                # 24 left: less than a batch of 32

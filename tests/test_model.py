@@ -172,3 +172,17 @@ def test_totals_merge_and_per_class():
     assert whole.accuracy == pytest.approx(np.mean(pred == y))
     for k in range(3):
         assert whole.per_class_accuracy[k] == pytest.approx(np.mean(pred[y == k] == k))
+
+
+def test_a_loss_too_large_to_sum_counts_as_diverged():
+    """A finite but enormous loss (lr far too high) used to overflow the int64 allreduce vector
+    (OverflowError); it now reads as not finite, which the trainer reports as divergence."""
+    y = np.array([0, 1, 2, 0])
+    huge = Totals(3)
+    huge.add(np.array([[0.0, 1e9, 0.0]] * 4), y)            # ~3e9 summed: finite, past 2^24
+    a = huge.as_array()
+    assert a.dtype == np.int64 and Totals.from_array(a, 3).loss == float("inf")
+    assert Totals.from_array(a, 3).count == 4
+    fine = Totals(3)
+    fine.add(np.array([[0.0, 5.0, 0.0]] * 4), y)
+    assert np.isfinite(Totals.from_array(fine.as_array(), 3).loss)
