@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, State, check_data, load_model, recorded_data_path
-from .cli import UserError, setup_logging
+from .cli import EXIT_ERROR, UserError, report_error, setup_logging
 from .data import Split, standardise
 from .layers import softmax
 from .model import CNN
@@ -132,14 +132,33 @@ def export_npz(checkpoint, out) -> Path:
 def fit(config, comm=None) -> int:
     """Train with a Config as ``python -m dpcnn.train`` does (run under mpirun, on every rank, it
     trains on all of them); the exit status: 0 done, 75 stopped by a signal with a checkpoint
-    written. Errors raise (a UserError's message is the one line the command would print).
+    written. Errors raise (a UserError's message is the one line the command would print): a
+    field the command line would refuse raises ConfigError naming it. Under MPI with more than
+    one rank, an error only this rank has is printed and the job aborted (MPI_Abort), as the
+    command does: the other ranks would otherwise wait for this one forever.
 
-    When the program has not set up logging itself, rank 0 shows the command's lines on stderr,
-    and train.log receives them, as from the command line."""
-    from .comm import get_comm
+    When the program has not set up logging itself, rank 0 shows the command's lines on stderr
+    and train.log receives them, as from the command line; that set-up is undone on return."""
+    from .comm import SharedError, get_comm
     from .train import train
 
     comm = comm or get_comm(config.comm)
-    if not logging.getLogger().handlers:
+    root = logging.getLogger()
+    ours = not root.handlers
+    if ours:
+        level = root.level
         setup_logging(quiet=False, rank=comm.rank)
-    return train(config, comm)
+    try:
+        return train(config.check(), comm)
+    except SharedError:                     # every rank raises it: nobody is left waiting
+        raise
+    except BaseException as e:
+        if comm.size > 1:
+            report_error(e, prefix=f"rank {comm.rank}: ")
+            comm.abort(EXIT_ERROR)
+        raise
+    finally:
+        if ours:
+            for h in root.handlers[:]:
+                root.removeHandler(h)
+            root.setLevel(level)

@@ -20,6 +20,7 @@ from typing import Any
 
 from .cli import (
     Parser,
+    UserError,
     add_common_flags,
     float_list,
     int_list,
@@ -107,6 +108,29 @@ class Config:
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
+    def check(self) -> Config:
+        """self, once every field holds what the command line would accept for its flag (the
+        flag's own argparse type and choices); else ConfigError, one line naming the field. For
+        Configs built in Python: parse_args has checked the command line's already."""
+        D = Config()
+        for action in build_parser()._actions:
+            name = action.dest
+            if not hasattr(D, name) or getattr(self, name) == getattr(D, name):
+                continue
+            if getattr(self, name) is None and getattr(D, name) is not None:
+                raise ConfigError(f"Config({name}=None): expected a value (the flag {action.option_strings[0]})")
+            if getattr(self, name) is None:
+                continue
+            value = getattr(self, name)
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            try:
+                parsed = action.type(text) if callable(action.type) else value
+                if action.choices is not None and parsed not in action.choices:
+                    raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise ConfigError(f"Config({name}={value!r}): {e} (the flag {action.option_strings[0]})") from None
+        return self
+
     def with_val_size(self, train_rows: int) -> Config:
         """This config with val_size settled for a training split of train_rows rows."""
         return self if self.val_size is not None else self.replace(val_size=default_val_size(train_rows))
@@ -119,6 +143,10 @@ class Config:
             if key in saved and saved[key] != mine[key]:
                 return f"saved with {flag_text(key, saved[key])}, this run has {flag_text(key, mine[key])}"
         return None
+
+
+class ConfigError(UserError):
+    """A Config field the command line would refuse (one line naming the field)."""
 
 
 def default_val_size(train_rows: int) -> int:

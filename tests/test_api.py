@@ -1,12 +1,14 @@
 """The Python API: dpcnn.fit with a Config, dpcnn.load(...).predict, export_npz."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import child_env
+from conftest import child_env, run_job
 
 import dpcnn
 from dpcnn import evaluate
@@ -36,6 +38,31 @@ def test_fit_from_a_script_shows_and_logs_the_commands_lines(tiny_h5, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "done: 1 step, test accuracy" in r.stderr
     assert "done: 1 step, test accuracy" in (out / "train.log").read_text()
+
+
+def test_fit_refuses_what_the_command_line_would(tiny_h5, tmp_path):
+    for changes, said in ((dict(batch_size=0), "Config(batch_size=0): expected an integer >= 1"),
+                          (dict(scale=0.9), "Config(scale=0.9): expected a zoom range in [0, 0.5]"),
+                          (dict(momentum=1.5), "(the flag --momentum)"),
+                          (dict(init="zeros"), "expected one of he, torch, glorot"),
+                          (dict(val_seed=None), "Config(val_seed=None): expected a value")):
+        cfg = dpcnn.Config(data=tiny_h5, out=tmp_path / "run", **changes)
+        with pytest.raises(UserError, match=re.escape(said)):
+            dpcnn.fit(cfg, SerialComm())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(120)
+def test_fit_under_mpi_an_error_on_one_rank_ends_every_rank(tiny_h5, tmp_path):
+    """A script whose rank 1 alone has a bad setting must not leave rank 0 waiting forever."""
+    script = ("import dpcnn\nfrom mpi4py import MPI\n"
+              f"cfg = dpcnn.Config(data={str(tiny_h5)!r}, out={str(tmp_path / 'run')!r}, max_steps=3, "
+              "batch_size=32, progress=False, scale=0.9 if MPI.COMM_WORLD.rank == 1 else 0.0)\n"
+              "dpcnn.fit(cfg)\n")
+    t0 = time.monotonic()
+    r = run_job(["-c", script], nprocs=2, timeout=90)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60, r
+    assert "error: rank 1: Config(scale=0.9): expected a zoom range" in r.stderr, r.stderr
 
 
 def test_fit_then_load_predicts_like_evaluate(trained, tiny_h5):
