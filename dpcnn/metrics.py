@@ -17,7 +17,6 @@ from . import exact
 from .layers import softmax_cross_entropy
 from .model import EVAL_BATCH
 
-
 LOSS_FIXED_MAX = 2**56          # 2^24 in loss units: 2^7 ranks' sums stay below int64's 2^63
 
 

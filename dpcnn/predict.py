@@ -64,7 +64,7 @@ from .cli import (
 )
 from .data import standardise
 from .layers import softmax
-from .prepare import folder_image
+from .prepare import eight_bit, folder_image
 
 log = logging.getLogger("dpcnn")
 
@@ -107,7 +107,7 @@ def _pil():
 def grey_levels(img) -> np.ndarray:
     """A Pillow image -> (H, W) float64 grey levels 0..255; transparency becomes white paper."""
     Image, ImageOps = _pil()
-    img = ImageOps.exif_transpose(img)                 # photos: honour the camera's rotation
+    img = eight_bit(ImageOps.exif_transpose(img))      # photos: honour the camera's rotation; 16-bit scans
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

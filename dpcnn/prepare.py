@@ -533,12 +533,25 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 COLORS = {"grey": "L", "rgb": "RGB"}
 
 
-def folder_image(im, size: tuple[int, int], color: str = "grey") -> np.ndarray:
-    """A Pillow image -> (H, W) grey or (H, W, 3) RGB uint8 resized to size = (H, W) (Lanczos):
-    what --from-folder stores, and what predict feeds a model trained on such a file."""
+def eight_bit(im):
+    """A Pillow image with 8 bits a channel: 16-bit grey (modes I;16*, and I holding 0-65535)
+    scaled down by 257, as Pillow's own convert("L") would clip it to white; others unchanged."""
     from PIL import Image
 
+    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max(initial=0) > 255):
+        a = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def folder_image(im, size: tuple[int, int], color: str = "grey") -> np.ndarray:
+    """A Pillow image -> (H, W) grey or (H, W, 3) RGB uint8 resized to size = (H, W) (Lanczos),
+    upright as its EXIF orientation says and 16-bit grey scaled to 8 bits: what --from-folder
+    stores, and what predict feeds a model trained on such a file."""
+    from PIL import Image, ImageOps
+
     H, W = size
+    im = eight_bit(ImageOps.exif_transpose(im))
     return np.asarray(im.convert(COLORS[color]).resize((W, H), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 

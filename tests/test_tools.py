@@ -292,6 +292,32 @@ def test_predict_preprocess_resize_is_what_prepare_from_folder_stores(run, tmp_p
     one_error_line(capsys.readouterr().err, "--preprocess mnist", "28x28x3", "--preprocess resize")
 
 
+def test_16_bit_and_exif_rotated_images_are_read_as_what_they_show(run, tmp_path, capsys):
+    """A 16-bit grey PNG is the 8-bit picture scaled by 257, not clipped to white; a photo whose EXIF
+    says 'rotated' is turned upright, by predict (both preprocessings) and prepare --from-folder."""
+    Image = pytest.importorskip("PIL.Image")
+    from dpcnn.prepare import folder_image
+    _, path, _ = run
+    seven = drawn_seven()
+    Image.fromarray(seven.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(seven).save(tmp_path / "flat.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    for style in ("mnist", "resize"):
+        seen = tmp_path / style
+        assert predict.main(["--checkpoint", str(path), "--preprocess", style, "--save-input", str(seen), "-q",
+                             str(tmp_path / "deep.png"), str(tmp_path / "flat.png")]) == 0
+        deep, flat = (np.asarray(Image.open(seen / f"{n}.28x28.png")) for n in ("deep", "flat"))
+        assert np.array_equal(deep, flat), style
+    turned = Image.fromarray(np.rot90(seven, 1).copy())          # stored on its side, EXIF: rotate back
+    exif = Image.Exif()
+    exif[0x0112] = 6                                             # Orientation: turn 90 degrees clockwise to view
+    turned.save(tmp_path / "side.jpg", exif=exif, quality=100)
+    upright = folder_image(Image.open(tmp_path / "side.jpg"), (28, 28), "grey")
+    want = folder_image(Image.fromarray(seven), (28, 28), "grey")
+    assert np.abs(upright.astype(int) - want).mean() < 3, np.abs(upright.astype(int) - want).mean()
+    capsys.readouterr()
+
+
 def test_predict_text_shows_only_meaningful_probabilities_and_flags_doubt():
     top = [{"name": "7", "probability": 0.29}, {"name": "1", "probability": 0.2},
            {"name": "4", "probability": 0.004}]
