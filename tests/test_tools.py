@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _idx import info_for, make_arrays, payloads
 from conftest import child_env
+from threadpoolctl import threadpool_limits
 
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot, predict
@@ -69,7 +70,8 @@ def test_evaluate_json_equals_metrics_evaluate(run, capsys):
     r = json.loads(capsys.readouterr().out)
     with Split(data, "test") as s:
         x, y = s.read(0, s.n)
-    want = metrics_evaluate(model, x, y, batch_size=7)          # same batches, same float32 sums
+    with threadpool_limits(1):                                  # evaluate's default --threads
+        want = metrics_evaluate(model, x, y, batch_size=7)      # same batches, same float32 sums
     assert r["count"] == 30 == np.sum(r["confusion"])
     assert r["accuracy"] == want.accuracy
     assert r["loss"] == want.loss
