@@ -36,6 +36,27 @@ log = logging.getLogger("dpcnn")
 MNIST_MEAN, MNIST_STD = 0.1306604762738429, 0.30810780385646264
 
 
+def as_batch(a: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray | None, bool]:
+    """Images for a model of input shape (H, W, C): one, (H, W, C) or grey (H, W), or N of them,
+    (N, H, W, C) or grey (N, H, W) -> ((N, H, W, C), whether it was one image); (None, False) for
+    any other shape."""
+    H, W, C = shape
+    single = a.shape == (H, W, C) or (C == 1 and a.shape == (H, W))
+    if single:
+        a = a[None]
+    if C == 1 and a.ndim == 3:
+        a = a[..., None]
+    return (a, single) if a.ndim == 4 and a.shape[1:] == (H, W, C) else (None, False)
+
+
+def shapes_text(shape: tuple[int, int, int]) -> str:
+    """The shapes as_batch takes, in words."""
+    H, W, C = shape
+    if C == 1:
+        return f"({H}, {W}), ({H}, {W}, 1), (N, {H}, {W}) or (N, {H}, {W}, 1)"
+    return f"({H}, {W}, {C}) or (N, {H}, {W}, {C})"
+
+
 @dataclass
 class Normalisation:
     mean: float
@@ -75,15 +96,9 @@ class Classifier:
 
     def _inputs(self, images) -> np.ndarray:
         """uint8 0-255 or float 0-1, (H, W), (N, H, W) or (N, H, W, C) -> standardised (N, H, W, C)."""
-        a = np.asarray(images)
-        H, W, C = self.spec.input_shape
-        if a.ndim == 2:
-            a = a[None]
-        if a.ndim == 3 and C == 1:                     # (N, H, W): grey images
-            a = a[..., None]
-        if a.ndim != 4 or a.shape[1:] != (H, W, C):
-            raise UserError(f"images of shape {np.shape(images)}, expected ({H}, {W}), (N, {H}, {W}) or "
-                            f"(N, {H}, {W}, {C})")
+        a = as_batch(np.asarray(images), self.spec.input_shape)[0]
+        if a is None:
+            raise UserError(f"images of shape {np.shape(images)}, expected {shapes_text(self.spec.input_shape)}")
         if np.issubdtype(a.dtype, np.integer):
             if a.size and (a.min() < 0 or a.max() > 255):
                 raise UserError(f"integer pixel values must be 0-255, found {a.min()}..{a.max()}")

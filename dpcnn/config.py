@@ -138,10 +138,11 @@ class Config:
     def resume_conflict(self, saved: Mapping[str, Any]) -> str | None:
         """How a checkpoint's saved config differs in what a resume must share, or None."""
         keys = RESUME_FIELDS + (RESUME_FIELDS_STEP if self.schedule == "step" else ())
-        mine = self.to_dict()
+        mine, then = self.to_dict(), {**Config().to_dict(), **ABSENT}
         for key in keys:
-            if key in saved and saved[key] != mine[key]:
-                return f"saved with {flag_text(key, saved[key])}, this run has {flag_text(key, mine[key])}"
+            was = saved[key] if key in saved else then[key]       # a setting newer than the checkpoint
+            if was != mine[key]:
+                return f"saved with {flag_text(key, was)}, this run has {flag_text(key, mine[key])}"
         return None
 
 
@@ -161,6 +162,10 @@ NOT_SAVED = ("progress",)
 # size, keep_last, the validation hold-out, the augmentation), the micro-batch (the bits of
 # every sum), the optimizer and learning-rate schedule (epochs sets the schedule's length),
 # and how the run started (init, init_from), so that config.json keeps describing it.
+# What a checkpoint written before a setting existed ran with, where that differs from today's
+# default: no validation hold-out, He-normal weights. (Every other setting's default is what
+# the code did before it could be set.)
+ABSENT = {"val_size": 0, "init": "he"}
 RESUME_FIELDS = ("seed", "batch_size", "micro_batch", "keep_last", "val_size", "val_seed", "shift", "rotate",
                  "scale", "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init",
                  "init_from")

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import normalisation
+from .api import as_batch, normalisation, shapes_text
 from .checkpoint import load_model
 from .cli import (
     EXIT_ERROR,
@@ -212,15 +212,10 @@ def read_npy(path: Path, shape: tuple[int, int, int] = (28, 28, 1)) -> tuple[np.
         raise InputError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
     if not isinstance(a, np.ndarray):
         raise InputError(f"{path}: holds several arrays (.npz); give one .npy array")
-    shape_in = a.shape
-    single = a.shape == ((H, W) if C == 1 else (H, W, C))
-    if single:
-        a = a[None]
-    if C == 1 and a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or a.shape[1:] != (H, W, C) or a.shape[0] == 0:
-        want = f"({H}, {W}), (N, {H}, {W}) or (N, {H}, {W}, 1)" if C == 1 else f"({H}, {W}, {C}) or (N, {H}, {W}, {C})"
-        raise InputError(f"{path}: array of shape {shape_in}, expected {want}")
+    batch, single = as_batch(a, shape)
+    if batch is None or len(batch) == 0:
+        raise InputError(f"{path}: array of shape {a.shape}, expected {shapes_text(shape)}")
+    a = batch
     if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise InputError(f"{path}: integer pixel values must be 0-255, found {a.min()}..{a.max()}")

@@ -272,7 +272,7 @@ class Trainer:
         """config.json: the Config and what this run is made of (data, model, ranks, nodes, versions)."""
         c = self.comm
         hosts = c.allgather_obj(hostname())
-        return {**self.cfg.to_dict(), "data": str(self.data_path), "dataset": self.train_set.dataset,
+        return {**self.cfg.to_dict(), "data": str(self.data_path.absolute()), "dataset": self.train_set.dataset,
                 "drop_last": not self.cfg.keep_last, "world_size": c.size, "nodes": c.num_nodes,
                 "hosts": sorted(set(hosts)), "threads_per_rank": self.threads, "blas": blas_summary(),
                 "train_samples": self.loader.n, "model": self.spec.to_dict(), "num_params": self.spec.num_params,

@@ -77,7 +77,7 @@ def test_fit_then_load_predicts_like_evaluate(trained, tiny_h5):
     assert p.shape == (len(labels), 10) and np.allclose(p.sum(axis=1), 1)
     # float intensities in [0, 1] and one (H, W) image give the same answers
     assert np.array_equal(clf.predict(u8.astype(np.float64) / 255), pred)
-    assert clf.predict(u8[3]).tolist() == [pred[3]]
+    assert clf.predict(u8[3]).tolist() == [pred[3]] == clf.predict(u8[3][..., None]).tolist()   # (H, W[, 1])
     assert clf.class_names == list("0123456789")
 
 

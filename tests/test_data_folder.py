@@ -110,6 +110,7 @@ def test_a_colour_folder_trains_and_predicts(tmp_path, capsys):
     with h5py.File(data) as f:
         x, y = f["test/images"][...], f["test/labels"][...]
     assert x.shape[1:] == (24, 24, 3) and np.mean(clf.predict(x) == y) > 0.8
+    assert clf.predict(x[4]).tolist() == clf.predict(x[4:5]).tolist()       # one (H, W, C) image
     # predict on the image files prepares them as prepare did (RGB, resized to 24x24), and on .npy arrays
     from dpcnn import predict
     files = sorted(src.glob("*/*"))[::7]

@@ -6,6 +6,7 @@ rank and three see the same bits."""
 import json
 import math
 
+import h5py
 import numpy as np
 import pytest
 from conftest import run_job
@@ -299,6 +300,17 @@ def test_validation_refusals(tiny_h5, tmp_path, capsys):
     assert train(tiny_h5, tmp_path / "far", "--shift", "28") == 1
     err = capsys.readouterr().err
     assert "--shift 28: the images of" in err and "are 28x28" in err and err.count("\n") == 1, err
+    # a checkpoint from before --scale and --val-size existed ran without them: changing them is refused too
+    newest = sorted(out.glob("ckpt-step*.h5"))[-1]
+    with h5py.File(newest, "r+") as f:
+        saved = json.loads(f.attrs["config"])
+        del saved["scale"], saved["val_size"]
+        f.attrs["config"] = json.dumps(saved)
+    for extra, said in ((["--shift", "1", "--scale", "0.3"], "saved with --scale 0.0, this run has --scale 0.3"),
+                        (["--shift", "1", "--val-size", "64"], "saved with --val-size 0, this run has --val-size 64")):
+        assert train(tiny_h5, out, "--epochs", "2", "--max-steps", "6", *extra) == 1
+        err = capsys.readouterr().err
+        assert said in err, err
     for flag, value in (("--rotate", "200"), ("--shift", "-1"), ("--val-size", "-5"), ("--init", "zeros"),
                         ("--scale", "0.7"), ("--scale", "nan")):
         with pytest.raises(SystemExit) as e:

@@ -334,7 +334,9 @@ def test_predict_npy_arrays(run, tmp_path, capsys):
     u8 = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
     np.save(tmp_path / "batch.npy", u8[..., None])                      # (N, 28, 28, 1) uint8
     np.save(tmp_path / "one.npy", u8[1].astype(np.float32) / 255)       # (28, 28) float in [0, 1]
-    assert predict.main(["--checkpoint", str(path), str(tmp_path / "batch.npy"), str(tmp_path / "one.npy")]) == 0
+    np.save(tmp_path / "two.npy", u8[2][..., None])                       # (28, 28, 1) uint8
+    assert predict.main(["--checkpoint", str(path), str(tmp_path / "batch.npy"), str(tmp_path / "one.npy"),
+                         str(tmp_path / "two.npy")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     with Split(data, "test") as s:
         logits = model.forward(s.standardise(u8)).astype(np.float64)
@@ -342,7 +344,8 @@ def test_predict_npy_arrays(run, tmp_path, capsys):
     p /= p.sum(1, keepdims=True)
     flag = ["  [low confidence: not much like any class]" if p[i].max() < 0.5 else "" for i in range(3)]
     want = [f"{tmp_path / 'batch.npy'}[{i}]: {p[i].argmax()} (p={p[i].max():.3f}){flag[i]}" for i in range(3)]
-    assert lines == want + [f"{tmp_path / 'one.npy'}: {p[1].argmax()} (p={p[1].max():.3f}){flag[1]}"]
+    assert lines == want + [f"{tmp_path / 'one.npy'}: {p[1].argmax()} (p={p[1].max():.3f}){flag[1]}",
+                            f"{tmp_path / 'two.npy'}: {p[2].argmax()} (p={p[2].max():.3f}){flag[2]}"]
 
 
 def test_predict_bad_files_are_reported_and_skipped(run, tmp_path, capsys):
