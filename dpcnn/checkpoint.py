@@ -210,5 +210,5 @@ def check_data(state: State, ckpt_path: Path, split: Split, model: CNN, force: b
                f"{state.data_fingerprint[:12]}) than {split.path} ({split.dataset}, fingerprint "
                f"{split.fingerprint[:12]})")
         if not force:
-            raise CheckpointError(f"{msg}; use --force to evaluate anyway")
+            raise CheckpointError(f"{msg}; use --force to use it anyway")
         log.warning("warning: %s", msg)

@@ -56,6 +56,10 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{path}: no such file; is {path.parent} a dpcnn run directory "
                         "(python -m dpcnn.train --out DIR)?")
+    with open(path, "rb") as fb:
+        if fb.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise PlotError(f"{path}: an HDF5 file (a checkpoint or a data file), not a metrics.jsonl; "
+                            "give the run directory")
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:     # binary junk: "not a JSON line"
         lines = f.readlines()

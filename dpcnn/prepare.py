@@ -736,6 +736,13 @@ def _size(s: str) -> tuple[int, int]:
     return h, w
 
 
+def open_unit_interval(s: str) -> float:
+    v = float(s)
+    if not 0 < v < 1:                                   # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m dpcnn.data", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -751,7 +758,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="your own images instead: DIR holds one subfolder of images per class (PNG, JPEG, ...)")
     pp.add_argument("--test-folder", type=Path, metavar="DIR", help="with --from-folder: the test images, the "
                     "same subfolders (default: hold out --test-fraction of DIR)")
-    pp.add_argument("--test-fraction", type=positive_float, default=0.1,
+    pp.add_argument("--test-fraction", type=open_unit_interval, default=0.1,
                     help="with --from-folder and no --test-folder: the seeded share held out for testing (0.1)")
     pp.add_argument("--size", type=_size, default=(28, 28), metavar="HxW",
                     help="with --from-folder: resize every image to H x W pixels (default 28x28)")

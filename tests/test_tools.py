@@ -200,9 +200,11 @@ def test_plot_bad_metrics_one_line(tmp_path, capsys, content, needle):
     one_error_line(capsys.readouterr().err, needle)
 
 
-def test_plot_missing_run_dir_and_missing_matplotlib(tmp_path, capsys, monkeypatch):
+def test_plot_missing_run_dir_and_missing_matplotlib(run, tmp_path, capsys, monkeypatch):
     assert plot.main([str(tmp_path / "nowhere")]) == 1
     one_error_line(capsys.readouterr().err, "nowhere: no such run directory")
+    assert plot.main([str(run[1])]) == 1                           # a checkpoint
+    one_error_line(capsys.readouterr().err, "an HDF5 file (a checkpoint or a data file), not a metrics.jsonl")
     write_metrics(tmp_path / "run")
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
     assert plot.main([str(tmp_path / "run")]) == 1
