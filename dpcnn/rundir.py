@@ -8,6 +8,7 @@
         tensorboard/            event files for TensorBoard, with --tensorboard
         ckpt-step000001874.h5   the newest --keep step checkpoints
         best.h5                 the checkpoint of the best evaluation so far
+        exit-status             the status the last attempt chose (0, 69, 75), for batch scripts
 
 Only rank 0 touches it. One training at a time: ``open`` takes an exclusive lock that the
 kernel releases when the process ends in any way, so a second training on the same
@@ -31,7 +32,8 @@ from .fileio import append_line, write_atomic
 log = logging.getLogger(__name__)
 
 STEP_NAME = re.compile(r"^ckpt-step(\d+)\.h5$")
-OWN_FILES = ("ckpt-step", "best.h5", "metrics.jsonl", "config.json")   # temporaries: .<name>.<pid>.tmp
+EXIT_STATUS = "exit-status"
+OWN_FILES = ("ckpt-step", "best.h5", "metrics.jsonl", "config.json", EXIT_STATUS)   # temporaries: .<name>.<pid>.tmp
 
 
 class RunDirError(UserError):
@@ -55,6 +57,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.best = self.path / "best.h5"
         self.log = self.path / "train.log"
+        self.exit_status = self.path / EXIT_STATUS
         self.tensorboard = self.path / "tensorboard"
         self._lock_fd: int | None = None
         self._created = False

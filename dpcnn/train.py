@@ -55,7 +55,7 @@ from .optim import Schedule
 from .prepare import DownloadError, offline_message, prepare
 from .rundir import Board, RunDir
 from .step import Diverged, StepResult, TrainStep
-from .watchdog import StopRequest, Watchdog, watched
+from .watchdog import StopRequest, Watchdog, record_status, watched
 
 log = logging.getLogger("dpcnn")
 
@@ -577,11 +577,15 @@ def train(cfg: Config, comm: Comm | None = None) -> int:
             cfg = settle_validation(cfg, comm, data_path)
             run_dir = RunDir(cfg.out)
             on_root(comm, run_dir.open)                              # rank 0 holds the directory's lock
+            dog.status_file = run_dir.exit_status                    # where an abort records its status
             logfile = run_dir.attach_log() if comm.is_root else None # train.log: the console, with times
             try:
                 trainer = Trainer(cfg, comm, data_path, run_dir, threads, node_cpus, stop, dog)
                 try:
-                    return trainer.train()
+                    code = trainer.train()
+                    if comm.is_root:
+                        record_status(run_dir.exit_status, code)     # 0 or 75: what batch scripts act on
+                    return code
                 finally:
                     if trainer.board is not None:
                         trainer.board.close()

@@ -31,12 +31,19 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .cli import EXIT_STALLED, EXIT_STOPPED
 from .comm import Comm
+from .fileio import write_atomic
 
 log = logging.getLogger("dpcnn")
+
+
+# Signals this close together are one request: scancel under Slurm reaches a rank twice when
+# hydra's mpiexec forwards the SIGTERM that slurmstepd also sent it directly.
+SAME_SIGNAL_S = 1.0
 
 
 class StopRequest:
@@ -47,6 +54,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self.at = 0.0                         # when the first signal came
         self._old: dict = {}
 
     def install(self) -> StopRequest:
@@ -66,10 +74,12 @@ class StopRequest:
         self.uninstall()
 
     def _handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.at < SAME_SIGNAL_S:
+            return                            # the same request again: a launcher forwarding it (mpiexec under Slurm)
         if self.signum:
             os.write(2, f"second signal {signum}: exiting now without a checkpoint\n".encode())
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.at = signum, time.monotonic()
 
 
 class Watchdog:
@@ -85,6 +95,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rfd = self._wfd = -1
+        self.status_file: Path | None = None  # where an abort records its status (the run directory's exit-status)
 
     # -- called by the main thread ------------------------------------------------------
 
@@ -136,7 +147,7 @@ class Watchdog:
             if self._stop.is_set():
                 return
             now = time.monotonic()
-            if ready and any(os.read(self._rfd, 64)):
+            if ready and any(os.read(self._rfd, 64)) and (not signals or now - signalled >= SAME_SIGNAL_S):
                 signalled, signals = now, signals + 1
             where, since = self.where, self.since
             # a stop signal, and the main thread stuck in one collective since: it cannot act on it
@@ -153,6 +164,7 @@ class Watchdog:
     def _abort(self, code: int, message: str) -> None:
         prefix = f"rank {self.comm.rank}: " if self.comm.size > 1 else ""
         print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+        record_status(self.status_file, code)  # srun may report another status: the ranks the abort killed
         self.comm.abort(code)                  # ends every rank of the job (MPI_Abort)
         os._exit(code)                         # in case the abort returned
 
@@ -180,3 +192,12 @@ class _Watched:
 
 def watched(comm: Comm, dog: Watchdog) -> Comm:
     return _Watched(comm, dog)
+
+
+def record_status(path: Path | None, code: int) -> None:
+    """Write the exit status this attempt chose to path (best effort): a launcher reports the worst
+    of its ranks' statuses (srun: 137 for a rank killed by another's abort), a batch script reads this."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        write_atomic(path, f"{code}\n")

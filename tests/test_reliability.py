@@ -171,8 +171,8 @@ def test_a_stop_during_start_up_exits_75_with_nothing_new(tiny_h5, tmp_path):
     """SIGUSR1 while rank 0 is still preparing (here: in the resume): status 75, nothing written."""
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--max-steps", "4") == 0
-    def results():                                 # all but the lock and the log (which records the stop)
-        return {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (".lock", "train.log")}
+    def results():                                 # all but the lock, the log and the status (which record the stop)
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (".lock", "train.log", "exit-status")}
     before = results()
     code = ("import os, signal, sys, dpcnn.train as t\n"
             "orig = t.Trainer._resume\n"
@@ -186,6 +186,7 @@ def test_a_stop_during_start_up_exits_75_with_nothing_new(tiny_h5, tmp_path):
     assert "during start-up" in r.stderr
     assert results() == before
     assert "during start-up" in (out / "train.log").read_text().splitlines()[-1]
+    assert (out / "exit-status").read_text() == f"{EXIT_STOPPED}\n"
 
 
 @contextlib.contextmanager

@@ -6,11 +6,13 @@ DPCNN_SLURM_TESTS=1 or CI=true. Otherwise these tests use a local cluster alread
 hand (`scripts/slurm/local-cluster.sh start`) or are skipped.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -189,3 +191,76 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
         assert (run_dir / f"ckpt-step{steps:09d}.h5").exists()
     finally:
         run(["scancel", job], env=env, timeout=30)   # a no-op once the job is done
+
+
+def submit(env, tmp_path, tiny_h5, run_dir, log, launcher, *train) -> str:
+    """train.sbatch on 2 tasks of 1 CPU with the given launcher (srun: its default); the job ID."""
+    env = dict(env, RUN_DIR=str(run_dir))
+    if launcher == "mpiexec":
+        env["LAUNCHER"] = "mpiexec"
+    else:
+        env.pop("LAUNCHER", None)
+    r = run(["sbatch", "--parsable", "--job-name=dpcnn-test", "--nodes=1", "--ntasks-per-node=2",
+             "--cpus-per-task=1", "--time=10", f"--output={log}", str(SLURM / "train.sbatch"),
+             "--data", str(tiny_h5), "--batch-size", "16", "--eval-every", "25", "--no-progress", *train],
+            env=env, cwd=tmp_path, timeout=30)
+    assert r.returncode == 0, r.stdout
+    return r.stdout.strip().split(";")[0]
+
+
+def rank_pids(run_dir: Path) -> list[int]:
+    """The PIDs of the Python processes training into run_dir (not srun or mpiexec, whose command
+    lines hold the same words)."""
+    r = run(["pgrep", "-f", f"dpcnn.train --out {run_dir} "], timeout=10)
+    pids = []
+    for pid in map(int, r.stdout.split()):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if Path(argv[0].decode()).name.startswith("python"):
+                pids.append(pid)
+    return sorted(pids)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_a_stalled_rank_is_requeued_under_either_launcher(cluster, env, tmp_path, tiny_h5, launcher):
+    """A SIGSTOPped rank: the watchdog ends the job with 69, and the script requeues it, also when
+    srun reports 137 for the rank the abort killed (dpcnn's own status is in RUN_DIR/exit-status)."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(env, tmp_path, tiny_h5, run_dir, log, launcher, "--epochs", "50", "--timeout", "3")
+    pids: list[int] = []
+    try:
+        wait_for("a first evaluation", lambda: metrics(run_dir), 120, log)
+        pids = rank_pids(run_dir)
+        assert len(pids) == 2, pids
+        os.kill(pids[-1], signal.SIGSTOP)
+        wait_for("the requeue", lambda: job_fields(job, env).get("Restarts") == "1", 60, log)
+        text = log.read_text()
+        assert re.search(r"step \d+ made no progress for 3 s", text), text
+        assert "exit status 69, newest checkpoint in" in text and "requeueing job" in text, text
+        assert (run_dir / "exit-status").read_text() == "69\n"
+    finally:
+        run(["scancel", job], env=env, timeout=30)
+        for pid in pids:                                    # none should be left; be sure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+def test_scancel_under_mpiexec_still_checkpoints(cluster, env, tmp_path, tiny_h5):
+    """scancel reaches a rank twice under hydra's mpiexec (Slurm's SIGTERM and mpiexec forwarding
+    it): one stop request, a checkpoint, not 'second signal: exiting now without a checkpoint'."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(env, tmp_path, tiny_h5, run_dir, log, "mpiexec", "--epochs", "50")
+    try:
+        wait_for("a first evaluation", lambda: metrics(run_dir), 120, log)
+        assert run(["scancel", job], env=env, timeout=30).returncode == 0
+        wait_for("the job to end", lambda: job_fields(job, env).get("JobState", "") in
+                 ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", ""), 60, log)
+        time.sleep(1)
+        text = log.read_text()
+        stop = re.search(r"stop requested by signal: checkpoint at step (\d+)", text)
+        assert stop and "second signal" not in text and "no checkpoint is possible" not in text, text
+        assert (run_dir / f"ckpt-step{int(stop.group(1)):09d}.h5").exists(), sorted(os.listdir(run_dir))
+    finally:
+        run(["scancel", job], env=env, timeout=30)

@@ -437,13 +437,17 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_exactly(tiny_h5, tmp_path):
 
 @pytest.mark.parametrize("first", ["SIGUSR1", "SIGINT"])
 def test_first_signal_sets_the_flag_second_exits_at_once(first):
+    """A second signal ends the process at once, unless it comes within SAME_SIGNAL_S of the first:
+    then it is the same request delivered twice (Slurm's SIGTERM and mpiexec forwarding it)."""
     code = ("import os, signal, time\n"
-            "from dpcnn.watchdog import StopRequest\n"
+            "from dpcnn.watchdog import SAME_SIGNAL_S, StopRequest\n"
             "s = StopRequest().install()\n"
             f"os.kill(os.getpid(), signal.{first})\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"               # at once: the same request
             "time.sleep(0.1)\n"
             f"assert s.signum == signal.{first}, s.signum\n"
             "print('flag set', flush=True)\n"
+            "time.sleep(SAME_SIGNAL_S)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "time.sleep(5)\n"
             "print('still running')\n")
