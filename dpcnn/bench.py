@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=positive_int, default=7, help="timing rounds; medians are reported (default 7)")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch even if it is installed")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--profile", action="store_true", help="time each layer function of dpcnn's step instead")
+    ap.add_argument("--profile", action="store_true", help="time each layer function of dpcnn's default step instead")
     args = ap.parse_args(argv)
     keep_freed_memory()                        # as the trainer does (PyTorch, in this process, gets it too)
     if args.profile:
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps({"batch_size": args.batch_size, "threads": args.threads, "ms_per_step": dict(rows)}))
             return 0
-        print(f"where a training step goes: batch {args.batch_size}, {args.threads} thread(s), mean of "
+        print(f"where a training step goes (the default float step, one pass over the batch): batch "
+              f"{args.batch_size}, {args.threads} thread(s), mean of "
               f"{args.steps} steps (own time of each layer function, matrix products included)")
         for name, ms in rows:
             print(f"  {name:<42} {ms:7.3f} ms  {100 * ms / rows[-1][1]:5.1f}%")
