@@ -144,6 +144,25 @@ def export_npz(checkpoint, out) -> Path:
     return load(checkpoint).export_npz(out)
 
 
+def check_everywhere(config, comm) -> None:
+    """config.check() on every rank, and ConfigError on every rank when any rank's Config is bad
+    (ranks may be given different Configs: the others must not go on to wait for them)."""
+    from .config import ConfigError
+
+    try:
+        config.check()
+        bad = ""
+    except ConfigError as e:
+        bad = str(e)
+    if comm.size > 1:
+        n = np.array([1.0 if bad else 0.0])
+        comm.allreduce(n)
+        if n[0] and not bad:
+            raise ConfigError(f"{int(n[0])} other rank(s) were given a Config the command line would refuse")
+    if bad:
+        raise ConfigError(bad)
+
+
 def fit(config, comm=None) -> int:
     """Train with a Config as ``python -m dpcnn.train`` does (run under mpirun, on every rank, it
     trains on all of them); the exit status: 0 done, 75 stopped by a signal with a checkpoint
@@ -158,13 +177,14 @@ def fit(config, comm=None) -> int:
     from .train import train
 
     comm = comm or get_comm(config.comm)
+    check_everywhere(config, comm)          # a bad Config raises on every rank: nobody is left waiting
     root = logging.getLogger()
     ours = not root.handlers
     if ours:
         level = root.level
         setup_logging(quiet=False, rank=comm.rank)
     try:
-        return train(config.check(), comm)
+        return train(config, comm)
     except SharedError:                     # every rank raises it: nobody is left waiting
         raise
     except BaseException as e:

@@ -124,7 +124,11 @@ class Config:
             value = getattr(self, name)
             text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             try:
+                if isinstance(getattr(D, name), bool) and not isinstance(value, bool):
+                    raise ValueError("expected True or False")
                 parsed = action.type(text) if callable(action.type) else value
+                if parsed != value or isinstance(value, str) and not isinstance(parsed, str):
+                    raise ValueError(f"expected {type(parsed).__name__}, got {type(value).__name__}")
                 if action.choices is not None and parsed not in action.choices:
                     raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
             except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
@@ -214,7 +218,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", type=Path, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "
-                                             "rank 0 prepares it if missing")
+                                             "it must exist, unless --data-source is given (then rank 0 "
+                                             "prepares it there)")
     d.add_argument("--dataset", default=D.dataset, choices=sorted(DATASETS), help="data set (default mnist)")
     d.add_argument("--data-source", help="where to prepare a missing data file from: a directory with "
                                          "the IDX files or a base URL (default: public mirrors)")
@@ -317,7 +322,7 @@ def float_in(lo: float, hi: float, what: str):
         if not lo <= v <= hi:                        # NaN fails too
             raise argparse.ArgumentTypeError(f"expected {what} in [{lo:g}, {hi:g}], got {s}")
         return v
-    parse.__name__ = what                            # argparse's "invalid <what> value: 'x'"
+    parse.__name__ = what.removeprefix("a ")         # argparse's "invalid <name> value: 'x'"
     return parse
 
 

@@ -17,11 +17,11 @@ light paper or light on dark) are made into 28x28 inputs the way MNIST was made:
 and are not processed: shape (28, 28), (N, 28, 28) or (N, 28, 28, 1); an integer dtype
 means pixel values 0-255, a float dtype means intensities in [0, 1] (that is, x / 255).
 
-That is ``--preprocess mnist``, the default (``auto``) for models of square grey inputs. A model
-of other inputs (``prepare --from-folder --size 32x32 --color rgb``, say) gets ``resize``: image
-files made as --from-folder made its training images, converted to grey or RGB as the model takes
-and resized to its H x W (Lanczos); give ``--preprocess resize`` for a grey 28x28 model trained on
-a folder of images too. Its ``.npy`` arrays are (H, W[, C]) or (N, H, W[, C]).
+That is ``--preprocess mnist``, the default (``auto``) for models trained on MNIST or
+Fashion-MNIST. A model trained on other data (``prepare --from-folder``, any size, grey or RGB)
+gets ``resize``: image files made as --from-folder made its training images, converted to grey
+or RGB as the model takes and resized to its H x W (Lanczos). Its ``.npy`` arrays are
+(H, W[, C]) or (N, H, W[, C]).
 
 Both are then standardised like the training data, ``(x/255 - mean) / std``, with the
 mean and std of the data file (``--data``, default the file the checkpoint was trained
@@ -64,7 +64,7 @@ from .cli import (
 )
 from .data import standardise
 from .layers import softmax
-from .prepare import eight_bit, folder_image
+from .prepare import DATASETS, eight_bit, folder_image
 
 log = logging.getLogger("dpcnn")
 
@@ -82,8 +82,11 @@ examples:
   python -m dpcnn.predict --checkpoint runs/latest/best.h5 --save-input /tmp/seen photo.jpg
   dpcnn-predict --checkpoint runs/latest/best.h5 digit.png   the same, as a console script
 
-.npy arrays: (28,28), (N,28,28) or (N,28,28,1), white digit on black, centred, used as is;
-integer dtype = pixel values 0-255, float dtype = intensities in [0,1].
+  python -m dpcnn.predict --checkpoint runs/photos/best.h5 cat.jpg     a model of your own images
+  python -m dpcnn.predict --checkpoint runs/digits/best.h5 --preprocess mnist scan.png
+
+.npy arrays are used as they are: (H,W) or (N,H,W) grey, (N,H,W,C); for MNIST white digits on
+black, centred; integer dtype = pixel values 0-255, float dtype = intensities in [0,1].
 Images need Pillow: pip install "dpcnn[predict]".
 Bad files are reported one line each and skipped; the exit status is then 1.
 """
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", choices=("auto", "mnist", "resize"), default="auto",
                    help="how image files become inputs: mnist (a digit cropped, scaled and centred as MNIST's "
                         "were), resize (converted and resized, as prepare --from-folder does); default auto: "
-                        "mnist for square grey models, else resize")
+                        "mnist for models trained on MNIST or Fashion-MNIST, else resize")
     p.add_argument("--json", action="store_true", help="print one JSON object with every prediction")
     p.add_argument("--save-input", type=Path, metavar="DIR",
                    help="also write each image's preprocessed version (HxW) to DIR as PNG (what the model sees)")
@@ -300,7 +303,8 @@ def main(argv=None) -> int:
         model, state = load_model(args.checkpoint)
         norm = normalisation(state, args.checkpoint, model, args.data, args.force)
         H, W, C = shape = model.spec.input_shape
-        style = args.preprocess if args.preprocess != "auto" else "mnist" if C == 1 and H == W else "resize"
+        known = state.config.get("dataset") in DATASETS          # MNIST, Fashion-MNIST: made as MNIST was
+        style = args.preprocess if args.preprocess != "auto" else "mnist" if known and C == 1 else "resize"
         if style == "mnist" and (C != 1 or H != W):
             raise InputError(f"--preprocess mnist: the model of {args.checkpoint} takes {H}x{W}x{C} inputs; "
                              "MNIST-style images are square and grey (use --preprocess resize)")

@@ -93,6 +93,7 @@ class RunDir:
         except OSError as e:
             self.close()
             raise RunDirError(f"--out {p}: cannot write there ({e.strerror or e})") from None
+        self.exit_status.unlink(missing_ok=True)               # an earlier attempt's: this one writes its own
         for stale in p.glob(".*.tmp"):
             if stale.name[1:].startswith(OWN_FILES):          # ours, and nobody else holds the lock
                 log.debug("removing %s, left by an interrupted write", stale)

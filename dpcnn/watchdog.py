@@ -2,7 +2,8 @@
 
 ``StopRequest``: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C, which mpiexec forwards to every rank)
 set a flag that the ranks agree on at the next step boundary (the step's buffer carries it),
-so they stop together and rank 0 writes a checkpoint. A second signal exits at once.
+so they stop together and rank 0 writes a checkpoint. A second signal exits at once (one within
+a second of the first is the same request, delivered twice by a launcher).
 
 ``Watchdog``: a thread on every rank, because the main thread cannot help itself when it is
 blocked inside MPI (a Python signal handler only runs between bytecodes):
@@ -48,7 +49,7 @@ SAME_SIGNAL_S = 1.0
 
 class StopRequest:
     """The stop flag set by SIGTERM, SIGUSR1 or SIGINT; a second signal ends the process at once
-    (status 128 + signal number)."""
+    (status 128 + signal number), unless it comes within SAME_SIGNAL_S of the first."""
 
     SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
 

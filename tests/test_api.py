@@ -62,7 +62,8 @@ def test_fit_under_mpi_an_error_on_one_rank_ends_every_rank(tiny_h5, tmp_path):
     t0 = time.monotonic()
     r = run_job(["-c", script], nprocs=2, timeout=90)
     assert r.returncode != 0 and time.monotonic() - t0 < 60, r
-    assert "error: rank 1: Config(scale=0.9): expected a zoom range" in r.stderr, r.stderr
+    assert "ConfigError: Config(scale=0.9): expected a zoom range" in r.stderr, r.stderr        # rank 1
+    assert "ConfigError: 1 other rank(s) were given a Config" in r.stderr, r.stderr             # rank 0
 
 
 def test_fit_then_load_predicts_like_evaluate(trained, tiny_h5):

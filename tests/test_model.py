@@ -176,7 +176,8 @@ def test_totals_merge_and_per_class():
 
 def test_a_loss_too_large_to_sum_counts_as_diverged():
     """A finite but enormous loss (lr far too high) used to overflow the int64 allreduce vector
-    (OverflowError); it now reads as not finite, which the trainer reports as divergence."""
+    (OverflowError); a batch's mean loss above LOSS_MEAN_MAX now reads as not finite (the trainer
+    reports divergence), decided per batch, so the same on any number of ranks."""
     y = np.array([0, 1, 2, 0])
     huge = Totals(3)
     huge.add(np.array([[0.0, 1e9, 0.0]] * 4), y)            # ~3e9 summed: finite, past 2^24

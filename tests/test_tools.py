@@ -257,7 +257,7 @@ def test_predict_image_probabilities_equal_model_softmax(run, tmp_path, capsys):
     Image = pytest.importorskip("PIL.Image")
     data, path, model = run
     img, seen = seven_png(tmp_path), tmp_path / "seen"
-    assert predict.main(["--checkpoint", str(path), str(img), "--json", "--top", "3",
+    assert predict.main(["--checkpoint", str(path), str(img), "--json", "--top", "3", "--preprocess", "mnist",
                          "--save-input", str(seen)]) == 0
     r = json.loads(capsys.readouterr().out)
     u8 = np.asarray(Image.open(seen / "seven.28x28.png"))
