@@ -83,6 +83,25 @@ def unit_interval(s: str) -> float:
     return v
 
 
+def open_unit_interval(s: str) -> float:
+    """A number in (0, 1)."""
+    v = float(s)
+    if not 0 < v < 1:                                   # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s}")
+    return v
+
+
+def float_in(lo: float, hi: float, what: str):
+    """An argparse type: a number in [lo, hi] ("expected <what> in [lo, hi], got ..." otherwise)."""
+    def parse(s: str) -> float:
+        v = float(s)
+        if not lo <= v <= hi:                        # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected {what} in [{lo:g}, {hi:g}], got {s}")
+        return v
+    parse.__name__ = what.removeprefix("a ")         # argparse's "invalid <name> value: 'x'"
+    return parse
+
+
 def float_list(s: str) -> tuple[float, ...]:
     """'0.5,0.75' -> (0.5, 0.75): comma-separated finite numbers > 0."""
     try:

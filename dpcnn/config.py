@@ -22,6 +22,7 @@ from .cli import (
     Parser,
     UserError,
     add_common_flags,
+    float_in,
     float_list,
     int_list,
     nonneg_float,
@@ -117,11 +118,9 @@ class Config:
             name = action.dest
             if not hasattr(D, name) or getattr(self, name) == getattr(D, name):
                 continue
-            if getattr(self, name) is None and getattr(D, name) is not None:
-                raise ConfigError(f"Config({name}=None): expected a value (the flag {action.option_strings[0]})")
-            if getattr(self, name) is None:
-                continue
             value = getattr(self, name)
+            if value is None:                            # where the default is not None
+                raise ConfigError(f"Config({name}=None): expected a value (the flag {action.option_strings[0]})")
             text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             try:
                 if isinstance(getattr(D, name), bool) and not isinstance(value, bool):
@@ -215,7 +214,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     """The trainer's command line; every default is Config's."""
     D = Config()
     p = Parser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", type=Path, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "
                                              "it must exist, unless --data-source is given (then rank 0 "
@@ -313,17 +312,6 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         "'dpcnn[tensorboard]'); then: tensorboard --logdir runs")
     add_common_flags(p)
     return p
-
-
-def float_in(lo: float, hi: float, what: str):
-    """An argparse type: a number in [lo, hi] ("expected <what> in [lo, hi], got ..." otherwise)."""
-    def parse(s: str) -> float:
-        v = float(s)
-        if not lo <= v <= hi:                        # NaN fails too
-            raise argparse.ArgumentTypeError(f"expected {what} in [{lo:g}, {hi:g}], got {s}")
-        return v
-    parse.__name__ = what.removeprefix("a ")         # argparse's "invalid <name> value: 'x'"
-    return parse
 
 
 degrees, zoom_range = float_in(0, 180, "degrees"), float_in(0, 0.5, "a zoom range")

@@ -128,7 +128,7 @@ def report(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m dpcnn.evaluate", description=__doc__.split("\n\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")
     p.add_argument("--data", type=Path, help="prepared HDF5 data file (default: the one the checkpoint "
                                              "was trained on)")

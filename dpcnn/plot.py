@@ -212,7 +212,7 @@ def title_of(records: list[dict], path: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m dpcnn.plot", description=__doc__.split("\n\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory (or its metrics.jsonl)")
     p.add_argument("--out", type=Path, help="image to write: .png, .pdf or .svg, or a directory "
                                             "(default RUN_DIR/metrics.png)")

@@ -250,7 +250,7 @@ def load_inputs(path: Path, shape: tuple[int, int, int], digits: bool
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m dpcnn.predict", description=__doc__.split("\n\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
                    help="image files (PNG, JPEG, ...) or .npy arrays")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (e.g. runs/latest/best.h5)")

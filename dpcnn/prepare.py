@@ -52,6 +52,7 @@ from .cli import (
     UserError,
     add_common_flags,
     entry_point,
+    open_unit_interval,
     positive_float,
     report_error,
     setup_logging,
@@ -736,17 +737,10 @@ def _size(s: str) -> tuple[int, int]:
     return h, w
 
 
-def open_unit_interval(s: str) -> float:
-    v = float(s)
-    if not 0 < v < 1:                                   # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s}")
-    return v
-
-
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m dpcnn.data", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Prepare MNIST-style data sets as verified HDF5 files.")
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Prepare MNIST-style data sets as verified HDF5 files.")
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
     add_common_flags(common)

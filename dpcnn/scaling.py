@@ -169,9 +169,9 @@ def launch(framework: str, P: int, args) -> dict:
 @entry_point
 def main(argv=None) -> int:
     ap = Parser(prog="python -m dpcnn.scaling", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="examples:\n  python -m dpcnn.scaling --ranks 1,2,4,8,16\n"
-                                        "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="examples:\n  python -m dpcnn.scaling --ranks 1,2,4,8,16\n"
+                       "  python -m dpcnn.scaling --ranks 1,2 --no-torch --json")
     ap.add_argument("--ranks", type=int_list, default=(1, 2), help="comma-separated rank counts (default 1,2)")
     ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
     ap.add_argument("--exact", action="store_true", help="dpcnn's --exact step (micro-batches, exact sums)")

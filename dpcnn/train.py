@@ -71,12 +71,12 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
     path = cfg.data or default_data_path(cfg.dataset)
 
     def check() -> Path:
-        if not path.exists() and cfg.data is not None and cfg.data_source is None:
-            # a file the user named is theirs to make: a typo must not become a fresh copy of MNIST
-            raise DataError(f"--data {path}: no such file; prepare it first (python -m dpcnn.data prepare "
-                            f"--out {path} ...), add --data-source DIR|URL to prepare {cfg.dataset} there, or "
-                            f"leave out --data to use {default_data_path(cfg.dataset)}")
         if not path.exists():
+            if cfg.data is not None and cfg.data_source is None:
+                # a file the user named is theirs to make: a typo must not become a fresh copy of MNIST
+                raise DataError(f"--data {path}: no such file; prepare it first (python -m dpcnn.data prepare "
+                                f"--out {path} ...), add --data-source DIR|URL to prepare {cfg.dataset} there, "
+                                f"or leave out --data to use {default_data_path(cfg.dataset)}")
             log.info("%s not found: preparing %s", path, cfg.dataset)
             try:
                 prepare(cfg.dataset, cfg.data_source, path)
