@@ -595,9 +595,10 @@ def test_a_dead_node_ends_the_run(cluster, heal_nodeB, data_4000, tmp_path, fail
                              env=cluster_env(UCX_TLS="tcp,self"), cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not metrics(out) and p.poll() is None and time.monotonic() < deadline:
+        # a record and a step checkpoint (written just after it): the failure must not cost it
+        while not (metrics(out) and ckpt_steps(out)) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert metrics(out) and p.poll() is None, "the run did not get going"
+        assert metrics(out) and ckpt_steps(out) and p.poll() is None, "the run did not get going"
         if failure == "kill-nodeB":
             assert kill_node("nodeB"), "nothing ran on nodeB"
         else:
