@@ -24,10 +24,10 @@ import numpy as np
 
 from .checkpoint import CheckpointError, State, check_data, load_model, recorded_data_path
 from .cli import EXIT_ERROR, UserError, report_error, setup_logging
-from .data import Split, standardise
+from .datasets import DATASETS
+from .h5format import Split, standardise
 from .layers import softmax
 from .model import CNN
-from .prepare import DATASETS
 
 log = logging.getLogger("dpcnn")
 

@@ -1,19 +1,12 @@
-"""Prepared HDF5 data: its layout, validated reading, and each rank's rows of every batch.
+"""What each rank reads of a prepared file: the sample order, its shards, and augmentation.
 
-The file (written by ``dpcnn.prepare``, or by anyone with h5py) holds groups ``train`` and
-``test``, each with ``images (N, H, W) uint8`` and ``labels (N,) uint8``, chunked by rows. Root
-attributes: ``dataset``, ``class_names`` (JSON), ``format_version``, ``source_sha256`` (JSON, file
-name -> SHA-256 of the uncompressed IDX), ``mean`` and ``std`` (of training pixels / 255,
-float64), ``dpcnn_version``. Each of the four arrays has the attribute ``sha256``: the hex SHA-256
-of its bytes in C order (``array_sha256``), so ``verify`` can tell the data written from the data
-read; a file without them (written before they existed, or by another tool) reads, but is "not
-verified". Every chunk also carries a Fletcher-32 checksum, which h5py checks on every read.
+The file itself (layout, validated reading, ``verify``, writing) is ``dpcnn.h5format``.
 
 Reading on P ranks: the order of epoch e is ``epoch_order(N, seed, e)``; global batch k is
 ``order[k*B : (k+1)*B]`` whatever P is, and rank r takes the contiguous slice
 ``shard_bounds(M, r, P)`` of it. At the first batch of an epoch a rank reads only the rows of
 all its slices (about N/P) as uint8 and converts one batch at a time to standardised float32
-NHWC ``(m, H, W, 1)``.
+NHWC ``(m, H, W, C)``.
 
 Validation and augmentation: ``holdout(N, V, seed)`` draws the V training rows held out for
 validation; the loader then orders only the others (``subset``). ``Augment`` translates (and
@@ -21,170 +14,20 @@ rotates) each training image at random, with draws made from (seed, epoch, globa
 position in the batch) alone. Every random draw here depends only on such numbers, never on
 the rank or the rank count, so P ranks see exactly the samples one process would.
 
-``verify(path)`` reads every array once and compares it with its ``sha256`` (MNIST: 55 MB, about
-0.1 s from the page cache). It is meant for the trainer's rank 0 at start; ``prepare`` calls it
-before calling a file up to date, and ``info`` prints its result.
-
-``python -m dpcnn.data prepare|info`` is the data command; it lives in ``dpcnn.prepare``.
-This module never imports mpi4py.
+``python -m dpcnn.data prepare|info`` is the data command; it lives in ``dpcnn.prepare``, and
+this module runs it only when run as a program. This module never imports mpi4py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from .cli import UserError
-
-FORMAT_VERSION: int = 1
-SPLITS = ("train", "test")
-ROW_CHUNK = 1024  # HDF5 chunk: (ROW_CHUNK, H, W) images
-
-
-class DataError(UserError):
-    """One-line, user-facing message naming the file and the problem."""
-
-
-def default_data_path(dataset="mnist") -> Path:
-    """Where `prepare` writes by default: data/<dataset>.h5 (relative to the working dir)."""
-    return Path("data") / f"{dataset}.h5"
-
-
-# ----------------------------------------------------------------------------- reading
-
-def _open_h5(path: Path) -> h5py.File:
-    """Open read-only with HDF5 file locking off, so many ranks can share the file."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a prepared HDF5 file (e.g. data/mnist.h5)")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; run `python -m dpcnn.data prepare` first")
-    try:
-        return h5py.File(path, "r", locking=False)
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-
-
-class Split:
-    """One split ("train" or "test") of a prepared HDF5 file, opened read-only.
-
-    Attributes: n, image_shape (H, W), channels (1 for (N, H, W) images, else C of (N, H, W, C)),
-    num_classes, class_names, mean, std, dataset,
-    fingerprint (hex SHA-256 of the data set name and its source SHA-256s), source_sha256.
-    Labels (N,) are held in memory; images are read on demand.
-    """
-
-    def __init__(self, path, split="train"):
-        self.path, self.split = Path(path), split
-        self._f = _open_h5(self.path)
-        try:
-            self._validate()
-        except BaseException:
-            self._f.close()
-            raise
-
-    def _fail(self, what: str):
-        raise DataError(f"{self.path}: {what}")
-
-    def _validate(self):
-        f, a = self._f, self._f.attrs
-        if str(a.get("format", "")) == "dpcnn-checkpoint":
-            self._fail("is a dpcnn checkpoint, not a data file; give a prepared data file (e.g. data/mnist.h5)")
-        if "format_version" not in a:
-            self._fail("not a dpcnn data file (no format_version); run `python -m dpcnn.data prepare`")
-        if str(a["format_version"]) != str(FORMAT_VERSION):
-            self._fail(f"format version {a['format_version']}, this dpcnn reads {FORMAT_VERSION}; "
-                       "prepare it again with --force")
-        missing = [k for k in ("dataset", "class_names", "source_sha256", "mean", "std") if k not in a]
-        if missing:
-            self._fail(f"missing attribute{'s'[:len(missing) > 1]} {', '.join(missing)} (see the README's "
-                       "layout table)")
-        try:
-            self.dataset = str(a["dataset"])
-            self.class_names = list(json.loads(a["class_names"]))
-            self.source_sha256 = dict(json.loads(a["source_sha256"]))
-            self.mean, self.std = float(a["mean"]), float(a["std"])
-        except (KeyError, TypeError, ValueError) as e:
-            self._fail(f"missing or malformed attribute ({e})")
-        if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
-            self._fail(f"bad pixel statistics mean={self.mean} std={self.std}")
-        if self.split not in SPLITS:
-            raise DataError(f"split {self.split!r}: expected one of {', '.join(SPLITS)}")
-        if self.split not in f or not {"images", "labels"} <= set(f[self.split]):
-            self._fail(f"no {self.split}/images and {self.split}/labels")
-        x, y = f[self.split]["images"], f[self.split]["labels"]
-        if x.ndim not in (3, 4) or x.dtype != np.uint8 or (x.ndim == 4 and not 1 <= x.shape[3] <= 16):
-            self._fail(f"{self.split}/images is {x.shape} {x.dtype}, expected (N, H, W) or (N, H, W, C) uint8")
-        if y.shape != (x.shape[0],) or y.dtype != np.uint8:
-            self._fail(f"{self.split}/labels is {y.shape} {y.dtype}, expected ({x.shape[0]},) uint8")
-        self._images, self.labels = x, self._read(lambda: y[...], "labels")
-        self.num_classes = len(self.class_names)
-        if len(self.labels) and self.labels.max() >= self.num_classes:
-            self._fail(f"{self.split}/labels has label {self.labels.max()}, "
-                       f"expected 0..{self.num_classes - 1}")
-        self.n, self.image_shape = x.shape[0], tuple(x.shape[1:3])
-        self.channels = x.shape[3] if x.ndim == 4 else 1
-        key = json.dumps({"dataset": self.dataset, "source_sha256": self.source_sha256}, sort_keys=True)
-        self.fingerprint = hashlib.sha256(key.encode()).hexdigest()
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """Raw images of the sorted, distinct row indices idx (m,) -> (m, H, W) uint8.
-
-        Reads the chunk-aligned blocks that hold wanted rows and keeps only those rows, so
-        the result is all that stays in memory (see `_read_rows` for the why).
-        """
-        return self._read(lambda: _read_rows(self._images, idx), "images")
-
-    def _read(self, read, what: str):
-        """read(), with a damaged file (a chunk's checksum fails) reported as a DataError."""
-        try:
-            return read()
-        except OSError as e:
-            self._fail(f"cannot read {self.split}/{what} ({e}); the file is damaged: "
-                       "prepare it again with --force")
-
-    def standardise(self, u8: np.ndarray) -> np.ndarray:
-        """Images (m, H, W) or (m, H, W, C) uint8 -> (m, H, W, C) float32, (x/255 - mean) / std."""
-        return standardise(u8, self.mean, self.std, scale=255.0)
-
-    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Contiguous rows [lo, hi): x (m, H, W, C) float32 standardised, y (m,) int64."""
-        return (self.standardise(self._read(lambda: self._images[lo:hi], "images")),
-                self.labels[lo:hi].astype(np.int64))
-
-    def close(self):
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _read_rows(ds: h5py.Dataset, idx: np.ndarray, block: int = 4 * ROW_CHUNK) -> np.ndarray:
-    """Rows idx (m,) sorted and distinct of a row-chunked dataset -> (m, *ds.shape[1:]).
-
-    h5py's fancy indexing builds one hyperslab per row and is far slower than reading
-    whole chunk-aligned blocks, so read each block that holds a wanted row and keep the
-    wanted rows; extra memory is one block.
-    """
-    out = np.empty((len(idx), *ds.shape[1:]), ds.dtype)
-    starts = np.arange(0, ds.shape[0], block)
-    cuts = np.searchsorted(idx, np.append(starts, ds.shape[0]))
-    for b in range(len(starts)):
-        i, j = cuts[b], cuts[b + 1]
-        if i == j:
-            continue
-        lo, hi = idx[i], idx[j - 1] + 1  # read only the span of wanted rows in this block
-        out[i:j] = ds[lo:hi][idx[i:j] - lo]
-    return out
-
+# The file format: DataError, Split, default_data_path, standardise and verify are also imported
+# from here by the trainer, evaluate and checkpoint.
+from .h5format import DataError, Split, default_data_path, standardise, verify  # noqa: F401
 
 # Random streams besides the sample order: each use draws from its own SeedSequence spawn key,
 # so no two uses (nor epoch_order's default_rng([seed, epoch])) ever share a stream.
@@ -220,16 +63,6 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return n // batch_size if drop_last else -(-n // batch_size)
-
-
-def standardise(images: np.ndarray, mean: float, std: float, scale: float = 255.0) -> np.ndarray:
-    """Images (m, H, W) or (m, H, W, C) with intensities in [0, scale] -> network input
-    (m, H, W, C) float32 (C = 1 for grey), (x/scale - mean) / std, where mean and std are those
-    of the training set's x/scale."""
-    x = images.astype(np.float32)
-    x *= np.float32(1.0 / (scale * std))
-    x -= np.float32(mean / std)
-    return x if x.ndim == 4 else x[..., None]
 
 
 def shard_bounds(m: int, rank: int, size: int) -> tuple[int, int]:
@@ -314,7 +147,7 @@ class ShardedLoader:
     def batch(self, epoch: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """This rank's slice of global batch k of `epoch`.
 
-        Returns x (m_r, H, W, 1) float32 standardised, y (m_r,) int64, and M, the length of
+        Returns x (m_r, H, W, C) float32 standardised, y (m_r,) int64, and M, the length of
         the global batch (divide gradients summed over all ranks by M).
         """
         if not 0 <= k < self.steps_per_epoch:
@@ -432,65 +265,6 @@ def _padded(images: np.ndarray, s: int) -> np.ndarray:
     out = np.zeros((m, H + 2 * s, W + 2 * s), images.dtype)
     out[:, s:s + H, s:s + W] = images
     return out
-
-
-def array_sha256(a: np.ndarray) -> str:
-    """Hex SHA-256 of an array's bytes in C order: what the ``sha256`` attribute of each array holds."""
-    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
-
-
-def verify(path) -> bool:
-    """Read every array of the prepared file `path` once and check it against its ``sha256``.
-
-    Returns True when all four arrays (train/test images/labels) match, False when the file has
-    no ``sha256`` attributes to compare with (made before they existed, or by another tool): it
-    was still read whole, so every chunk's Fletcher-32 checksum passed. Raises DataError, one line
-    naming the file, the split and the array, when the file is invalid, a chunk fails its
-    checksum, or an array differs from what was written. MNIST: 55 MB read in blocks of 3 MB,
-    about 0.1 s from the page cache.
-    """
-    complete = True
-    for split in SPLITS:
-        with Split(path, split) as s:       # validates the layout and reads the labels
-            for name in ("images", "labels"):
-                ds = s._f[split][name]
-                want = ds.attrs.get("sha256")
-                if name == "labels":
-                    got = array_sha256(s.labels)
-                else:
-                    got = s._read(lambda ds=ds: _sha256_rows(ds), name)
-                if want is None:
-                    complete = False
-                elif (want.decode() if isinstance(want, bytes) else str(want)) != got:
-                    s._fail(f"{split}/{name} differs from the data written (its SHA-256 does not match); "
-                            "the file is damaged: prepare it again with --force")
-    return complete
-
-
-def _sha256_rows(ds: h5py.Dataset, block: int = 4 * ROW_CHUNK) -> str:
-    """array_sha256 of a row-chunked dataset, read a block of rows at a time."""
-    h = hashlib.sha256()
-    for i in range(0, ds.shape[0], block):
-        h.update(np.ascontiguousarray(ds[i:i + block]).data)
-    return h.hexdigest()
-
-
-def info_lines(path) -> list[str]:
-    """Human-readable summary of a prepared file: attributes, sizes and class counts."""
-    lines: list[str] = []
-    for split in SPLITS:
-        with Split(path, split) as s:
-            if not lines:
-                lines += [f"file           {s.path}", f"dataset        {s.dataset}",
-                          f"format_version {FORMAT_VERSION}", f"fingerprint    {s.fingerprint}",
-                          f"mean, std      {s.mean:.6f}, {s.std:.6f}",
-                          f"classes        {', '.join(s.class_names)}"]
-                lines += [f"sha256         {k} {v}" for k, v in s.source_sha256.items()]
-            counts = np.bincount(s.labels, minlength=s.num_classes)
-            shape = s.image_shape + ((s.channels,) if s.channels > 1 else ())
-            lines.append(f"{split:<14} {s.n} x {'x'.join(map(str, shape))}, "
-                         f"per class: {' '.join(map(str, counts))}")
-    return lines
 
 
 if __name__ == "__main__":             # python -m dpcnn.data prepare|info ...

@@ -62,9 +62,10 @@ from .cli import (
     report_error,
     setup_logging,
 )
-from .data import standardise
+from .datasets import DATASETS
+from .h5format import standardise
+from .images import eight_bit, folder_image
 from .layers import softmax
-from .prepare import DATASETS, eight_bit, folder_image
 
 log = logging.getLogger("dpcnn")
 

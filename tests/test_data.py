@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
 
-from dpcnn import data
-from dpcnn import prepare as prep
-from dpcnn.data import FORMAT_VERSION, DataError, ShardedLoader, Split, epoch_order, num_batches, shard_bounds
-from dpcnn.prepare import DATASETS, FILES, prepare, read_idx
+from dpcnn import data, h5format
+from dpcnn.data import ShardedLoader, epoch_order, num_batches, shard_bounds
+from dpcnn.datasets import DATASETS, DatasetInfo
+from dpcnn.h5format import FORMAT_VERSION, DataError, Split
+from dpcnn.idx import FILES, prepare_dataset, read_idx
 from dpcnn.prepare import main as prepare_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def one_line(e) -> str:
 def prepared(tmp_path):
     """(path of a prepared tiny HDF5 file, its arrays): 50 train / 20 test 28x28 images."""
     info, arrays = make_source(tmp_path / "src")
-    return prepare(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info), arrays
+    return prepare_dataset(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info), arrays
 
 
 def leftovers(d: Path) -> list[str]:
@@ -108,13 +109,13 @@ def test_prepare_round_trip(tmp_path, prepared):
 def test_prepare_accepts_raw_files_and_skips_when_up_to_date(tmp_path, caplog):
     info, _ = make_source(tmp_path / "src", gz=False)
     out = tmp_path / "d" / "tiny.h5"
-    prepare(source=tmp_path / "src", out=out, info=info)
+    prepare_dataset(source=tmp_path / "src", out=out, info=info)
     stamp = out.stat().st_mtime_ns
-    caplog.set_level("INFO", logger="dpcnn.prepare")
-    assert prepare(source=tmp_path / "src", out=out, info=info) == out
+    caplog.set_level("INFO", logger="dpcnn")
+    assert prepare_dataset(source=tmp_path / "src", out=out, info=info) == out
     assert out.stat().st_mtime_ns == stamp and "already prepared" in caplog.text
     os.utime(out, ns=(0, 0))
-    prepare(source=tmp_path / "src", out=out, info=info, force=True)
+    prepare_dataset(source=tmp_path / "src", out=out, info=info, force=True)
     assert out.stat().st_mtime_ns != 0
 
 
@@ -122,17 +123,17 @@ def test_prepare_redoes_a_broken_output(tmp_path):
     info, _ = make_source(tmp_path / "src")
     out = tmp_path / "tiny.h5"
     out.write_bytes(b"half a file")
-    prepare(source=tmp_path / "src", out=out, info=info)
+    prepare_dataset(source=tmp_path / "src", out=out, info=info)
     assert Split(out).n == 50
 
 
 def test_prepare_rejects_wrong_checksum_and_leaves_nothing(tmp_path):
     info, _ = make_source(tmp_path / "src")
     bad = dict(info.sha256, **{"t10k-labels-idx1-ubyte": "0" * 64})
-    info = prep.DatasetInfo("tiny", info.class_names, sha256=bad)
+    info = DatasetInfo("tiny", info.class_names, sha256=bad)
     out = tmp_path / "tiny.h5"
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: SHA-256 of the uncompressed") as e:
-        prepare(source=tmp_path / "src", out=out, info=info)
+        prepare_dataset(source=tmp_path / "src", out=out, info=info)
     one_line(e)
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -141,11 +142,11 @@ def test_prepare_source_errors(tmp_path):
     info, _ = make_source(tmp_path / "src")
     (tmp_path / "src" / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match=r"src: missing train-labels-idx1-ubyte \(or train-labels"):
-        prepare(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
+        prepare_dataset(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
     with pytest.raises(DataError, match="--source .*nowhere: not a directory or an http"):
-        prepare(source=str(tmp_path / "nowhere"), out=tmp_path / "o.h5", info=info)
+        prepare_dataset(source=str(tmp_path / "nowhere"), out=tmp_path / "o.h5", info=info)
     with pytest.raises(DataError, match="unknown data set 'cifar'"):
-        prepare("cifar", out=tmp_path / "o.h5")
+        prepare_dataset("cifar", out=tmp_path / "o.h5")
 
 
 def _pinned_source(tmp_path, arrays):
@@ -162,17 +163,17 @@ def test_prepare_rejects_inconsistent_files(tmp_path):
     arrays["train"] = (arrays["train"][0], arrays["train"][1][:-1])
     info = _pinned_source(tmp_path, arrays)
     with pytest.raises(DataError, match="train-labels-idx1-ubyte: 49 labels for 50 images"):
-        prepare(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
+        prepare_dataset(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
     arrays = make_arrays()
     arrays["test"][1][3] = 10
     info = _pinned_source(tmp_path, arrays)
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: label 10 out of range 0\.\.9"):
-        prepare(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
+        prepare_dataset(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
     arrays = make_arrays()
     arrays["test"] = (arrays["test"][0][:, :14, :14].copy(), arrays["test"][1])
     info = _pinned_source(tmp_path, arrays)
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: images are \(14, 14\), training"):
-        prepare(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
+        prepare_dataset(source=tmp_path / "src", out=tmp_path / "o.h5", info=info)
     assert not (tmp_path / "o.h5").exists()
 
 
@@ -189,7 +190,7 @@ def test_any_compression_of_the_pinned_payloads_verifies(tmp_path, how):
             with open(src / f"{k}.gz", "wb") as f, gzip.GzipFile(
                     k, "wb", compresslevel=1 if "1" in how else 9, fileobj=f, mtime=0 if "1" in how else 12345) as g:
                 g.write(v)
-    out = prepare(source=src, out=tmp_path / "t.h5", info=info_for(files))
+    out = prepare_dataset(source=src, out=tmp_path / "t.h5", info=info_for(files))
     assert Split(out).source_sha256 == info_for(files).sha256
 
 
@@ -294,7 +295,7 @@ def test_read_rows_matches_fancy_indexing(tmp_path):
         ds = f.create_dataset("x", data=x, chunks=(64, 3, 2))
         for idx in (np.array([], np.int64), np.array([0]), np.array([4999]),
                     np.sort(np.random.default_rng(2).choice(5000, 1234, replace=False)), np.arange(5000)):
-            np.testing.assert_array_equal(data._read_rows(ds, idx, block=256), x[idx])
+            np.testing.assert_array_equal(h5format._read_rows(ds, idx, block=256), x[idx])
 
 
 # ----------------------------------------------------------------------------- sharding (closed form)
@@ -410,7 +411,7 @@ def test_cli_info_defaults_to_the_data_path_of_the_dataset(tmp_path, monkeypatch
     """`info` without a path reads data/mnist.h5, like every other command; --dataset picks data/<dataset>.h5."""
     info, _ = make_source(tmp_path / "src")
     monkeypatch.chdir(tmp_path)
-    prepare(source=tmp_path / "src", out=Path("data/mnist.h5"), info=info)
+    prepare_dataset(source=tmp_path / "src", out=Path("data/mnist.h5"), info=info)
     assert prepare_main(["info"]) == 0
     assert capsys.readouterr().out.startswith("file           data/mnist.h5\n")
     assert prepare_main(["info", "--dataset", "fashion-mnist"]) == 1
@@ -454,7 +455,7 @@ def _mnist_dir():
                     and not (_mnist_dir() / "train-images-idx3-ubyte").exists(),
                     reason="real MNIST files not present")
 def test_real_mnist(tmp_path):
-    out = prepare("mnist", source=_mnist_dir(), out=tmp_path / "mnist.h5")
+    out = prepare_dataset("mnist", source=_mnist_dir(), out=tmp_path / "mnist.h5")
     with Split(out) as tr, Split(out, "test") as te:
         assert tr.source_sha256 == DATASETS["mnist"].sha256
         assert (tr.n, te.n, tr.image_shape) == (60000, 10000, (28, 28))

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from _idx import info_for, make_arrays, payloads
 
+from dpcnn import downloads
 from dpcnn import prepare as prep
-from dpcnn.data import DataError, Split
-from dpcnn.prepare import prepare
+from dpcnn.datasets import DATASETS, DatasetInfo
+from dpcnn.h5format import DataError, Split
+from dpcnn.idx import prepare_dataset
 
 
 def serve(files: dict, mode="good"):
@@ -92,22 +94,22 @@ def leftovers(d):
 
 def test_download_from_url(tmp_path, source, server):
     url, log = server
-    out = prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
+    out = prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
     arrays = make_arrays()
     with Split(out, "test") as s:
         np.testing.assert_array_equal(s.labels, arrays["test"][1])
     cache = tmp_path / "downloads" / "tiny"
     assert sorted(p.name for p in cache.iterdir()) == sorted(k.split("/")[-1] for k in source[1])
     assert leftovers(tmp_path) == [] and len(log) == 4
-    prepare(source=url, out=out, info=source[2], force=True)  # verified downloads are reused
+    prepare_dataset(source=url, out=out, info=source[2], force=True)  # verified downloads are reused
     assert len(log) == 4
 
 
 def test_mirrors_tried_in_order(tmp_path, source, server, caplog):
     url, log = server
-    info = prep.DatasetInfo("tiny", source[2].class_names, sha256=source[2].sha256,
+    info = DatasetInfo("tiny", source[2].class_names, sha256=source[2].sha256,
                             mirrors=(url.replace("/mnist/", "/gone/"), url))
-    prepare(out=tmp_path / "tiny.h5", info=info, timeout=5)
+    prepare_dataset(out=tmp_path / "tiny.h5", info=info, timeout=5)
     assert log[:2] == ["/gone/train-images-idx3-ubyte.gz", "/mnist/train-images-idx3-ubyte.gz"]
     assert "HTTP Error 404" in caplog.text
 
@@ -119,7 +121,7 @@ def test_bad_transfers_leave_nothing(tmp_path, source, server, expect):
     url, _ = server
     out = tmp_path / "tiny.h5"
     with pytest.raises(DataError, match=expect) as e:
-        prepare(source=url, out=out, info=source[2], timeout=5)
+        prepare_dataset(source=url, out=out, info=source[2], timeout=5)
     assert "\n" not in str(e.value) and "train-images-idx3-ubyte.gz" in str(e.value)
     assert not out.exists() and leftovers(tmp_path) == []
     assert not (tmp_path / "downloads").exists()                  # nor empty directories
@@ -130,15 +132,15 @@ def test_bad_cached_download_is_replaced(tmp_path, source, server):
     cache = tmp_path / "downloads" / "tiny"
     cache.mkdir(parents=True)
     (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")
-    prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
+    prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
     assert "/mnist/t10k-labels-idx1-ubyte.gz" in log
     assert (cache / "t10k-labels-idx1-ubyte.gz").read_bytes() == source[1]["/mnist/t10k-labels-idx1-ubyte.gz"]
 
 
 def test_progress_without_tqdm_logs(tmp_path, source, server, monkeypatch, caplog):
-    monkeypatch.setattr(prep, "tqdm", None)
-    caplog.set_level("INFO", logger="dpcnn.prepare")
-    prepare(source=server[0], out=tmp_path / "tiny.h5", info=source[2], timeout=5)
+    monkeypatch.setattr(downloads, "tqdm", None)
+    caplog.set_level("INFO", logger="dpcnn")
+    prepare_dataset(source=server[0], out=tmp_path / "tiny.h5", info=source[2], timeout=5)
     assert "train-images-idx3-ubyte.gz: 100% of" in caplog.text
 
 
@@ -146,7 +148,7 @@ def test_unreachable_server_fails_fast(tmp_path, source):
     url, _, stop = serve(source[1])
     stop()  # nothing listens on that port any more
     with pytest.raises(DataError, match="none of 1 source.*download failed"):
-        prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=2)
+        prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=2)
 
 
 FOUR = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
@@ -170,7 +172,7 @@ def test_prepare_command_offline_says_what_to_do_first(tmp_path, source, capsys,
 
 def test_prepare_command_wrong_files_are_not_called_offline(tmp_path, source, capsys, monkeypatch):
     url, _, stop = serve(source[1], "wrong")
-    monkeypatch.setitem(prep.DATASETS, "mnist", source[2])
+    monkeypatch.setitem(DATASETS, "mnist", source[2])
     try:
         assert prep.main(["prepare", "--source", url, "--out", str(tmp_path / "x.h5"), "-q"]) == 1
     finally:
@@ -186,7 +188,7 @@ def test_trickling_server_fails_within_about_the_timeout(tmp_path, source, serve
     url, _ = server
     t = time.monotonic()
     with pytest.raises(DataError, match=r"download too slow: less than 64 KiB in 1 s \(--timeout\)"):
-        prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=1)
+        prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=1)
     assert time.monotonic() - t < 3
     assert leftovers(tmp_path) == [] and not (tmp_path / "downloads").exists()
 
@@ -194,13 +196,13 @@ def test_trickling_server_fails_within_about_the_timeout(tmp_path, source, serve
 def test_slow_but_steady_transfer_is_not_too_slow(tmp_path, source, server, monkeypatch):
     """A file smaller than 64 KiB counts as progress once it has all arrived."""
     url, _ = server
-    real = prep._Progress.update
+    real = downloads._Progress.update
 
     def slow(self, k):
         time.sleep(0.05)
         real(self, k)
-    monkeypatch.setattr(prep._Progress, "update", slow)
-    prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=0.5)
+    monkeypatch.setattr(downloads._Progress, "update", slow)
+    prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=0.5)
 
 
 def test_oversized_downloads_are_refused(tmp_path, source):
@@ -212,7 +214,7 @@ def test_oversized_downloads_are_refused(tmp_path, source):
         url, _, stop = serve(files, mode)
         try:
             with pytest.raises(DataError, match=expect):
-                prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
+                prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
         finally:
             stop()
         assert leftovers(tmp_path) == []
@@ -223,9 +225,9 @@ def test_interrupted_download_leaves_nothing(tmp_path, source, server, monkeypat
 
     def interrupt(self, k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(prep._Progress, "update", interrupt)
+    monkeypatch.setattr(downloads._Progress, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        prepare(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
+        prepare_dataset(source=url, out=tmp_path / "tiny.h5", info=source[2], timeout=5)
     assert list(tmp_path.iterdir()) == []                       # no .part, no empty downloads/
 
 
@@ -234,7 +236,8 @@ import gzip, json, resource, struct, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from _idx import info_for, make_arrays, payloads, write_file
-from dpcnn.prepare import DataError, prepare, read_idx
+from dpcnn.h5format import DataError
+from dpcnn.idx import prepare_dataset, read_idx
 
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))     # decompressing it all would need 6.4 GB
 zeros = gzip.compress(bytes(16 << 20), 9, mtime=0)              # 16 MiB of zeros in 16 KB
@@ -256,7 +259,7 @@ for how, shape in cases:
     path.write_bytes(bomb(shape))
     base, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     try:
-        prepare(source=d, out=d / "o.h5", info=info) if how == "pinned" else read_idx(path)
+        prepare_dataset(source=d, out=d / "o.h5", info=info) if how == "pinned" else read_idx(path)
         err = None
     except DataError as e:
         err = str(e)

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dpcnn.data import DataError, Split, verify
-from dpcnn.prepare import folder_image, prepare_folder, read_folder
+from dpcnn.h5format import DataError, Split, verify
+from dpcnn.images import folder_image, prepare_folder, read_folder
 from dpcnn.prepare import main as prepare_main
 
 Image = pytest.importorskip("PIL.Image")

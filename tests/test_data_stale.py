@@ -11,7 +11,7 @@ from _idx import make_source
 
 from dpcnn import fileio
 from dpcnn.fileio import remove_stale_temporaries, temp_name
-from dpcnn.prepare import prepare
+from dpcnn.idx import prepare_dataset
 
 TESTS = Path(__file__).parent
 
@@ -54,7 +54,7 @@ def test_prepare_removes_temporaries_of_dead_writers_only(tmp_path):
         old = tmp_path / f".tiny.h5.{dead + 1}@elsewhere.example.part"   # untouched for two days
         old.write_bytes(b"x")
         os.utime(old, (time.time() - 2 * 86400,) * 2)
-        prepare(source=tmp_path / "src", out=out, info=info)
+        prepare_dataset(source=tmp_path / "src", out=out, info=info)
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(kept + ["tiny.h5"])
     finally:
         z.wait()
@@ -74,11 +74,11 @@ import os, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from _idx import make_source
-from dpcnn.prepare import prepare
+from dpcnn.idx import prepare_dataset
 d = Path(sys.argv[1])
 info, _ = make_source(d / "src", n_train=2000)
 os.replace = lambda *a: time.sleep(60)          # hang with the temporary written, before its rename
-prepare(source=d / "src", out=d / "tiny.h5", info=info)
+prepare_dataset(source=d / "src", out=d / "tiny.h5", info=info)
 """
 
 
@@ -98,5 +98,5 @@ def test_prepare_after_kill_9_removes_the_killed_writers_temporary(tmp_path):
         p.kill()
         p.wait()
     info, _ = make_source(tmp_path / "src", n_train=2000)
-    prepare(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info)
+    prepare_dataset(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info)
     assert not left[0].exists() and (tmp_path / "tiny.h5").exists()

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from _idx import info_for, make_arrays, payloads, write_file
 
-from dpcnn import data
-from dpcnn.data import DataError, Split, verify
+from dpcnn.h5format import DataError, Split, array_sha256, verify
+from dpcnn.idx import prepare_dataset
 from dpcnn.prepare import main as prepare_main
-from dpcnn.prepare import prepare
 
 
 def mostly_zeros(tmp_path):
@@ -26,7 +25,7 @@ def mostly_zeros(tmp_path):
 @pytest.fixture
 def prepared(tmp_path):
     info, arrays = mostly_zeros(tmp_path)
-    return prepare(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info), info
+    return prepare_dataset(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info), info
 
 
 def flip_zeros_to_ff(path, n=16):
@@ -48,7 +47,7 @@ def test_prepare_stores_the_sha256_of_every_array(prepared):
         for split in ("train", "test"):
             for name in ("images", "labels"):
                 ds = f[split][name]
-                assert ds.attrs["sha256"] == data.array_sha256(ds[...])
+                assert ds.attrs["sha256"] == array_sha256(ds[...])
     assert verify(path) is True
 
 
@@ -89,17 +88,17 @@ def test_prepare_redoes_a_file_that_does_not_verify(tmp_path, prepared, caplog):
     """'already prepared and verified' must be true: a damaged or unverifiable file is rewritten."""
     path, info = prepared
     flip_zeros_to_ff(path)
-    prepare(source=tmp_path / "src", out=path, info=info)
+    prepare_dataset(source=tmp_path / "src", out=path, info=info)
     assert "train/images differs" in caplog.text and "preparing it again" in caplog.text
     assert verify(path) is True
     with h5py.File(path, "r+") as f:
         del f["test/labels"].attrs["sha256"]
     caplog.clear()
-    prepare(source=tmp_path / "src", out=path, info=info)
+    prepare_dataset(source=tmp_path / "src", out=path, info=info)
     assert "not verified" in caplog.text and verify(path) is True
     caplog.clear()
-    caplog.set_level("INFO", logger="dpcnn.prepare")
-    prepare(source=tmp_path / "src", out=path, info=info)
+    caplog.set_level("INFO", logger="dpcnn")
+    prepare_dataset(source=tmp_path / "src", out=path, info=info)
     assert "already prepared and verified" in caplog.text
 
 

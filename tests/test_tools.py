@@ -279,7 +279,7 @@ def test_predict_preprocess_resize_is_what_prepare_from_folder_stores(run, tmp_p
     """--preprocess resize feeds a grey model the image as --from-folder would have stored it;
     mnist on a model that is not square and grey is refused."""
     Image = pytest.importorskip("PIL.Image")
-    from dpcnn.prepare import folder_image
+    from dpcnn.images import folder_image
     _, path, _ = run
     img, seen = seven_png(tmp_path), tmp_path / "seen"
     assert predict.main(["--checkpoint", str(path), str(img), "--preprocess", "resize", "--save-input", str(seen),
@@ -300,7 +300,7 @@ def test_16_bit_and_exif_rotated_images_are_read_as_what_they_show(run, tmp_path
     """A 16-bit grey PNG is the 8-bit picture scaled by 257, not clipped to white; a photo whose EXIF
     says 'rotated' is turned upright, by predict (both preprocessings) and prepare --from-folder."""
     Image = pytest.importorskip("PIL.Image")
-    from dpcnn.prepare import folder_image
+    from dpcnn.images import folder_image
     _, path, _ = run
     seven = drawn_seven()
     Image.fromarray(seven.astype(np.uint16) * 257).save(tmp_path / "deep.png")
