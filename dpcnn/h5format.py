@@ -4,11 +4,16 @@ The file (written by ``write_h5``, from ``python -m dpcnn.data prepare``, or by 
 holds groups ``train`` and ``test``, each with ``images (N, H, W) uint8`` (or ``(N, H, W, C)``) and
 ``labels (N,) uint8``, chunked by rows. Root attributes: ``dataset``, ``class_names`` (JSON),
 ``format_version``, ``source_sha256`` (JSON, file name -> SHA-256 of the uncompressed IDX),
-``mean`` and ``std`` (of training pixels / 255, float64), ``dpcnn_version``. Each of the four
+``mean`` and ``std`` (of training pixels / 255, float64), ``dpcnn_version``, and ``made_from``
+(JSON: what the file was prepared from, so that a message can say how to prepare it again; see
+``made_from``; files written before it existed, or by other tools, lack it). Each of the four
 arrays has the attribute ``sha256``: the hex SHA-256 of its bytes in C order (``array_sha256``),
 so ``verify`` can tell the data written from the data read; a file without them (written before
 they existed, or by another tool) reads, but is "not verified". Every chunk also carries a
 Fletcher-32 checksum, which h5py checks on every read.
+
+A file at ``--out`` is replaced only by a file made the same way (``check_replaceable``): from
+the same data set's IDX files, or from an image folder.
 
 ``verify(path)`` reads every array once and compares it with its ``sha256`` (MNIST: 55 MB, about
 0.1 s from the page cache). It is meant for the trainer's rank 0 at start; ``prepare`` calls it
@@ -23,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,7 +74,7 @@ class Split:
 
     Attributes: n, image_shape (H, W), channels (1 for (N, H, W) images, else C of (N, H, W, C)),
     num_classes, class_names, mean, std, dataset,
-    fingerprint (hex SHA-256 of the data set name and its source SHA-256s), source_sha256.
+    fingerprint (hex SHA-256 of the data set name and its arrays' SHA-256s), source_sha256.
     Labels (N,) are held in memory; images are read on demand.
     """
 
@@ -92,7 +98,7 @@ class Split:
             self._fail("not a dpcnn data file (no format_version); run `python -m dpcnn.data prepare`")
         if str(a["format_version"]) != str(FORMAT_VERSION):
             self._fail(f"format version {a['format_version']}, this dpcnn reads {FORMAT_VERSION}; "
-                       "prepare it again with --force")
+                       f"prepare it again: {self.remake}")
         missing = [k for k in ("dataset", "class_names", "source_sha256", "mean", "std") if k not in a]
         if missing:
             self._fail(f"missing attribute{'s'[:len(missing) > 1]} {', '.join(missing)} (see the README's "
@@ -122,8 +128,23 @@ class Split:
                        f"expected 0..{self.num_classes - 1}")
         self.n, self.image_shape = x.shape[0], tuple(x.shape[1:3])
         self.channels = x.shape[3] if x.ndim == 4 else 1
-        key = json.dumps({"dataset": self.dataset, "source_sha256": self.source_sha256}, sort_keys=True)
-        self.fingerprint = hashlib.sha256(key.encode()).hexdigest()
+        self.fingerprint, self.legacy_fingerprint = self._fingerprints()
+
+    def _fingerprints(self) -> tuple[str, str]:
+        """(what the file holds: the SHA-256 of its arrays' own SHA-256s, which `verify` checks
+        against the arrays; the name-and-source fingerprint of dpcnn's format 1 checkpoints).
+        A file without array digests (made by an older dpcnn) is told apart by its arrays' shapes."""
+        f = self._f
+        arrays = {f"{s}/{k}": f[s][k] for s in SPLITS if s in f for k in ("images", "labels") if k in f[s]}
+        digests = {name: str(ds.attrs.get("sha256", "")) for name, ds in arrays.items()}
+        what = {"dataset": self.dataset, "arrays": digests} if all(digests.values()) else \
+            {"dataset": self.dataset, "source_sha256": self.source_sha256,
+             "shapes": {name: list(ds.shape) for name, ds in arrays.items()}}
+        legacy = {"dataset": self.dataset, "source_sha256": self.source_sha256}
+        def digest(key: dict) -> str:
+            return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+        return digest(what), digest(legacy)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Raw images of the sorted, distinct row indices idx (m,) -> (m, H, W) uint8.
@@ -139,7 +160,12 @@ class Split:
             return read()
         except OSError as e:
             self._fail(f"cannot read {self.split}/{what} ({e}); the file is damaged: "
-                       "prepare it again with --force")
+                       f"prepare it again: {self.remake}")
+
+    @property
+    def remake(self) -> str:
+        """The command that prepares this file again, as it was made (see `made_from`)."""
+        return remake_command(self.path, made_from(self._f))
 
     def standardise(self, u8: np.ndarray) -> np.ndarray:
         """Images (m, H, W) or (m, H, W, C) uint8 -> (m, H, W, C) float32, (x/255 - mean) / std."""
@@ -218,7 +244,7 @@ def verify(path) -> bool:
                     complete = False
                 elif (want.decode() if isinstance(want, bytes) else str(want)) != got:
                     s._fail(f"{split}/{name} differs from the data written (its SHA-256 does not match); "
-                            "the file is damaged: prepare it again with --force")
+                            f"the file is damaged: prepare it again: {s.remake}")
     return complete
 
 
@@ -239,13 +265,107 @@ def info_lines(path) -> list[str]:
                 lines += [f"file           {s.path}", f"dataset        {s.dataset}",
                           f"format_version {FORMAT_VERSION}", f"fingerprint    {s.fingerprint}",
                           f"mean, std      {s.mean:.6f}, {s.std:.6f}",
-                          f"classes        {', '.join(s.class_names)}"]
+                          f"classes        {', '.join(s.class_names)}",
+                          f"made by        {s.remake}"]
                 lines += [f"sha256         {k} {v}" for k, v in s.source_sha256.items()]
             counts = np.bincount(s.labels, minlength=s.num_classes)
             shape = s.image_shape + ((s.channels,) if s.channels > 1 else ())
             lines.append(f"{split:<14} {s.n} x {'x'.join(map(str, shape))}, "
                          f"per class: {' '.join(map(str, counts))}")
     return lines
+
+
+# ----------------------------------------------------------------------------- what made a file
+
+def made_from(f: h5py.File) -> dict:
+    """What the open data file was prepared from: its ``made_from`` attribute, one of
+
+        {"kind": "idx", "dataset": "mnist", "source": None | "/abs/dir" | "https://..."}
+        {"kind": "folder", "folder": "/abs/photos", "test_folder": None | "/abs/dir",
+         "test_fraction": 0.1 | None, "size": [H, W], "color": "grey" | "rgb"}
+
+    or, for a file without it, what its ``source_sha256`` says: image folders store the digests
+    of their train and test folders, IDX data sets those of their four files (folder and source
+    then unknown: None)."""
+    a = f.attrs
+    try:
+        made = json.loads(a["made_from"])
+        if isinstance(made, dict) and made.get("kind") in ("idx", "folder"):
+            return made
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        keys = set(json.loads(a["source_sha256"]))
+    except (KeyError, TypeError, ValueError):
+        keys = set()
+    if keys == set(SPLITS):
+        made = {"kind": "folder", "folder": None, "test_folder": None, "test_fraction": None}
+        x = f.get("train/images")
+        if isinstance(x, h5py.Dataset) and x.ndim in (3, 4):
+            made.update(size=list(x.shape[1:3]), color="rgb" if x.ndim == 4 else "grey")
+        return made
+    return {"kind": "idx", "dataset": str(a.get("dataset", "mnist")), "source": None}
+
+
+def remake_command(path, made: dict) -> str:
+    """The command that prepares the file at `path` again from what `made` (``made_from``) records."""
+    q = shlex.quote
+    cmd = "python -m dpcnn.data prepare"
+    if made.get("kind") == "folder":
+        cmd += f" --from-folder {q(made['folder']) if made.get('folder') else 'DIR'}"
+        if made.get("test_folder"):
+            cmd += f" --test-folder {q(made['test_folder'])}"
+        elif made.get("test_fraction") not in (None, 0.1):
+            cmd += f" --test-fraction {made['test_fraction']:g}"
+        size, color = made.get("size"), made.get("color")
+        if size and tuple(size) != (28, 28):
+            cmd += f" --size {size[0]}x{size[1]}"
+        if color and color != "grey":
+            cmd += f" --color {color}"
+        unknown = "" if made.get("folder") else " (DIR: the image folder it was made from)"
+        return cmd + f" --out {q(str(path))}{unknown}"
+    if made.get("dataset", "mnist") != "mnist":
+        cmd += f" --dataset {q(made['dataset'])}"
+    if made.get("source"):
+        cmd += f" --source {q(made['source'])}"
+    return cmd + f" --out {q(str(path))} --force"
+
+
+def _what_is(path: Path) -> tuple[dict | None, str]:
+    """(made_from of the data file at `path`, what it holds in words), or (None, what it is instead)."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError:
+        return None, "is not an HDF5 file" if path.exists() else "is a link to nothing"
+    with f:
+        a = f.attrs
+        if str(a.get("format", "")) == "dpcnn-checkpoint":
+            return None, "is a dpcnn checkpoint, not a data file"
+        if "format_version" not in a or "dataset" not in a:
+            return None, "is an HDF5 file but not a dpcnn data file"
+        made = made_from(f)
+        if made["kind"] == "folder":
+            return made, f"holds {a['dataset']}, prepared from an image folder"
+        return made, f"holds {a['dataset']}, prepared from its IDX files"
+
+
+def check_replaceable(out: Path, made: dict, flag: str = "--out") -> None:
+    """DataError unless the prepared file about to be made as `made` (see `made_from`) may be
+    written at `out`: nothing is there, or a data file made the same way (from the IDX files of
+    the same data set, or from an image folder). Anything else (a checkpoint, another HDF5 file,
+    any other file, data of another kind) is never replaced; the message says what it is, and for
+    a data file the command that prepares it again."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    have, what = _what_is(out)
+    if have is not None and have["kind"] == made["kind"] and (
+            made["kind"] == "folder" or have.get("dataset") == made.get("dataset")):
+        return
+    new = f"the images of {made.get('folder')}" if made["kind"] == "folder" else made.get("dataset")
+    again = "" if have is None else f"; it is prepared again with: {remake_command(out, have)}"
+    raise DataError(f"{flag} {out}: {what}; not replaced by {new} (give another {flag}, or move it "
+                    f"away first){again}")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -290,12 +410,13 @@ def check_writable(out: Path, flag: str = "--out") -> None:
 
 
 def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
-             sha: Mapping[str, str]) -> None:
+             sha: Mapping[str, str], made: Mapping | None = None) -> None:
     """Write the prepared file atomically (write_h5_atomic), chunked by rows, with a Fletcher-32
     checksum on every chunk so that a damaged file is detected when read, and the SHA-256 of
     each array as its ``sha256`` attribute, which `verify` checks.
 
     arrays: split -> (images (N, H, W) uint8, labels (N,) uint8). sha: file name -> SHA-256.
+    made: what the file is made from, stored as the ``made_from`` attribute (see `made_from`).
     """
     mean, std = pixel_stats(arrays["train"][0])
 
@@ -303,6 +424,8 @@ def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray
         f.attrs.update(dataset=info.name, class_names=json.dumps(list(info.class_names)),
                        format_version=FORMAT_VERSION, source_sha256=json.dumps(dict(sha)),
                        mean=mean, std=std, dpcnn_version=__version__)
+        if made is not None:
+            f.attrs["made_from"] = json.dumps(dict(made))
         for split, (x, y) in arrays.items():
             g = f.create_group(split)
             g.create_dataset("images", data=x, chunks=(min(ROW_CHUNK, max(len(x), 1)), *x.shape[1:]),

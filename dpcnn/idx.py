@@ -33,7 +33,17 @@ import numpy as np
 from .datasets import DATASETS, DatasetInfo
 from .downloads import TIMEOUT_S, TransferError, download
 from .fileio import remove_stale_temporaries, temp_name
-from .h5format import SPLITS, DataError, Split, check_pair, check_writable, default_data_path, verify, write_h5
+from .h5format import (
+    SPLITS,
+    DataError,
+    Split,
+    check_pair,
+    check_replaceable,
+    check_writable,
+    default_data_path,
+    verify,
+    write_h5,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +273,8 @@ def prepare_dataset(dataset="mnist", source=None, out=None, *, force=False, info
         files (.gz or raw), or an http(s) base URL serving the four .gz files.
     out: the HDF5 file; default data/<dataset>.h5. Downloads are kept, verified, in
         <out's directory>/downloads/<dataset>/ and reused.
-    force: rewrite `out` even if it is already a valid file of this data set.
+    force: rewrite `out` even if it is already a valid file of this data set. A file at `out` that
+        is not one of this data set (a checkpoint, a --from-folder file, ...) is never replaced.
     info: the data set description (default DATASETS[dataset]); tests inject their own.
     source_flag, out_flag: the caller's names for `source` and `out` in messages (the trainer's
         are --data-source and --data).
@@ -277,6 +288,9 @@ def prepare_dataset(dataset="mnist", source=None, out=None, *, force=False, info
     if out.is_dir():
         raise DataError(f"{out_flag} {out}: is a directory; give a file name, e.g. {out / (info.name + '.h5')}")
     _remove_stale(out)                             # temporaries of killed earlier runs
+    where = None if source is None else source if _is_url(source) else str(Path(source).expanduser().absolute())
+    made = {"kind": "idx", "dataset": info.name, "source": where}
+    check_replaceable(out, made, out_flag)
     if out.exists() and not force and _up_to_date(out, info):
         logger.info("%s is already prepared and verified; use --force to redo it", out)
         return out
@@ -304,6 +318,6 @@ def prepare_dataset(dataset="mnist", source=None, out=None, *, force=False, info
             raise DataError(f"{FILES[split][0]}: images are {x.shape[1:]}, training images "
                             f"{arrays['train'][0].shape[1:]}")
         logger.info("%s %s: %d images of %dx%d, verified", info.name, split, len(x), *x.shape[1:])
-    write_h5(out, info, arrays, sha)
+    write_h5(out, info, arrays, sha, made)
     logger.info("wrote %s", out)
     return out

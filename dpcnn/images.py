@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import DatasetInfo
-from .h5format import DataError, check_pair, check_writable, write_h5
+from .h5format import DataError, check_pair, check_replaceable, check_writable, write_h5
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,16 @@ def prepare_folder(root, out, *, test=None, test_fraction: float = 0.1, size: tu
 
     The data set is named after the folder unless `name` is given; its class names are the
     subfolders'. The file has the layout of every prepared file (see dpcnn.h5format), images
-    (N, H, W) for grey and (N, H, W, 3) for RGB.
+    (N, H, W) for grey and (N, H, W, 3) for RGB. A file at `out` is replaced only when it was
+    prepared from an image folder too.
     """
     root, out = Path(root), Path(out)
     if out.is_dir():
         raise DataError(f"--out {out}: is a directory; give a file name, e.g. {out / (root.name + '.h5')}")
+    made = {"kind": "folder", "folder": str(root.absolute()),
+            "test_folder": None if test is None else str(Path(test).absolute()),
+            "test_fraction": None if test is not None else test_fraction, "size": list(size), "color": color}
+    check_replaceable(out, made)
     check_writable(out)
     x, y, classes, digest = read_folder(root, size, color)
     sha = {"train": digest}
@@ -116,10 +121,10 @@ def prepare_folder(root, out, *, test=None, test_fraction: float = 0.1, size: tu
         te, tr = np.sort(order[:k]), np.sort(order[k:])
         (x, y), (xt, yt) = (x[tr], y[tr]), (x[te], y[te])
         sha["test"] = f"{digest}:fraction={test_fraction}:seed={seed}"
-    info = DatasetInfo(name=name or root.name, class_names=tuple(classes))
+    info = DatasetInfo(name=name or root.resolve().name, class_names=tuple(classes))
     for split, (a, b) in (("train", (x, y)), ("test", (xt, yt))):
         check_pair(a, b, len(classes), (f"{split} images", f"{split} labels"))
-    write_h5(out, info, {"train": (x, y), "test": (xt, yt)}, sha)
+    write_h5(out, info, {"train": (x, y), "test": (xt, yt)}, sha, made)
     logger.info("wrote %s: %d train and %d test images of %s in %d classes", out, len(y), len(yt),
                 "x".join(map(str, x.shape[1:])), len(classes))
     return out

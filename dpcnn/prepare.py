@@ -111,8 +111,8 @@ def _info(path: Path) -> None:
         print("verified       FAILED (see the error)", flush=True)
         raise
     print("verified       yes: every array matches its SHA-256" if ok else
-          "verified       no: not verified, the file stores no SHA-256 of its arrays; "
-          "prepare it again with --force to add them")
+          "verified       no: not verified, the file stores no SHA-256 of its arrays; prepare it again "
+          "to add them (the command 'made by' above)")
 
 
 def _offline_message(args, offline: bool) -> str:

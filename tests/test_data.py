@@ -119,12 +119,19 @@ def test_prepare_accepts_raw_files_and_skips_when_up_to_date(tmp_path, caplog):
     assert out.stat().st_mtime_ns != 0
 
 
-def test_prepare_redoes_a_broken_output(tmp_path):
+def test_prepare_keeps_an_unreadable_output_and_says_so(tmp_path):
+    """What is at --out and cannot be read may be anyone's: it is not replaced (it used to be)."""
     info, _ = make_source(tmp_path / "src")
     out = tmp_path / "tiny.h5"
     out.write_bytes(b"half a file")
+    with pytest.raises(DataError, match=r"tiny\.h5: is not an HDF5 file; not replaced by tiny \(give another --out, "
+                                        r"or move it away first\)$"):
+        prepare_dataset(source=tmp_path / "src", out=out, info=info, force=True)
+    assert out.read_bytes() == b"half a file"
+    out.unlink()
     prepare_dataset(source=tmp_path / "src", out=out, info=info)
-    assert Split(out).n == 50
+    with Split(out) as s:
+        assert s.n == 50
 
 
 def test_prepare_rejects_wrong_checksum_and_leaves_nothing(tmp_path):
@@ -405,6 +412,37 @@ def test_cli_prepare_and_info(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     counts = " ".join(map(str, np.bincount(arrays["test"][1], minlength=10)))
     assert "dataset        mnist" in text and f"test           20 x 28x28, per class: {counts}" in text
+
+
+def test_prepare_replaces_only_a_file_of_the_same_data_set(tmp_path, monkeypatch, capsys):
+    """`prepare --out runs/x/best.h5` said "is a dpcnn checkpoint ... preparing it again" and overwrote
+    the checkpoint: what is not a data file of this data set is never replaced, --force or not."""
+    info, _ = make_source(tmp_path / "src")
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(info, name="mnist"))
+    checkpoint = tmp_path / "best.h5"
+    with h5py.File(checkpoint, "w") as f:                 # what dpcnn.checkpoint writes, in short
+        f.attrs.update(format="dpcnn-checkpoint", format_version=2)
+        f["params"] = np.arange(10.0)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    fashion = prepare_dataset(source=tmp_path / "src", out=tmp_path / "fashion.h5",
+                              info=dataclasses.replace(info, name="fashion-mnist"))
+    dangling = tmp_path / "link.h5"
+    dangling.symlink_to(tmp_path / "gone.h5")
+    capsys.readouterr()
+    for path, what in ((checkpoint, "is a dpcnn checkpoint, not a data file"), (notes, "is not an HDF5 file"),
+                       (foreign, "is an HDF5 file but not a dpcnn data file"), (dangling, "is a link to nothing"),
+                       (fashion, "holds fashion-mnist, prepared from its IDX files")):
+        before = path.read_bytes() if path.exists() else None
+        for force in ([], ["--force"]):
+            assert prepare_main(["prepare", "--source", str(tmp_path / "src"), "--out", str(path), *force]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith(f"error: --out {path}: {what}; not replaced by mnist"), err
+        assert (path.read_bytes() if path.exists() else None) == before and dangling.is_symlink()
+    assert "it is prepared again with: python -m dpcnn.data prepare --dataset fashion-mnist --source" in err
 
 
 def test_cli_info_defaults_to_the_data_path_of_the_dataset(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,8 @@
 """Your own data: image folders (one subfolder per class) prepared into the common HDF5 layout."""
 
+import dataclasses
 import json
+import shlex
 
 import h5py
 import numpy as np
@@ -84,6 +86,66 @@ def test_folder_errors_name_the_problem(tmp_path, capsys):
         prepare_main(["prepare", "--from-folder", str(src), "--size", "big"])
     assert e.value.code == 2 and "expected HxW" in capsys.readouterr().err
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_from_folder_replaces_only_a_file_made_from_a_folder(tmp_path, capsys):
+    """`--from-folder ... --out best.h5` overwrote the checkpoint silently; it replaces only a file
+    that was prepared from an image folder too (a file of an older dpcnn included)."""
+    from conftest import write_tiny
+    src, other = make_folder(tmp_path / "shapes", per_class=3), make_folder(tmp_path / "more", per_class=4)
+    checkpoint = tmp_path / "best.h5"
+    with h5py.File(checkpoint, "w") as f:                 # what dpcnn.checkpoint writes, in short
+        f.attrs.update(format="dpcnn-checkpoint", format_version=2)
+        f["params"] = np.arange(10.0)
+    idx_made = write_tiny(tmp_path / "tiny.h5", n_train=20, n_test=10)   # IDX-style, no made_from
+    for path, what in ((checkpoint, "is a dpcnn checkpoint, not a data file"),
+                       (idx_made, "holds tiny-blobs, prepared from its IDX files")):
+        before = path.read_bytes()
+        assert prepare_main(["prepare", "--from-folder", str(src), "--out", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --out {path}: {what}; not replaced by the images of "
+                                                       f"{src}"), err
+        assert path.read_bytes() == before
+    out = prepare_folder(src, tmp_path / "shapes.h5")
+    with h5py.File(out, "r+") as f:                       # as an older dpcnn wrote it
+        del f.attrs["made_from"]
+    prepare_folder(other, out)                            # a folder's file: made again, from the folder given
+    with Split(out, "train") as tr, Split(out, "test") as te:
+        assert tr.n + te.n == 12 and tr.dataset == "more"
+
+
+def test_force_keeps_a_folders_images_and_the_damage_advice_makes_them_again(tmp_path, capsys, monkeypatch):
+    """`prepare --force` on a --from-folder file (what the damaged-file error advised) replaced the photos
+    with MNIST. --force never changes what a file holds, and the advice is the command that made it."""
+    from _idx import make_source
+
+    from dpcnn.datasets import DATASETS
+    src, out = make_folder(tmp_path / "shapes", per_class=3, rgb=True), tmp_path / "shapes.h5"
+    assert prepare_main(["prepare", "--from-folder", str(src), "--size", "24x20", "--color", "rgb",
+                         "--out", str(out), "-q"]) == 0
+    with h5py.File(out) as f:
+        arrays = {k: f[k][...] for k in ("train/images", "train/labels", "test/images", "test/labels")}
+    made = f"python -m dpcnn.data prepare --from-folder {src} --size 24x20 --color rgb --out {out}"
+    info, _ = make_source(tmp_path / "idx")               # an MNIST that needs no network
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(info, name="mnist"))
+    before = out.read_bytes()
+    for argv in (["--force"], ["--force", "--source", str(tmp_path / "idx")]):
+        assert prepare_main(["prepare", "--out", str(out), *argv]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"error: --out {out}: holds shapes, prepared from an image folder; not replaced by mnist "
+                       f"(give another --out, or move it away first); it is prepared again with: {made}\n")
+        assert out.read_bytes() == before
+    with h5py.File(out) as f:                             # damage one chunk of the training images
+        start = f["train/images"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(before)
+    raw[start + 50:start + 60] = bytes(255 - b for b in raw[start + 50:start + 60])
+    out.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        verify(out)
+    assert str(e.value).endswith(f"the file is damaged: prepare it again: {made}")
+    assert prepare_main(shlex.split(made)[3:] + ["-q"]) == 0 and verify(out) is True
+    with h5py.File(out) as f:
+        assert all(np.array_equal(f[k][...], a) for k, a in arrays.items())
 
 
 @pytest.mark.timeout(120)

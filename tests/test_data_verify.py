@@ -1,10 +1,13 @@
 """dpcnn.data.verify: the arrays themselves checked against their stored SHA-256, by prepare and info."""
 
+import shlex
+
 import h5py
 import numpy as np
 import pytest
 from _idx import info_for, make_arrays, payloads, write_file
 
+from dpcnn.datasets import DATASETS
 from dpcnn.h5format import DataError, Split, array_sha256, verify
 from dpcnn.idx import prepare_dataset
 from dpcnn.prepare import main as prepare_main
@@ -60,7 +63,21 @@ def test_verify_catches_what_fletcher32_misses(prepared):
         verify(path)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{path}: train/images differs from the data written")
-    assert msg.endswith("prepare it again with --force")
+    # the advice is the command that made the file, and it makes it again
+    src = path.parent / "src"
+    assert msg.endswith(f"the file is damaged: prepare it again: python -m dpcnn.data prepare --dataset tiny "
+                        f"--source {src} --out {path} --force")
+
+
+def test_the_damage_advice_prepares_the_file_again(prepared, monkeypatch):
+    path, info = prepared
+    flip_zeros_to_ff(path)
+    with pytest.raises(DataError) as e:
+        verify(path)
+    command = shlex.split(str(e.value).split("prepare it again: ", 1)[1])
+    assert command[:4] == ["python", "-m", "dpcnn.data", "prepare"]
+    monkeypatch.setitem(DATASETS, "tiny", info)
+    assert prepare_main(command[4:]) == 0 and verify(path) is True
 
 
 def test_verify_reports_a_failing_chunk(prepared):
@@ -70,7 +87,8 @@ def test_verify_reports_a_failing_chunk(prepared):
     raw = bytearray(path.read_bytes())
     raw[start + 3000:start + 3010] = bytes(255 - b for b in raw[start + 3000:start + 3010])
     path.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"tiny\.h5: cannot read test/images .*damaged: prepare it again with --force"):
+    with pytest.raises(DataError, match=r"tiny\.h5: cannot read test/images .*damaged: prepare it again: "
+                                        r"python -m dpcnn.data prepare --dataset tiny --source .* --force$"):
         verify(path)
 
 
