@@ -9,10 +9,14 @@ follows the same order.
 
 Files are written to a temporary name, flushed and fsynced, then renamed, so a
 crash during a write never damages an earlier checkpoint. Every load checks what was
-written: the SHA-256 of the weights and momentum (``arrays_sha256``, also a Fletcher-32
-checksum per array) and that they are finite, so a flipped bit or a NaN is refused, naming
-the file, by resume, evaluate and predict alike. Old checkpoints without the digest load
-with the finiteness check only.
+written: the attribute ``sha256`` is the SHA-256 of every other attribute (step, position,
+config, metrics, fingerprint, ...) and of the weights and momentum (``file_digest``; each array
+also has a Fletcher-32 checksum), and the arrays must be finite, so a flipped bit anywhere that
+a resume, evaluate or predict reads, or a NaN, is refused, naming the file. Format 1 files
+(before the digest covered the attributes) load with their arrays' digest only.
+
+The rules for continuing a run from a checkpoint (``resume_conflicts``) live here too: what a
+resume must share with the run that wrote it.
 
 This module also holds what evaluate and predict share: ``load_model`` and the data checks.
 """
@@ -31,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from .cli import UserError
-from .config import Config
+from .config import Config, flag_text
 from .data import Split
 from .fileio import write_h5_atomic
 from .model import CNN, ModelSpec
@@ -39,7 +43,12 @@ from .model import CNN, ModelSpec
 log = logging.getLogger(__name__)
 
 FORMAT = "dpcnn-checkpoint"
-VERSION = 1
+VERSION = 2                    # 2: the digest covers the attributes; 1: the arrays only (still read)
+DIGEST = "sha256"
+# How the samples after the initial weights are drawn from the configuration and the position
+# (dpcnn.data: the order over the training rows, the validation hold-out, the augmentation stream).
+# Raise it when that changes: a checkpoint of another sampling cannot be continued the same way.
+SAMPLE_ORDER = 1
 
 
 class CheckpointError(UserError):
@@ -77,33 +86,48 @@ def save(path: Path, s: State) -> Path:
         a["data_fingerprint"], a["metrics"] = s.data_fingerprint, json.dumps(s.metrics)
         a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
         a["written_at"], a["interval"] = time.time(), json.dumps(s.interval)
-        # Where the randomness after the initial weights comes from (dpcnn.data), all drawn from the
-        # configuration and the position alone, so the file says how to continue on any rank count.
-        a["sample_order"] = json.dumps({
-            "order": "train_rows[numpy.random.default_rng([seed, epoch]).permutation(len(train_rows))]",
-            "train_rows": "dpcnn.data.holdout(N, val_size, val_seed)[0] (all N rows when val_size is 0)",
-            "augmentation": "dpcnn.data.Augment(shift, rotate, seed, scale): stream (seed, epoch, batch), "
-                            "one draw per position in the global batch",
-            "seed": s.config.get("seed"), "val_size": s.config.get("val_size"),
-            "val_seed": s.config.get("val_seed"), "epoch": s.epoch, "next_batch": s.next_batch})
-        a["arrays_sha256"] = arrays_digest(s)
+        a["sample_order_version"] = SAMPLE_ORDER
         for group, arrays in (("params", s.params), ("velocity", s.velocity)):
             g = f.create_group(group)
             for name, v in arrays.items():       # Fletcher-32 on each chunk: damage is found on read
                 g.create_dataset(name, data=v, chunks=v.shape or None, fletcher32=v.size > 0)
+        a[DIGEST] = file_digest(a, s.params, s.velocity)     # of the attributes as stored, read back
 
     return write_h5_atomic(path, fill)
 
 
-def arrays_digest(s: State) -> str:
-    """SHA-256 over the parameters and the velocity, by group and name: what a checkpoint stores
-    to prove, on every load, that its arrays are the ones written."""
+def arrays_digest_of(params: dict[str, np.ndarray], velocity: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the parameters and the velocity, by group and name (format 1's digest)."""
     h = hashlib.sha256()
-    for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+    _hash_arrays(h, params, velocity)
+    return h.hexdigest()
+
+
+def _hash_arrays(h, params: dict[str, np.ndarray], velocity: dict[str, np.ndarray]) -> None:
+    for group, arrays in (("params", params), ("velocity", velocity)):
         for name in sorted(arrays):
             v = np.ascontiguousarray(arrays[name])
             h.update(f"{group}/{name}:{v.dtype.str}:{v.shape}".encode())
             h.update(v.tobytes())
+
+
+def file_digest(attrs: h5py.AttributeManager, params: dict[str, np.ndarray],
+                velocity: dict[str, np.ndarray]) -> str:
+    """SHA-256 of every attribute but the digest itself (by name, type and stored bytes) and of
+    the arrays: what format 2 stores as ``sha256`` and checks on every load."""
+    h = hashlib.sha256()
+    for name in sorted(attrs):
+        if name == DIGEST:
+            continue
+        v = attrs[name]
+        if isinstance(v, (str, bytes)):
+            kind, data = "str", v.encode() if isinstance(v, str) else v
+        else:
+            arr = np.asarray(v)
+            kind, data = arr.dtype.str, arr.tobytes()
+        h.update(f"{name}\0{kind}\0{len(data)}\0".encode())
+        h.update(data)
+    _hash_arrays(h, params, velocity)
     return h.hexdigest()
 
 
@@ -119,12 +143,20 @@ def load(path: Path) -> State:
             a = f.attrs
             if a.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a dpcnn checkpoint")
-            if int(a["format_version"]) != VERSION:
-                raise CheckpointError(f"{path}: checkpoint format {int(a['format_version'])}, "
-                                      f"this dpcnn reads {VERSION}")
+            version = int(a["format_version"])
+            if version not in (1, VERSION):
+                raise CheckpointError(f"{path}: checkpoint format {version}, this dpcnn reads 1 and {VERSION}")
             params = {k: v[...] for k, v in f["params"].items()}
             velocity = {k: v[...] for k, v in f["velocity"].items()}
-            stored_digest = a.get("arrays_sha256")
+            stored = a.get(DIGEST if version > 1 else "arrays_sha256")
+            if version > 1:
+                if stored is None or str(stored) != file_digest(a, params, velocity):
+                    raise CheckpointError(f"{path}: damaged: what it holds differs from what was written "
+                                          "(SHA-256 mismatch)")
+            elif stored is not None and str(stored) != arrays_digest_of(params, velocity):
+                raise CheckpointError(f"{path}: damaged: its weights or momentum differ from what was written "
+                                      "(SHA-256 mismatch)")
+            order = int(a.get("sample_order_version", 1))
             s = State(params=params, velocity=velocity, epoch=int(a["epoch"]),
                       next_batch=int(a["next_batch"]), step=int(a["step"]),
                       spec=json.loads(a["spec"]), config=json.loads(a["config"]),
@@ -132,10 +164,11 @@ def load(path: Path) -> State:
                       best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]),
                       version=str(a["dpcnn_version"]),
                       world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
+        if order != SAMPLE_ORDER:
+            raise CheckpointError(f"{path}: its samples were drawn by sampling scheme {order}, this dpcnn draws "
+                                  f"them by {SAMPLE_ORDER}; continue it with the dpcnn that wrote it "
+                                  f"({s.version})")
         _check_contents(s)
-        if stored_digest is not None and str(stored_digest) != arrays_digest(s):
-            raise CheckpointError(f"{path}: damaged: its weights or momentum differ from what was written "
-                                  "(SHA-256 mismatch)")
         bad = [f"{g}/{k}" for g, arrays in (("params", s.params), ("velocity", s.velocity))
                for k, v in arrays.items() if not np.isfinite(v).all()]
         if bad:
@@ -161,20 +194,60 @@ def _check_contents(s: State) -> None:
         raise ValueError("malformed step, metrics, interval or config attribute")
 
 
-def check_compatible(s: State, path: Path, spec: ModelSpec, fingerprint: str, config: Config,
-                     data: Path) -> None:
-    """Refuse a checkpoint that belongs to another model, data set, sample order or schedule."""
+# What a resumed run must share with its checkpoint: the samples and their order (seed, batch
+# size, keep_last, the validation hold-out, the augmentation), the optimizer and learning-rate
+# schedule (epochs sets the schedule's length), how the run started (init, init_from), so that
+# config.json keeps describing it, and whether its sums are exact. With exact sums, also what
+# sets the bits of every micro-batch: its size and the BLAS threads per rank.
+RESUME_FIELDS = ("seed", "batch_size", "keep_last", "val_size", "val_seed", "shift", "rotate", "scale", "epochs",
+                 "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init", "init_from",
+                 "exact")
+RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
+RESUME_FIELDS_EXACT = ("micro_batch", "threads_per_rank")
+# What a checkpoint written before a setting existed ran with, where that differs from today's
+# default: no validation hold-out, He-normal weights, float sums. (Every other setting's default
+# is what the code did before it could be set.)
+ABSENT = {"val_size": 0, "init": "he", "exact": False}
+
+
+def resume_conflicts(config: Config, threads: int, saved: dict) -> list[str]:
+    """The settings in which this run (config, BLAS threads per rank) differs from the saved
+    config.json facts of the run it would continue, as '--flag NOW (saved: --flag THEN)'."""
+    mine = {**config.to_dict(), "threads_per_rank": threads}
+    then = {**Config().to_dict(), **ABSENT, "threads_per_rank": None}
+
+    def was(key: str):
+        return saved[key] if key in saved else then[key]
+
+    keys = RESUME_FIELDS + (RESUME_FIELDS_STEP if config.schedule == "step" else ()) \
+        + (RESUME_FIELDS_EXACT if config.exact or was("exact") else ())
+    return [f"{flag_text(k, mine[k])} (saved: {flag_text(k, was(k))})" for k in keys
+            if was(k) != mine[k] and not (k == "threads_per_rank" and was(k) is None)]
+
+
+def check_compatible(s: State, path: Path, spec: ModelSpec, data: Split, train_samples: int, config: Config,
+                     threads: int) -> None:
+    """Refuse a checkpoint that belongs to another model, data set, sample order or schedule.
+
+    The data set is the same when its arrays are (the fingerprint of their SHA-256s). Format 1
+    checkpoints identified it by name and source only: those are accepted when the number of
+    training samples is the same too, with a warning."""
     if ModelSpec.from_dict(s.spec) != spec:
         raise CheckpointError(f"{path}: saved for model {ModelSpec.from_dict(s.spec)}, "
                               f"this run builds {spec}")
-    if s.data_fingerprint != fingerprint:
+    legacy = s.data_fingerprint == data.legacy_fingerprint and s.config.get("train_samples") == train_samples
+    if s.data_fingerprint != data.fingerprint and not legacy:
         raise CheckpointError(f"{path}: saved for another data set "
                               f"({s.config.get('dataset', '?')}, fingerprint {s.data_fingerprint[:12]}), "
-                              f"this run reads {data} (fingerprint {fingerprint[:12]})")
-    conflict = config.resume_conflict(s.config)
-    if conflict:
-        raise CheckpointError(f"{path}: {conflict}; resume with the same setting to continue "
-                              "the same run, or give another --out for a new one")
+                              f"this run reads {data.path} (fingerprint {data.fingerprint[:12]})")
+    if legacy:
+        log.warning("warning: %s: written by dpcnn %s, which identified the data by its name only: make sure "
+                    "%s holds the data that run trained on", path, s.version, data.path)
+    conflicts = resume_conflicts(config, threads, s.config)
+    if conflicts:
+        raise CheckpointError(f"{path}: this run differs from the run it would continue in {len(conflicts)} "
+                              f"setting{'s'[:len(conflicts) > 1]}: {', '.join(conflicts)}; give the saved "
+                              "settings to continue it, or another --out for a new run")
 
 
 # ----------------------------------------------------------------------------- for evaluate and predict
@@ -205,7 +278,7 @@ def check_data(state: State, ckpt_path: Path, split: Split, model: CNN, force: b
         raise CheckpointError(f"{ckpt_path}: the model takes {want[0]}x{want[1]} images in {model.spec.classes} "
                               f"classes, {split.path} has {split.image_shape[0]}x{split.image_shape[1]} images "
                               f"in {split.num_classes}")
-    if state.data_fingerprint != split.fingerprint:
+    if state.data_fingerprint not in (split.fingerprint, split.legacy_fingerprint):
         msg = (f"{ckpt_path}: trained on another data set ({state.config.get('dataset', '?')}, fingerprint "
                f"{state.data_fingerprint[:12]}) than {split.path} ({split.dataset}, fingerprint "
                f"{split.fingerprint[:12]})")

@@ -1,9 +1,9 @@
 """A training run's configuration: one typed, frozen object, built once from the command line.
 
 ``Config`` is the single source of truth for what a run does. The trainer receives it;
-``config.json`` and every checkpoint store ``Config.to_dict()``; a resume must share the
-``RESUME_FIELDS`` with its checkpoint (a mismatch is named by its flag, ``flag_text``);
-every rank must have been given an equal one. Nothing else parses flags.
+``config.json`` and every checkpoint store ``Config.to_dict()``; a resume must share the settings
+that ``checkpoint.resume_conflicts`` names (by their flags, ``flag_text``); every rank must
+have been given an equal one. Nothing else parses flags.
 
     cfg = Config(epochs=2, out=Path("runs/quick"))       # from Python
     cfg, out = parse_args(["--epochs", "2"])            # from a command line
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -138,16 +137,6 @@ class Config:
         """This config with val_size settled for a training split of train_rows rows."""
         return self if self.val_size is not None else self.replace(val_size=default_val_size(train_rows))
 
-    def resume_conflict(self, saved: Mapping[str, Any]) -> str | None:
-        """How a checkpoint's saved config differs in what a resume must share, or None."""
-        keys = RESUME_FIELDS + (RESUME_FIELDS_STEP if self.schedule == "step" else ())
-        mine, then = self.to_dict(), {**Config().to_dict(), **ABSENT}
-        for key in keys:
-            was = saved[key] if key in saved else then[key]       # a setting newer than the checkpoint
-            if was != mine[key]:
-                return f"saved with {flag_text(key, was)}, this run has {flag_text(key, mine[key])}"
-        return None
-
 
 class ConfigError(UserError):
     """A Config field the command line would refuse (one line naming the field)."""
@@ -161,23 +150,15 @@ def default_val_size(train_rows: int) -> int:
 
 VAL_SIZE, VAL_MIN_TRAIN_ROWS = 5000, 50_000
 NOT_SAVED = ("progress",)
-# What a resumed run must share with its checkpoint: the samples and their order (seed, batch
-# size, keep_last, the validation hold-out, the augmentation), the micro-batch (the bits of
-# every sum), the optimizer and learning-rate schedule (epochs sets the schedule's length),
-# and how the run started (init, init_from), so that config.json keeps describing it.
-# What a checkpoint written before a setting existed ran with, where that differs from today's
-# default: no validation hold-out, He-normal weights. (Every other setting's default is what
-# the code did before it could be set.)
-ABSENT = {"val_size": 0, "init": "he"}
-RESUME_FIELDS = ("seed", "batch_size", "micro_batch", "keep_last", "val_size", "val_seed", "shift", "rotate",
-                 "scale", "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init",
-                 "init_from")
-RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 STORE_TRUE = ("keep_last",)                            # flags without a --no- form
+
+
+FLAG_OF = {"threads_per_rank": "threads"}              # facts of config.json set by a flag of another name
 
 
 def flag_text(key: str, value: Any) -> str:
     """A setting as the flag that sets it: '--lr 0.05', '--no-nesterov', 'no --keep-last'."""
+    key = FLAG_OF.get(key, key)
     flag = "--" + key.replace("_", "-")
     if value is None:
         return f"no {flag}"

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import NoReturn
 
 from . import checkpoint as ckpt
 from .cli import UserError
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 STEP_NAME = re.compile(r"^ckpt-step(\d+)\.h5$")
 EXIT_STATUS = "exit-status"
-OWN_FILES = ("ckpt-step", "best.h5", "metrics.jsonl", "config.json", EXIT_STATUS)   # temporaries: .<name>.<pid>.tmp
+LOCK_INFO = ".lock"                         # host and pid of the training holding the lock
+# the files whose temporaries (.<name>.<pid>@<host>.tmp) an interrupted write leaves here
+OWN_FILES = (LOCK_INFO, "ckpt-step", "best.h5", "metrics.jsonl", "config.json", EXIT_STATUS)
 
 
 class RunDirError(UserError):
@@ -60,7 +63,9 @@ class RunDir:
         self.exit_status = self.path / EXIT_STATUS
         self.tensorboard = self.path / "tensorboard"
         self._lock_fd: int | None = None
+        self._lock_ino: int | None = None        # the lock file's inode, where the directory cannot be locked
         self._created = False
+        self._verified: dict[str, tuple | None] = {}   # checkpoint name -> (inode, size, mtime) when it last loaded
 
     def step_path(self, step: int) -> Path:
         return self.path / f"ckpt-step{step:09d}.h5"
@@ -71,45 +76,109 @@ class RunDir:
         """Create the directory, check that files can be written there, lock it, and remove the
         temporary files of an earlier process that was killed while writing."""
         p = self.path
+        if p.is_symlink() and not p.exists():
+            raise RunDirError(f"--out {p}: a symbolic link to {os.readlink(p)}, which does not exist; "
+                              "create its target or give another --out")
         if p.exists() and not p.is_dir():
             raise RunDirError(f"--out {p}: exists and is not a directory")
         try:
             self._created = not p.exists()
             p.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirError(f"--out {p}: cannot write there ({e.strerror or e})") from None
+            raise RunDirError(f"--out {p}: cannot create it ({e.strerror or e})") from None
+        self._lock()
+        holder = f"host {socket.gethostname()} pid {os.getpid()}\n"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirError(f"--out {p}: another training is using it ({holder}); wait for it to end, "
-                              "stop it, or give another --out") from None
-        self._lock_fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        except OSError as e:
+            if self._lock_ino is None:                         # replaced, never written through a link
+                write_atomic(self.path / LOCK_INFO, holder)
+            else:                                              # the locked file itself
+                assert self._lock_fd is not None
+                os.ftruncate(self._lock_fd, 0)
+                os.pwrite(self._lock_fd, holder.encode(), 0)
+        except (UserError, OSError) as e:
             self.close()
-            raise RunDirError(f"--out {p}: cannot write there ({e.strerror or e})") from None
+            raise RunDirError(f"--out {p}: cannot write there ({getattr(e, 'strerror', None) or e})") from None
         self.exit_status.unlink(missing_ok=True)               # an earlier attempt's: this one writes its own
         for stale in p.glob(".*.tmp"):
             if stale.name[1:].startswith(OWN_FILES):          # ours, and nobody else holds the lock
                 log.debug("removing %s, left by an interrupted write", stale)
                 stale.unlink(missing_ok=True)
 
+    def _lock(self) -> None:
+        """Take the exclusive lock of the directory, or RunDirError naming its holder.
+
+        The lock is on the directory itself (flock on an O_DIRECTORY descriptor): nothing inside it
+        can be deleted or replaced to make a second training miss it, and the kernel releases it
+        when the process ends in any way. Where the file system cannot lock a directory (NFS
+        emulates flock with POSIX locks, which need a file open for writing), the lock is the file
+        .lock, opened without following a symbolic link and checked, after locking and before
+        every checkpoint, to still be the file at that name."""
+        p = self.path
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self._refuse_held()
+        except OSError as e:                                    # no flock on directories here
+            os.close(fd)
+            log.debug("--out %s: cannot lock the directory (%s): locking its %s file instead", p, e, LOCK_INFO)
+            self._lock_file()
+            return
+        self._lock_fd = fd
+
+    def _lock_file(self) -> None:
+        lock = self.path / LOCK_INFO
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            what = "a symbolic link" if lock.is_symlink() else e.strerror or str(e)
+            raise RunDirError(f"--out {self.path}: cannot use its lock file {LOCK_INFO} ({what}); "
+                              "remove it if no training runs there") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._refuse_held()
+        self._lock_fd, self._lock_ino = fd, os.fstat(fd).st_ino
+        self.check_locked()
+
+    def check_locked(self) -> None:
+        """RunDirError when this process's lock file is no longer the one at its name (removed or
+        replaced: another training may be writing here). Nothing to check for a directory lock."""
+        if self._lock_ino is None:
+            return
+        try:
+            same = os.lstat(self.path / LOCK_INFO).st_ino == self._lock_ino
+        except OSError:
+            same = False
+        if not same:
+            raise RunDirError(f"--out {self.path}: its lock file {LOCK_INFO} was removed or replaced while this "
+                              "training held it; another training may be writing there: stopping")
+
+    def _refuse_held(self) -> NoReturn:
+        try:
+            fd = os.open(self.path / LOCK_INFO, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+        except OSError:
+            holder = ""
+        raise RunDirError(f"--out {self.path}: another training is using it ({holder or 'unknown'}); wait for it "
+                          "to end, stop it, or give another --out") from None
+
     def close(self) -> None:
         """Release the lock (the process's end would too). A directory this process created and
         left without results (a run refused before writing anything but its log) is removed."""
         if self._lock_fd is None:
             return
-        if self._created and {q.name for q in self.path.iterdir()} <= {".lock", self.log.name}:
+        if self._created and {q.name for q in self.path.iterdir()} <= {LOCK_INFO, self.log.name}:
             for q in self.path.iterdir():
                 q.unlink()
             self.path.rmdir()
         os.close(self._lock_fd)
-        self._lock_fd = None
+        self._lock_fd = self._lock_ino = None
 
     def __enter__(self) -> RunDir:
         self.open()
@@ -151,48 +220,84 @@ class RunDir:
         damaged = []
         for p in self.checkpoints():
             try:
-                return p, ckpt.load(p)
+                state = ckpt.load(p)
             except ckpt.CheckpointError as e:
                 log.warning("skipping checkpoint: %s", e)
                 damaged.append(str(e))
+                continue
+            self._mark_verified(p)
+            return p, state
         if damaged:
             raise RunDirError(f"--out {self.path}: none of its {len(damaged)} checkpoint(s) can be read (newest: "
                               f"{damaged[0]}); move them away to start afresh there, or give another --out")
         return None
 
-    def save_checkpoint(self, state: ckpt.State, best: bool, keep: int) -> Path:
-        """Write best.h5 (when best), then ckpt-stepN.h5, then prune to the newest `keep` valid step
-        checkpoints. best.h5 first: a process killed between the two resumes from the previous step
+    def save_checkpoint(self, state: ckpt.State, keep: int, best: ckpt.State | None = None) -> Path:
+        """Write best.h5 (the state `best`, when given), then ckpt-stepN.h5, then prune to the newest
+        `keep` valid step checkpoints. best.h5 first: a process killed between the two resumes from the previous step
         checkpoint, whose best accuracy is lower, so the same evaluation writes best.h5 again; the
         other order could leave a step checkpoint that thinks best.h5 holds what it does not."""
-        if best:
-            ckpt.save(self.best, state)
+        self.check_locked()
+        if best is not None:
+            ckpt.save(self.best, best)
         path = ckpt.save(self.step_path(state.step), state)
-        self.prune(keep, known_good=path)
+        self._mark_verified(path)                       # written from memory, fsynced: known good
+        self.prune(keep)
         return path
 
-    def prune(self, keep: int, known_good: Path | None = None) -> None:
+    def _signature(self, p: Path) -> tuple | None:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _mark_verified(self, p: Path) -> None:
+        self._verified[p.name] = self._signature(p)
+
+    def prune(self, keep: int) -> None:
         """Keep the newest `keep` step checkpoints that load and delete older ones. A damaged one
         newer than those is renamed *.damaged (kept for inspection, out of the way), so it can
-        neither displace a good checkpoint nor be resumed from."""
+        neither displace a good checkpoint nor be resumed from.
+
+        A checkpoint is read to check it only once while this process holds the directory (this
+        process wrote it, or loaded it, and it has not changed since), so a save costs the same
+        whatever --keep is."""
         kept = 0
         for p in self.checkpoints():
             if kept >= keep:
                 p.unlink(missing_ok=True)
+                self._verified.pop(p.name, None)
+                continue
+            sig = self._signature(p)
+            if sig is not None and self._verified.get(p.name) == sig:
+                kept += 1
                 continue
             try:
-                if p != known_good:
-                    ckpt.load(p)
+                ckpt.load(p)
+                self._verified[p.name] = sig
                 kept += 1
             except ckpt.CheckpointError as e:
                 log.warning("warning: %s; renaming it %s.damaged", e, p.name)
                 p.rename(p.with_name(p.name + ".damaged"))
 
-    def check_no_later(self, start_step: int, resumed: Path | None) -> None:
-        """Refuse to start at start_step in a directory that holds checkpoints at or past it.
+    def results(self) -> list[str]:
+        """The names of an earlier run's results here: best.h5, records in metrics.jsonl, checkpoints
+        set aside as damaged. A directory holding any is never silently restarted."""
+        found = [self.best.name] if self.best.exists() else []
+        try:
+            if self.metrics.read_text(errors="replace").strip():
+                found.append(self.metrics.name)
+        except OSError:
+            pass
+        return found + sorted(p.name for p in self.path.glob("ckpt-step*.h5.damaged"))
 
-        Pruning keeps the highest steps and a resume takes the newest, so such files would
-        outlive and replace the new run's own checkpoints."""
+    def check_start(self, start_step: int, resumed: Path | None) -> None:
+        """Refuse to start at start_step (0: a new run) unless nothing here can be lost or mixed in.
+
+        Checkpoints at or past start_step: pruning keeps the highest steps and a resume takes the
+        newest, so they would outlive and replace the new run's own. A new run in a directory
+        holding results (best.h5, records) and no checkpoint to continue from would overwrite them."""
         later = [p for p in self.checkpoints()
                  if step_of(p) >= start_step and (resumed is None or not p.samefile(resumed))]
         if later:
@@ -200,6 +305,13 @@ class RunDir:
             raise RunDirError(f"--out {self.path} already holds checkpoints at or after step {start_step} "
                               f"({later[-1].name}{more}) that would mix with this run; give another --out, "
                               "delete them, or continue their run with --resume auto")
+        results = self.results() if resumed is None else []
+        if results:
+            cont = (f"continue from its best.h5 with --resume {self.best}, or " if self.best.name in results
+                    else "")
+            raise RunDirError(f"--out {self.path} holds the results of an earlier run ({', '.join(results)}) but no "
+                              f"step checkpoint to continue it from; {cont}give another --out (or move those "
+                              "files away) to start afresh")
 
 
 class Board:

@@ -253,6 +253,7 @@ class Trainer:
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.saved_step: int | None = None       # step of the last checkpoint this process wrote
         self.metrics: list[dict] = []
+        self.last_record: dict = {}
         self.best_accuracy, self.elapsed0 = -1.0, 0.0
         self.iv = Interval()
         self.resumed_from = self._resume()
@@ -283,6 +284,10 @@ class Trainer:
 
     def train(self) -> int:
         cfg, c, spe = self.cfg, self.comm, self.steps_per_epoch
+        if self.step == self.end_step and not self.recorded(self.step):   # resumed where it was to end
+            self.announce()
+            self.record_and_checkpoint(final=True, provisional=not self.scheduled(self.step))
+            return EXIT_OK
         if self.step >= self.end_step:                              # resumed: nothing to train
             if c.is_root:
                 log.info("the run in %s is at step %d of %d: nothing to train (a larger --max-steps continues "
@@ -306,8 +311,8 @@ class Trainer:
                 check_in_sync(c, self.model.params, s)
             # Records and checkpoints come before acting on a stop, so a stop never skips one.
             if k + 1 == spe or s == self.end_step:                  # an epoch or the run ended
-                self.record_and_checkpoint(final=s == self.end_step)
-            elif cfg.eval_every and s % cfg.eval_every == 0:
+                self.record_and_checkpoint(final=s == self.end_step, provisional=not self.scheduled(s))
+            elif self.scheduled(s):                                 # --eval-every within an epoch
                 self.record_and_checkpoint(final=False, only_if_best=True)
             if self.checkpoint_due(s):
                 self.save_checkpoint()
@@ -320,7 +325,7 @@ class Trainer:
             progress.close()
         check_in_sync(c, self.model.params, self.step)
         if c.is_root:
-            last = self.metrics[-1]
+            last = self.last_record
             val = f"validation accuracy {100 * last['val_accuracy']:.2f}%, " if last["val_accuracy"] is not None else ""
             log.info("done: %d step%s, %stest accuracy %.2f%%, %.1f s", self.step, "s"[:self.step != 1], val,
                      100 * last["test_accuracy"], self.elapsed())
@@ -422,6 +427,7 @@ class Trainer:
             "time_eval_s": round(t_eval, 4), "final": final,
         }
         self.metrics.append(rec)
+        self.last_record = rec
         if self.comm.is_root:
             self.run_dir.append_metrics(rec)
             if self.board is not None:
@@ -459,15 +465,32 @@ class Trainer:
                         "learning rate is probably too high for this data; try a smaller --lr (now %g)",
                         loss, self.spec.classes, chance, self.cfg.lr)
 
-    def record_and_checkpoint(self, final: bool, only_if_best: bool = False) -> None:
+    def scheduled(self, step: int) -> bool:
+        """Whether the run records at this step wherever it ends: an epoch's end or --eval-every."""
+        return step % self.steps_per_epoch == 0 or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
+
+    def recorded(self, step: int) -> bool:
+        return bool(self.metrics) and self.metrics[-1]["step"] == step
+
+    def record_and_checkpoint(self, final: bool, only_if_best: bool = False, provisional: bool = False) -> None:
         """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the
         test accuracy without a validation split) improved; only_if_best (the evaluations of
-        --eval-every within an epoch): checkpoint only then, so best.h5 is the best of every record."""
+        --eval-every within an epoch): checkpoint only then, so best.h5 is the best of every record.
+
+        provisional: the record of a --max-steps end that the uninterrupted run would not make. It is
+        written to metrics.jsonl and may be best.h5, but the step checkpoint keeps the best accuracy
+        and training totals from before it, and a run continued from there drops it (``_resume``),
+        so that it records exactly what the uninterrupted run records."""
+        before = (self.best_accuracy, self.iv)
         rec = self.record(final=final)
         acc = rec["test_accuracy"] if rec["val_accuracy"] is None else rec["val_accuracy"]
         best = acc > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, acc)
-        if best or not only_if_best:
+        if provisional:
+            best_state = self.state() if best and self.comm.is_root else None
+            self.best_accuracy, self.iv = before
+            self.save_checkpoint(best=best, best_state=best_state)
+        elif best or not only_if_best:
             self.save_checkpoint(best=best)
 
     # -- checkpoints -----------------------------------------------------------------
@@ -489,15 +512,17 @@ class Trainer:
             best_accuracy=self.best_accuracy, elapsed=self.elapsed(), world_size=self.comm.size,
             interval=self.iv.carried())
 
-    def save_checkpoint(self, best: bool = False) -> None:
-        """Rank 0 writes ckpt-stepN.h5 (and best.h5), then prunes old ones; once per step."""
+    def save_checkpoint(self, best: bool = False, best_state: ckpt.State | None = None) -> None:
+        """Rank 0 writes ckpt-stepN.h5 (and best.h5, of best_state if given), then prunes old ones; once
+        per step."""
         if not self.comm.is_root or self.saved_step == self.step:
             return
         if not np.isfinite(self.model.params).all():     # diverging: the next loss check stops every rank
             log.warning("warning: not saving a checkpoint at step %d: the weights are not finite", self.step)
             return
         t0 = time.perf_counter()
-        path = self.run_dir.save_checkpoint(self.state(), best, self.cfg.keep)
+        state = self.state()
+        path = self.run_dir.save_checkpoint(state, self.cfg.keep, best=(best_state or state) if best else None)
         self.saved_step, self.last_ckpt_time = self.step, time.monotonic()
         log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
 
@@ -512,9 +537,9 @@ class Trainer:
             elif choice != "none":
                 path, state = Path(choice), ckpt.load(Path(choice))
             if state is not None:
-                ckpt.check_compatible(state, path, self.spec, self.train_set.fingerprint, self.cfg, self.data_path)
-            if choice != "auto":
-                rd.check_no_later(state.step if state else 0, path)
+                ckpt.check_compatible(state, path, self.spec, self.train_set, self.loader.n, self.cfg, self.threads)
+            if choice != "auto" or state is None:
+                rd.check_start(state.step if state else 0, path)
             return (str(path), state) if state is not None else None
 
         found = on_root(self.comm, find)
@@ -526,6 +551,8 @@ class Trainer:
                 v[...] = saved[name]
         self.step = s.step
         self.metrics, self.best_accuracy, self.elapsed0 = s.metrics, s.best_accuracy, s.elapsed
+        if self.step < self.end_step and self.recorded(self.step) and not self.scheduled(self.step):
+            self.metrics = self.metrics[:-1]     # a --max-steps end's record: not one of the continued run
         self.iv = Interval(**{k: s.interval.get(k, 0) for k in CARRIED})   # the training totals since the last record
         if self.comm.is_root:
             epoch, done = divmod(s.step, self.steps_per_epoch)

@@ -157,10 +157,15 @@ def test_resume_refuses_another_schedule_and_mixing_runs(tiny_h5, tmp_path, caps
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "6") == 0
     capsys.readouterr()
-    for extra, said in ((["--lr", "0.5"], "saved with --lr 0.05, this run has --lr 0.5"),
-                        (["--epochs", "8"], "saved with --epochs 4"), (["--schedule", "step"], "--schedule cosine"),
-                        (["--momentum", "0.5"], "--momentum 0.9"), (["--no-nesterov"], "this run has --no-nesterov"),
-                        (["--keep-last"], "saved with no --keep-last, this run has --keep-last")):
+    for extra, said in ((["--lr", "0.5"], "1 setting: --lr 0.5 (saved: --lr 0.05);"),
+                        (["--epochs", "8"], "(saved: --epochs 4)"),
+                        (["--schedule", "step"], "(saved: --schedule cosine)"),
+                        (["--momentum", "0.5"], "(saved: --momentum 0.9)"), (["--no-nesterov"], "--no-nesterov (saved"),
+                        (["--keep-last"], "--keep-last (saved: no --keep-last)"),
+                        (["--exact"], "--exact (saved: --no-exact)"),
+                        (["--lr", "0.5", "--seed", "3", "--exact"],
+                         "3 settings: --seed 3 (saved: --seed 0), --lr 0.5 (saved: --lr 0.05), "
+                         "--exact (saved: --no-exact)")):
         assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "12", *extra) == 1
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
@@ -168,8 +173,24 @@ def test_resume_refuses_another_schedule_and_mixing_runs(tiny_h5, tmp_path, caps
     assert train(tiny_h5, out, "--epochs", "4", "--resume", "none") == 1
     err = capsys.readouterr().err
     assert "already holds checkpoints" in err and "ckpt-step000000006.h5" in err, err
+    # without --exact, the micro-batch and the threads change no bits: not compared
+    assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "9", "--micro-batch", "8", "--threads", "2") == 0
     assert train(tiny_h5, out, "--epochs", "4", "--max-steps", "12") == 0     # same settings: continues
     assert final_state(out).step == 12
+
+
+def test_an_exact_run_resumes_only_as_exact_with_its_micro_batch_and_threads(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "4", "--exact") == 0
+    capsys.readouterr()
+    for extra, said in ((["--no-exact"], "1 setting: --no-exact (saved: --exact)"),
+                        (["--exact", "--micro-batch", "8", "--threads", "2"],
+                         "2 settings: --micro-batch 8 (saved: --micro-batch 16), --threads 2 (saved: --threads 1)")):
+        assert train(tiny_h5, out, "--max-steps", "8", *extra) == 1
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert json.loads((out / "config.json").read_text())["exact"] is True      # still describes the run
+    assert train(tiny_h5, out, "--max-steps", "8", "--exact") == 0 and final_state(out).step == 8
 
 
 def test_corrupt_newest_checkpoint_is_skipped(tiny_h5, tmp_path, capsys):
@@ -192,7 +213,7 @@ def test_checkpoint_damaged_inside_is_skipped(tiny_h5, tmp_path, capsys):
     assert train(tiny_h5, b, "--max-steps", "8", "--checkpoint-every", "4") == 0
     with h5py.File(RunDir(b).checkpoints()[0], "a") as f:            # step 8: one parameter missing
         del f["params/conv1.b"]
-    with pytest.raises(ckpt.CheckpointError, match=r"step000000008\.h5: .*params .* do not match"):
+    with pytest.raises(ckpt.CheckpointError, match=r"step000000008\.h5: damaged: .*SHA-256 mismatch"):
         ckpt.load(RunDir(b).checkpoints()[0])
     capsys.readouterr()
     assert train(tiny_h5, b, "--max-steps", "10", "-v") == 0

@@ -1,0 +1,43 @@
+"""What many tests share: a short training on the tiny data set, and reading a run's results back.
+
+Fixtures (data sets, launchers) live in conftest.py; plain functions live here, so no test
+module imports another.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dpcnn import checkpoint as ckpt
+from dpcnn.rundir import RunDir
+from dpcnn.train import main
+
+# 384 training samples / batch 32 = 12 steps per epoch
+BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1"]
+TIMING_KEYS = ("images_per_second", "elapsed_seconds", "world_size", "time_data_s", "time_compute_s",
+               "time_allreduce_s", "time_update_s", "time_eval_s")
+
+
+def train(data, out, *extra, comm="serial") -> int:
+    """`python -m dpcnn.train` in this process on `data` into `out`, with BASE and extra flags: the exit status."""
+    return main(["--data", str(data), "--out", str(out), "--comm", comm, *BASE, *map(str, extra)])
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def records_without_timings(run_dir) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics(run_dir)]
+
+
+def final_state(run_dir) -> ckpt.State:
+    return ckpt.load(RunDir(run_dir).checkpoints()[0])
+
+
+def assert_same_state(a: ckpt.State, b: ckpt.State):
+    assert (a.step, a.epoch, a.next_batch) == (b.step, b.epoch, b.next_batch)
+    for name in a.params:
+        assert np.array_equal(a.params[name], b.params[name]), name
+        assert np.array_equal(a.velocity[name], b.velocity[name]), name

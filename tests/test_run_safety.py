@@ -1,0 +1,220 @@
+"""A run's results are never lost or silently wrong: the directory lock, restarts over results,
+checkpoints whose every attribute is checked, the resume rules, runs trained in parts.
+
+Each test here failed on the code before the fix it covers (issue 20: data loss and silent
+wrong results)."""
+
+import errno
+import fcntl
+import os
+
+import h5py
+import numpy as np
+import pytest
+from helpers import assert_same_state, final_state, metrics, records_without_timings, train
+
+from dpcnn import checkpoint as ckpt
+from dpcnn.rundir import RunDir, RunDirError
+
+# ----------------------------------------------------------------------------- a directory with results
+
+
+def test_results_without_a_checkpoint_are_never_restarted_over(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "4") == 0
+    for p in RunDir(out).checkpoints():              # the user deleted them (or moved damaged ones away)
+        p.unlink()
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.name in ("best.h5", "metrics.jsonl")}
+    capsys.readouterr()
+    for extra in ((), ("--resume", "none"), ("--max-steps", "5")):
+        assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "4", *extra) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds the results of an earlier run (best.h5, metrics.jsonl)" in err, err
+        assert f"--resume {out}/best.h5" in err and "give another --out" in err, err
+        assert {n: (out / n).read_bytes() for n in kept} == kept
+    # only records (best.h5 gone too) are refused as well; the way on that the message names works
+    best = out / "best.h5"
+    best.rename(tmp_path / "best.h5")
+    assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "4") == 1
+    assert "(metrics.jsonl)" in capsys.readouterr().err
+    (tmp_path / "best.h5").rename(best)
+    step = ckpt.load(best).step
+    assert train(tiny_h5, out, "--epochs", "2", "--eval-every", "4", "--resume", best) == 0
+    assert final_state(out).step == 24 and [m["step"] for m in metrics(out)][0] == 4 and step > 0
+
+
+def test_a_run_killed_before_its_first_record_starts_again(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")           # what a run writes before its first record
+    (out / "metrics.jsonl").write_text("")
+    assert train(tiny_h5, out, "--max-steps", "3") == 0 and final_state(out).step == 3
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def test_the_lock_survives_its_file_being_removed(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    first = RunDir(out)
+    first.open()
+    try:
+        (out / ".lock").unlink()                     # rm RUN/.lock during a run
+        with pytest.raises(RunDirError, match="another training is using it"):
+            RunDir(out).open()
+        assert train(tiny_h5, out, "--max-steps", "2") == 1
+    finally:
+        first.close()
+    assert train(tiny_h5, out, "--max-steps", "2") == 0
+
+
+def test_a_symlink_at_the_lock_is_never_followed(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    (out / ".lock").symlink_to(precious)
+    assert train(tiny_h5, out, "--max-steps", "2") == 0
+    assert precious.read_text() == "keep me\n" and not (out / ".lock").is_symlink()
+
+
+def test_where_a_directory_cannot_be_locked_the_lock_file_is_checked(tmp_path, monkeypatch):
+    real = fcntl.flock
+
+    def no_directory_locks(fd, op):                  # as NFS: flock emulated by POSIX locks
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", no_directory_locks)
+    out = tmp_path / "run"
+    first = RunDir(out)
+    first.open()
+    try:
+        with pytest.raises(RunDirError, match="another training is using it"):
+            RunDir(out).open()
+        (out / ".lock").unlink()
+        with pytest.raises(RunDirError, match=r"lock file \.lock was removed or replaced"):
+            first.check_locked()
+    finally:
+        first.close()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".lock").symlink_to(tmp_path / "precious.txt")
+    with pytest.raises(RunDirError, match=r"cannot use its lock file \.lock \(a symbolic link\)"):
+        RunDir(other).open()
+    assert not (tmp_path / "precious.txt").exists()
+
+
+def test_out_that_cannot_be_a_run_directory(tiny_h5, tmp_path, capsys):
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert train(tiny_h5, dangling, "--max-steps", "1") == 1
+    err = capsys.readouterr().err
+    assert "a symbolic link to" in err and "which does not exist" in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- what a checkpoint's digest covers
+
+
+def _same(a: ckpt.State, b: ckpt.State) -> bool:
+    if a.params.keys() != b.params.keys() or any(not np.array_equal(a.params[k], b.params[k]) or
+                                                 not np.array_equal(a.velocity[k], b.velocity[k]) for k in a.params):
+        return False
+    fields = ("epoch", "next_batch", "step", "spec", "config", "data_fingerprint", "metrics", "best_accuracy",
+              "elapsed", "version", "world_size", "interval")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+def test_every_attribute_change_is_refused(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "6", "--eval-every", "3") == 0
+    path = RunDir(out).checkpoints()[0]
+    with h5py.File(path, "r") as f:
+        names = [n for n in f.attrs if n != "sha256"]
+    assert {"step", "epoch", "next_batch", "best_accuracy", "metrics", "interval", "config", "data_fingerprint",
+            "world_size", "elapsed", "spec", "sample_order_version"} <= set(names)
+    for name in names:
+        damaged = tmp_path / f"{name}.h5"
+        damaged.write_bytes(path.read_bytes())
+        with h5py.File(damaged, "r+") as f:
+            v = f.attrs[name]
+            f.attrs[name] = (v[:-2] + "0" + v[-1:]) if isinstance(v, str) and v[-2] != "0" else \
+                (v[:-2] + "1" + v[-1:]) if isinstance(v, str) else v + 1
+        said = r"not a dpcnn checkpoint|checkpoint format" if name.startswith("format") else "SHA-256 mismatch"
+        with pytest.raises(ckpt.CheckpointError, match=rf"{name}\.h5: .*({said})"):
+            ckpt.load(damaged)
+
+
+def test_random_bit_flips_outside_the_arrays_never_load_a_changed_state(tiny_h5, tmp_path):
+    """Flip single bits in the file's metadata (everything but the arrays' raw bytes, which their
+    Fletcher-32 and the digest cover): each load refuses the file or reads exactly what was written."""
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "6", "--eval-every", "3") == 0
+    path = RunDir(out).checkpoints()[0]
+    good, data = ckpt.load(path), bytearray(path.read_bytes())
+    arrays = []
+    with h5py.File(path, "r") as f:
+        for g in ("params", "velocity"):
+            for ds in f[g].values():
+                for i in range(ds.id.get_num_chunks()):
+                    c = ds.id.get_chunk_info(i)
+                    arrays.append((c.byte_offset, c.byte_offset + c.size))
+    outside = np.ones(len(data), bool)
+    for lo, hi in arrays:
+        outside[lo:hi] = False
+    where = np.flatnonzero(outside)
+    rng = np.random.default_rng(0)
+    flipped, refused = tmp_path / "flipped.h5", 0
+    for pos, bit in zip(rng.choice(where, 1500), rng.integers(0, 8, 1500)):
+        data[pos] ^= 1 << bit
+        flipped.write_bytes(data)
+        data[pos] ^= 1 << bit
+        try:
+            s = ckpt.load(flipped)
+        except ckpt.CheckpointError:
+            refused += 1
+            continue
+        assert _same(s, good), f"byte {pos} bit {bit}: loaded a changed state"
+    assert refused > 100                                    # the flips did reach what is read
+
+
+# ----------------------------------------------------------------------------- runs in parts
+
+
+def test_a_run_in_parts_records_what_the_uninterrupted_run_records(tiny_h5, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = ("--epochs", "2", "--eval-every", "5")
+    assert train(tiny_h5, ref, *args) == 0
+    assert train(tiny_h5, run, *args, "--max-steps", "7") == 0      # 7: not an evaluation step
+    assert metrics(run)[-1]["step"] == 7 and metrics(run)[-1]["final"]
+    assert (run / "best.h5").is_file()
+    assert train(tiny_h5, run, *args) == 0
+    assert records_without_timings(run) == records_without_timings(ref)
+    assert [m["step"] for m in metrics(run)] == [5, 10, 12, 15, 20, 24]
+    assert_same_state(final_state(ref), final_state(run))
+
+
+def test_resuming_at_the_end_from_a_checkpoint_that_was_not_evaluated_records_it(tiny_h5, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny_h5, run, "--max-steps", "5", "--checkpoint-every", "4") == 0
+    for name in ("best.h5", "metrics.jsonl", "ckpt-step000000005.h5"):
+        (run / name).unlink()                         # as if stopped just after the checkpoint at step 4
+    (run / "metrics.jsonl").write_text("")
+    assert train(tiny_h5, run, "--max-steps", "4") == 0
+    assert [(m["step"], m["final"]) for m in metrics(run)] == [(4, True)]
+    assert (run / "best.h5").is_file() and ckpt.load(run / "best.h5").step == 4
+
+
+# ----------------------------------------------------------------------------- what a save costs
+
+
+def test_a_save_reads_no_kept_checkpoint_back(tiny_h5, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "6", "--checkpoint-every", "1", "--keep", "6") == 0
+    loads = []
+    real = ckpt.load
+    monkeypatch.setattr(ckpt, "load", lambda p: loads.append(p) or real(p))
+    assert train(tiny_h5, out, "--max-steps", "12", "--checkpoint-every", "1", "--keep", "6") == 0
+    # the resume reads the newest (6); the first save checks the 4 others it keeps once; later saves read none
+    assert len(loads) == 5, loads
