@@ -10,80 +10,25 @@
     dpcnn.fit(dpcnn.Config(epochs=2, out="runs/api"))     # the trainer; under mpirun on every rank
 
 ``images`` may be uint8 (pixel values 0-255) or float (intensities in [0, 1]), shaped (H, W),
-(N, H, W) or (N, H, W, C); they are standardised with the mean and std of the data the model was
+(N, H, W) or (N, H, W, C); anything else is refused (``dpcnn.inputs.check_images``, the check the
+predict command makes too). They are standardised with the mean and std of the data the model was
 trained on, as in training. ``fit`` takes the same ``Config`` the command line builds.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, State, check_data, load_model, recorded_data_path
-from .cli import EXIT_ERROR, UserError, report_error, setup_logging
-from .datasets import DATASETS
-from .h5format import Split, standardise
+from .checkpoint import State, load_model
+from .cli import EXIT_ERROR, report_error, setup_logging
+from .inputs import Normalisation, model_input, normalisation
 from .layers import softmax
 from .model import CNN
 
 log = logging.getLogger("dpcnn")
-
-# Pixel statistics of the MNIST training images / 255 (what `dpcnn.data prepare` stores),
-# used only when the data file a MNIST checkpoint was trained on is not at hand.
-MNIST_MEAN, MNIST_STD = 0.1306604762738429, 0.30810780385646264
-
-
-def as_batch(a: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray | None, bool]:
-    """Images for a model of input shape (H, W, C): one, (H, W, C) or grey (H, W), or N of them,
-    (N, H, W, C) or grey (N, H, W) -> ((N, H, W, C), whether it was one image); (None, False) for
-    any other shape."""
-    H, W, C = shape
-    single = a.shape == (H, W, C) or (C == 1 and a.shape == (H, W))
-    if single:
-        a = a[None]
-    if C == 1 and a.ndim == 3:
-        a = a[..., None]
-    return (a, single) if a.ndim == 4 and a.shape[1:] == (H, W, C) else (None, False)
-
-
-def shapes_text(shape: tuple[int, int, int]) -> str:
-    """The shapes as_batch takes, in words."""
-    H, W, C = shape
-    if C == 1:
-        return f"({H}, {W}), ({H}, {W}, 1), (N, {H}, {W}) or (N, {H}, {W}, 1)"
-    return f"({H}, {W}, {C}) or (N, {H}, {W}, {C})"
-
-
-@dataclass
-class Normalisation:
-    mean: float
-    std: float
-    class_names: list[str]
-    source: str                 # where mean and std came from
-
-
-def normalisation(state: State, ckpt_path: Path, model: CNN, data: Path | None = None,
-                  force: bool = False) -> Normalisation:
-    """Mean, std and class names: from `data`, else the recorded data file, else MNIST's values."""
-    explicit = data is not None
-    if not explicit:
-        data = recorded_data_path(state, ckpt_path) if state.config.get("data") else None
-    if data is not None and Path(data).is_file():
-        with Split(data, "test") as s:
-            check_data(state, ckpt_path, s, model, force)
-            return Normalisation(s.mean, s.std, list(s.class_names), str(data))
-    if explicit:
-        raise CheckpointError(f"{data}: no such data file (needed for the pixel mean and std)")
-    dataset = state.config.get("dataset")
-    if dataset == "mnist":
-        log.info("data file %s not found: using the MNIST pixel mean and std", data)
-        return Normalisation(MNIST_MEAN, MNIST_STD, list(DATASETS["mnist"].class_names), "MNIST constants")
-    raise CheckpointError(f"{ckpt_path}: its data file {data} is missing and it was trained on "
-                          f"{dataset or 'an unknown data set'}, whose pixel mean and std are needed; "
-                          "pass --data with the prepared data file (data= in dpcnn.load)")
 
 
 class Classifier:
@@ -95,21 +40,9 @@ class Classifier:
         self.spec = model.spec
 
     def _inputs(self, images) -> np.ndarray:
-        """uint8 0-255 or float 0-1, (H, W), (N, H, W) or (N, H, W, C) -> standardised (N, H, W, C)."""
-        a = as_batch(np.asarray(images), self.spec.input_shape)[0]
-        if a is None:
-            raise UserError(f"images of shape {np.shape(images)}, expected {shapes_text(self.spec.input_shape)}")
-        if np.issubdtype(a.dtype, np.integer):
-            if a.size and (a.min() < 0 or a.max() > 255):
-                raise UserError(f"integer pixel values must be 0-255, found {a.min()}..{a.max()}")
-            scale = 255.0
-        elif np.issubdtype(a.dtype, np.floating):
-            if not np.isfinite(a).all():
-                raise UserError("images hold NaN or infinite values")
-            scale = 1.0
-        else:
-            raise UserError(f"images of dtype {a.dtype}, expected integers (0-255) or floats (0-1)")
-        return standardise(a, self.norm.mean, self.norm.std, scale=scale)          # as in training
+        """uint8 0-255 or float 0-1, (H, W), (N, H, W) or (N, H, W, C) -> standardised (N, H, W, C),
+        checked as the predict command checks its arrays (dpcnn.inputs.check_images)."""
+        return model_input(images, self.spec.input_shape, self.norm)[0]          # as in training
 
     def predict_proba(self, images) -> np.ndarray:
         """(N, K) class probabilities (float64)."""

@@ -15,7 +15,8 @@ light paper or light on dark) are made into 28x28 inputs the way MNIST was made:
 
 ``.npy`` arrays are taken as already in MNIST form (white digit on black, centred, 28x28)
 and are not processed: shape (28, 28), (N, 28, 28) or (N, 28, 28, 1); an integer dtype
-means pixel values 0-255, a float dtype means intensities in [0, 1] (that is, x / 255).
+means pixel values 0-255, a float dtype means intensities in [0, 1] (that is, x / 255). They
+are checked as ``dpcnn.load(...).predict`` checks its arrays (``dpcnn.inputs.check_images``).
 
 That is ``--preprocess mnist``, the default (``auto``) for models trained on MNIST or
 Fashion-MNIST. A model trained on other data (``prepare --from-folder``, any size, grey or RGB)
@@ -48,14 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import as_batch, normalisation, shapes_text
 from .checkpoint import load_model
 from .cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
     Parser,
-    UserError,
     add_common_flags,
     entry_point,
     positive_int,
@@ -63,8 +62,8 @@ from .cli import (
     setup_logging,
 )
 from .datasets import DATASETS
-from .h5format import standardise
 from .images import eight_bit, folder_image
+from .inputs import InputError, Normalisation, model_input, normalisation
 from .layers import softmax
 
 log = logging.getLogger("dpcnn")
@@ -91,10 +90,6 @@ black, centred; integer dtype = pixel values 0-255, float dtype = intensities in
 Images need Pillow: pip install "dpcnn[predict]".
 Bad files are reported one line each and skipped; the exit status is then 1.
 """
-
-
-class InputError(UserError):
-    """An input file that cannot be classified (one-line message naming the file)."""
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -200,14 +195,8 @@ def read_resized(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return _open_image(path, lambda img: folder_image(img, (H, W), "grey" if C == 1 else "rgb"))
 
 
-def read_npy(path: Path, shape: tuple[int, int, int] = (28, 28, 1)) -> tuple[np.ndarray, bool]:
-    """A .npy file -> ((N, H, W, C) float32 intensities in [0, 1], whether it held one image) for a
-    model of input shape (H, W, C); InputError if unusable.
-
-    Accepts one image, (H, W) grey or (H, W, C), or N of them, (N, H, W) grey or (N, H, W, C);
-    integer dtype = 0..255, float dtype = [0, 1].
-    """
-    H, W, C = shape
+def read_npy(path: Path) -> np.ndarray:
+    """The array of a .npy file, as it is (dpcnn.inputs.check_images checks it); InputError if unreadable."""
     try:
         a = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -216,37 +205,22 @@ def read_npy(path: Path, shape: tuple[int, int, int] = (28, 28, 1)) -> tuple[np.
         raise InputError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
     if not isinstance(a, np.ndarray):
         raise InputError(f"{path}: holds several arrays (.npz); give one .npy array")
-    batch, single = as_batch(a, shape)
-    if batch is None or len(batch) == 0:
-        raise InputError(f"{path}: array of shape {a.shape}, expected {shapes_text(shape)}")
-    a = batch
-    if np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
-        if a.size and (a.min() < 0 or a.max() > 255):
-            raise InputError(f"{path}: integer pixel values must be 0-255, found {a.min()}..{a.max()}")
-        return a.astype(np.float32) / np.float32(255), single
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise InputError(f"{path}: array holds NaN or infinite values")
-        if a.min() < -1e-3 or a.max() > 1 + 1e-3:
-            raise InputError(f"{path}: float values must be intensities in [0, 1], found "
-                             f"{a.min():.3g}..{a.max():.3g} (give uint8 for 0-255)")
-        return np.clip(a, 0, 1).astype(np.float32), single
-    raise InputError(f"{path}: array dtype {a.dtype}, expected an integer (0-255) or float ([0, 1]) dtype")
+    return a
 
 
 # ----------------------------------------------------------------------------- the command
 
 
-def load_inputs(path: Path, shape: tuple[int, int, int], digits: bool
+def load_inputs(path: Path, shape: tuple[int, int, int], digits: bool, norm: Normalisation
                 ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """One input file for a model of input shape (H, W, C) -> (labels, intensities (N, H, W, C) in
-    [0, 1], the preprocessed uint8 image or None); digits: image files are made MNIST-style."""
+    """One input file for a model of input shape (H, W, C) -> (labels, the model's input (N, H, W, C)
+    checked and standardised, the preprocessed uint8 image or None); digits: image files are made
+    MNIST-style."""
     if path.suffix.lower() == ".npy":
-        v, single = read_npy(path, shape)
-        labels = [str(path)] if single else [f"{path}[{i}]" for i in range(v.shape[0])]
-        return labels, v, None
+        x, single = model_input(read_npy(path), shape, norm, name=str(path))
+        return [str(path)] if single else [f"{path}[{i}]" for i in range(len(x))], x, None
     u8 = read_image(path, shape[0]) if digits else read_resized(path, shape)
-    return [str(path)], (u8.astype(np.float32) / np.float32(255)).reshape(1, *shape), u8
+    return [str(path)], model_input(u8, shape, norm, name=str(path))[0], u8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,12 +295,12 @@ def main(argv=None) -> int:
     results, errors = [], []
     for path in args.images:
         try:
-            labels, v, u8 = load_inputs(path, shape, digits)
+            labels, x, u8 = load_inputs(path, shape, digits, norm)
             if u8 is not None and args.save_input:
                 from PIL import Image
                 Image.fromarray(u8, "L" if u8.ndim == 2 else "RGB").save(
                     args.save_input / f"{_unique_stem(path, args.images)}.{H}x{W}.png")
-            probs = softmax(model.predict_logits(standardise(v, norm.mean, norm.std, scale=1.0)).astype(np.float64))
+            probs = softmax(model.predict_logits(x).astype(np.float64))
         except KeyboardInterrupt as e:
             report_error(e, args.debug)
             return EXIT_INTERRUPTED

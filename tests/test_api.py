@@ -95,6 +95,29 @@ def test_bad_inputs_are_one_line_errors(trained):
             clf.predict(bad)
 
 
+def test_the_api_refuses_what_the_predict_command_refuses(trained, tmp_path, capsys):
+    """dpcnn.load(ckpt).predict(x) answered float pixels in 0-255 (and 1e30) with saturated
+    probabilities where `python -m dpcnn.predict` refused the same array: one check serves both."""
+    from dpcnn import predict
+    ckpt, npy = trained / "best.h5", tmp_path / "x.npy"
+    clf = dpcnn.load(ckpt)
+    for bad in (np.full((2, 28, 28), 200.0), np.full((1, 28, 28), 1e30, np.float32), np.ones((28, 28), bool),
+                np.full((28, 28), -3), np.zeros((0, 28, 28), np.uint8), np.zeros((3, 28, 28, 3), np.uint8)):
+        with pytest.raises(UserError) as e:
+            clf.predict(bad)
+        np.save(npy, bad)
+        assert predict.main(["--checkpoint", str(ckpt), str(npy)]) == 1
+        said = str(e.value)
+        assert said.startswith("images: ") and capsys.readouterr().err == f"error: {npy}: {said[8:]}\n"
+    good = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    for a in (good, good / 255.0):                        # and what both take, both answer alike
+        np.save(npy, a)
+        assert predict.main(["--checkpoint", str(ckpt), str(npy), "--json", "--top", "10"]) == 0
+        tops = [r["top"] for r in json.loads(capsys.readouterr().out)["predictions"]]
+        probs = np.array([[t["probability"] for t in sorted(top, key=lambda t: t["class"])] for top in tops])
+        assert np.array_equal(probs, clf.predict_proba(a))
+
+
 def test_export_npz_holds_every_layer(trained, tmp_path):
     clf = dpcnn.load(trained / "best.h5")
     path = dpcnn.export_npz(trained / "best.h5", tmp_path / "w.npz")
