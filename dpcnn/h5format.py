@@ -121,6 +121,9 @@ class Split:
             self._fail(f"{self.split}/images is {x.shape} {x.dtype}, expected (N, H, W) or (N, H, W, C) uint8")
         if y.shape != (x.shape[0],) or y.dtype != np.uint8:
             self._fail(f"{self.split}/labels is {y.shape} {y.dtype}, expected ({x.shape[0]},) uint8")
+        too_few = _too_few_classes(self.class_names)
+        if too_few:
+            self._fail(f"{too_few} (the class_names attribute)")
         self._images, self.labels = x, self._read(lambda: y[...], "labels")
         self.num_classes = len(self.class_names)
         if len(self.labels) and self.labels.max() >= self.num_classes:
@@ -275,6 +278,14 @@ def info_lines(path) -> list[str]:
     return lines
 
 
+def _too_few_classes(class_names) -> str:
+    """What is wrong with a data set of fewer than 2 classes (nothing to tell apart), else ''."""
+    if len(class_names) >= 2:
+        return ""
+    has = f"one class ({class_names[0]!r})" if class_names else "no classes"
+    return f"has {has}; a classifier needs at least 2"
+
+
 # ----------------------------------------------------------------------------- what made a file
 
 def made_from(f: h5py.File) -> dict:
@@ -418,6 +429,9 @@ def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray
     arrays: split -> (images (N, H, W) uint8, labels (N,) uint8). sha: file name -> SHA-256.
     made: what the file is made from, stored as the ``made_from`` attribute (see `made_from`).
     """
+    too_few = _too_few_classes(info.class_names)
+    if too_few:
+        raise DataError(f"{info.name}: {too_few}")
     mean, std = pixel_stats(arrays["train"][0])
 
     def fill(f: h5py.File) -> None:

@@ -6,8 +6,9 @@
 An image folder holds one subfolder of images per class (the layout torchvision's ImageFolder and
 Keras's image_dataset_from_directory read). Every image is turned upright as its EXIF orientation
 says, 16-bit grey scaled to 8 bits, converted to grey or RGB and resized (Lanczos): ``folder_image``,
-which ``dpcnn.predict`` also uses on a model trained on such a file. Pillow is needed (the
-``predict`` extra) and imported only when an image is read.
+which ``dpcnn.predict`` also uses on a model trained on such a file. Both open image files with
+``open_image``, which refuses an image of more pixels than ``pixel_limit()`` before decoding it.
+Pillow is needed (the ``predict`` extra) and imported only when an image is read.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +31,51 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 COLORS = {"grey": "L", "rgb": "RGB"}
+PIL_MISSING = 'reading images needs Pillow: pip install "dpcnn[predict]" (or pip install pillow)'
+
+
+def shown(path) -> str:
+    """A path as text that can always be printed: bytes of a name that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def pixel_limit() -> int | None:
+    """The most pixels an image file may have: Pillow's MAX_IMAGE_PIXELS (89,478,485 unless a program
+    changes it; None: no limit). Pillow itself only warns above it and refuses at twice that."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def open_image(source, name, convert: Callable[[Any], Any]):
+    """convert(the Pillow image in `source`, a path or a binary file), loaded only when it has no
+    more pixels than pixel_limit(). DataError naming `name` when it has more, or is missing or
+    unreadable, or Pillow is not installed."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"{shown(name)}: {PIL_MISSING}") from None
+    limit = pixel_limit()
+    try:
+        with warnings.catch_warnings():            # Pillow warns from the limit on: we refuse instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:         # reads the header, not the pixels
+                w, h = img.size
+                if limit is not None and w * h > limit:
+                    raise DataError(f"{shown(name)}: {w}x{h} pixels, more than the {limit} an image may have "
+                                    "(PIL.Image.MAX_IMAGE_PIXELS); scale it down first")
+                img.load()
+                return convert(img)
+    except Image.DecompressionBombError as e:       # twice the limit: refused by Pillow on opening
+        raise DataError(f"{shown(name)}: more pixels than the {limit} an image may have ({e})") from None
+    except FileNotFoundError:
+        raise DataError(f"{shown(name)}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{shown(name)}: is a directory, not an image") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{shown(name)}: not an image file Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
+        raise DataError(f"{shown(name)}: cannot read the image ({' '.join(str(e).split())})") from None
 
 
 def eight_bit(im):
@@ -59,10 +109,6 @@ def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
     Classes are the subfolders in sorted order (or `classes`, for a test folder that must match);
     files are taken in sorted order, converted to grey or RGB and resized to size = (H, W).
     """
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError('reading image folders needs Pillow: pip install "dpcnn[predict]"') from None
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory (expected one subfolder of images per class)")
@@ -71,6 +117,8 @@ def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
         raise DataError(f"{root}: classes {found} differ from the training folder's {classes}")
     if len(found) < 2 or len(found) > 256:
         raise DataError(f"{root}: {len(found)} class subfolder(s), expected 2 to 256")
+    for name in found:                                   # class names are stored as text: UTF-8
+        _check_utf8(root / name, "its name is a class name")
     H, W = size
     images, labels, h = [], [], hashlib.sha256()
     for label, name in enumerate(found):
@@ -79,15 +127,20 @@ def read_folder(root: Path, size: tuple[int, int], color: str = "grey",
             raise DataError(f"{root / name}: no images ({', '.join(IMAGE_SUFFIXES)})")
         for p in files:                                   # one decode per file: not a hot path
             raw = p.read_bytes()
-            h.update(f"{name}/{p.name}:{len(raw)}:".encode())
+            h.update(os.fsencode(f"{name}/{p.name}") + f":{len(raw)}:".encode())
             h.update(raw)
-            try:
-                with Image.open(io.BytesIO(raw)) as im:
-                    images.append(folder_image(im, size, color))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise DataError(f"{p}: not a readable image ({e})") from None
+            images.append(open_image(io.BytesIO(raw), p, lambda im: folder_image(im, size, color)))
             labels.append(label)
     return np.stack(images), np.asarray(labels, np.uint8), found, h.hexdigest()
+
+
+def _check_utf8(path: Path, why: str) -> None:
+    """DataError naming `path` when its name is not UTF-8 (it cannot be stored as text)."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{shown(path)}: the folder's name is not UTF-8, and {why}, stored as text: "
+                        "rename the folder") from None
 
 
 def prepare_folder(root, out, *, test=None, test_fraction: float = 0.1, size: tuple[int, int] = (28, 28),
@@ -107,6 +160,8 @@ def prepare_folder(root, out, *, test=None, test_fraction: float = 0.1, size: tu
             "test_fraction": None if test is not None else test_fraction, "size": list(size), "color": color}
     check_replaceable(out, made)
     check_writable(out)
+    if name is None:
+        _check_utf8(root.resolve(), "it names the data set")
     x, y, classes, digest = read_folder(root, size, color)
     sha = {"train": digest}
     if test is not None:

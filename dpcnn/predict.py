@@ -44,7 +44,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,7 @@ from .cli import (
     setup_logging,
 )
 from .datasets import DATASETS
-from .images import eight_bit, folder_image
+from .images import PIL_MISSING, eight_bit, folder_image, open_image
 from .inputs import InputError, Normalisation, model_input, normalisation
 from .layers import softmax
 
@@ -71,8 +70,6 @@ log = logging.getLogger("dpcnn")
 BORDER_LIGHT = 127      # mean border grey level above which the image is dark ink on light paper
 INK = 0.2               # after stretching, pixels above this fraction of 255 are ink (bounding box)
 BOX = 20                # MNIST digits fit a 20x20 box in the 28x28 field
-
-PIL_MISSING = 'reading images needs Pillow: pip install "dpcnn[predict]" (or pip install pillow)'
 
 EPILOG = """\
 examples:
@@ -157,32 +154,9 @@ def mnist_style(grey: np.ndarray, size: int = 28, name: str = "image") -> np.nda
     return out
 
 
-def _open_image(path: Path, convert):
-    """convert(the Pillow image of the file at path); InputError naming the file if unreadable."""
-    Image, _ = _pil()
-    if Image is None:
-        raise InputError(f"{path}: {PIL_MISSING}")
-    try:
-        with warnings.catch_warnings():       # an image too large to be a digit: an error, not a warning
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return convert(img)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: {e}") from None
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{path}: not an image file Pillow can read (and not .npy)") from None
-    except (OSError, ValueError, SyntaxError) as e:     # truncated or corrupt files
-        raise InputError(f"{path}: cannot read the image ({' '.join(str(e).split())})") from None
-
-
 def read_image(path: Path, size: int = 28) -> np.ndarray:
-    """An image file -> (size, size) uint8 MNIST-style. InputError naming the file if unreadable."""
-    return mnist_style(_open_image(path, grey_levels), size, str(path))
+    """An image file -> (size, size) uint8 MNIST-style; a one-line error naming the file if unusable."""
+    return mnist_style(open_image(path, path, grey_levels), size, str(path))
 
 
 def read_resized(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -192,7 +166,7 @@ def read_resized(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     if C not in (1, 3):
         raise InputError(f"{path}: the model takes {C}-channel inputs, which image files do not hold; "
                          f"give a .npy array (N, {H}, {W}, {C})")
-    return _open_image(path, lambda img: folder_image(img, (H, W), "grey" if C == 1 else "rgb"))
+    return open_image(path, path, lambda img: folder_image(img, (H, W), "grey" if C == 1 else "rgb"))
 
 
 def read_npy(path: Path) -> np.ndarray:

@@ -18,7 +18,7 @@ from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_
 from dpcnn import data, h5format
 from dpcnn.data import ShardedLoader, epoch_order, num_batches, shard_bounds
 from dpcnn.datasets import DATASETS, DatasetInfo
-from dpcnn.h5format import FORMAT_VERSION, DataError, Split
+from dpcnn.h5format import FORMAT_VERSION, DataError, Split, write_h5
 from dpcnn.idx import FILES, prepare_dataset, read_idx
 from dpcnn.prepare import main as prepare_main
 
@@ -271,6 +271,26 @@ def test_split_validation(prepared, edit, expect):
     with pytest.raises(DataError, match=path.name) as e:
         Split(path)
     assert re.search(expect, one_line(e))
+
+
+def test_a_file_of_one_class_says_so(prepared, tmp_path, capsys):
+    """A 1-class file was refused by the trainer as a bad --channels/--kernel/--hidden: the file
+    says it has one class, and write_h5 does not write one."""
+    from dpcnn.train import main as train_main
+    path, _ = prepared
+    _edit(path, lambda f: (f.attrs.__setitem__("class_names", json.dumps(["cat"])),
+                           _replace(f["train"], "labels", np.zeros(50, np.uint8)),
+                           _replace(f["test"], "labels", np.zeros(20, np.uint8))))
+    said = f"{path}: has one class ('cat'); a classifier needs at least 2 (the class_names attribute)"
+    with pytest.raises(DataError) as e:
+        Split(path)
+    assert one_line(e) == said
+    assert train_main(["--data", str(path), "--out", str(tmp_path / "run"), "--comm", "serial", "-q"]) == 1
+    assert capsys.readouterr().err == f"error: {said}\n"
+    one = {s: (np.zeros((4, 8, 8), np.uint8), np.zeros(4, np.uint8)) for s in ("train", "test")}
+    with pytest.raises(DataError, match=r"^one: has one class \('cat'\); a classifier needs at least 2$"):
+        write_h5(tmp_path / "one.h5", DatasetInfo("one", ("cat",)), one, {})
+    assert not (tmp_path / "one.h5").exists()
 
 
 def test_split_open_errors(tmp_path, prepared):

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import os
 import shlex
+import struct
+import zlib
 
 import h5py
 import numpy as np
@@ -76,7 +79,7 @@ def test_folder_errors_name_the_problem(tmp_path, capsys):
         read_folder(tmp_path / "none", (28, 28))
     src = make_folder(tmp_path / "a", classes=("x", "y"), per_class=2)
     (src / "y" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"broken\.png: not a readable image"):
+    with pytest.raises(DataError, match=r"broken\.png: not an image file Pillow can read"):
         read_folder(src, (28, 28))
     test = make_folder(tmp_path / "t", classes=("x", "z"), per_class=1)
     (src / "y" / "broken.png").unlink()
@@ -129,7 +132,7 @@ def test_force_keeps_a_folders_images_and_the_damage_advice_makes_them_again(tmp
     info, _ = make_source(tmp_path / "idx")               # an MNIST that needs no network
     monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(info, name="mnist"))
     before = out.read_bytes()
-    for argv in (["--force"], ["--force", "--source", str(tmp_path / "idx")]):
+    for argv in (["--force", "--source", str(tmp_path / "idx")], ["--force"]):
         assert prepare_main(["prepare", "--out", str(out), *argv]) == 1
         err = capsys.readouterr().err
         assert err == (f"error: --out {out}: holds shapes, prepared from an image folder; not replaced by mnist "
@@ -146,6 +149,55 @@ def test_force_keeps_a_folders_images_and_the_damage_advice_makes_them_again(tmp
     assert prepare_main(shlex.split(made)[3:] + ["-q"]) == 0 and verify(out) is True
     with h5py.File(out) as f:
         assert all(np.array_equal(f[k][...], a) for k, a in arrays.items())
+
+
+def test_folder_names_that_are_not_utf8_are_named(tmp_path, capsys):
+    """A class folder whose name is not UTF-8 gave a bare UnicodeEncodeError: the error names the
+    folder. An image file of such a name is just an image."""
+    src = make_folder(tmp_path / "a", classes=("x", "y"), per_class=2)
+    odd = os.fsdecode(b"caf\xe9")
+    (src / "y" / "000.jpg").rename(src / "y" / f"{odd}.jpg")
+    out = prepare_folder(src, tmp_path / "a.h5")
+    with Split(out, "train") as tr, Split(out, "test") as te:
+        assert tr.n + te.n == 4
+    (src / "y").rename(src / odd)
+    assert prepare_main(["prepare", "--from-folder", str(src), "--out", str(tmp_path / "b.h5")]) == 1
+    assert capsys.readouterr().err == (f"error: {src}/caf\\xe9: the folder's name is not UTF-8, and its name is "
+                                       "a class name, stored as text: rename the folder\n")
+    (src / odd).rename(src / "y")
+    src.rename(tmp_path / odd)
+    assert prepare_main(["prepare", "--from-folder", str(tmp_path / odd), "--out", str(tmp_path / "c.h5")]) == 1
+    assert "caf\\xe9: the folder's name is not UTF-8, and it names the data set" in capsys.readouterr().err
+    assert not (tmp_path / "b.h5").exists() and not (tmp_path / "c.h5").exists()
+
+
+def png_of_zeros(path, w, h):
+    """A valid grey PNG of w x h black pixels, written without holding them (a few hundred KB)."""
+    z, row = zlib.compressobj(1), bytes(w + 1)             # filter byte 0, then the row
+    data = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_one_pixel_limit_for_from_folder_and_predict(tmp_path, capsys):
+    """--from-folder decoded a 144-megapixel PNG that predict refused: both refuse it, before
+    decoding, in the same words."""
+    from dpcnn import predict
+    src = make_folder(tmp_path / "a", classes=("x", "y"), per_class=2)
+    big = png_of_zeros(src / "y" / "big.png", 12000, 12000)
+    said = f"{big}: 12000x12000 pixels, more than the 89478485 an image may have (PIL.Image.MAX_IMAGE_PIXELS); " \
+           "scale it down first"
+    assert prepare_main(["prepare", "--from-folder", str(src), "--out", str(tmp_path / "a.h5")]) == 1
+    assert capsys.readouterr().err == f"error: {said}\n"
+    for read in (predict.read_image, lambda p: predict.read_resized(p, (28, 28, 1))):
+        with pytest.raises(DataError) as e:
+            read(big)
+        assert str(e.value) == said
+    assert not (tmp_path / "a.h5").exists()
 
 
 @pytest.mark.timeout(120)
