@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-# The file format: DataError, Split, default_data_path, standardise and verify are also imported
-# from here by the trainer, evaluate and checkpoint.
-from .h5format import DataError, Split, default_data_path, standardise, verify  # noqa: F401
+# default_data_path and verify are re-exported: the trainer and config import them from here.
+from .h5format import DataError, Split, default_data_path, verify  # noqa: F401
 
 # Random streams besides the sample order: each use draws from its own SeedSequence spawn key,
 # so no two uses (nor epoch_order's default_rng([seed, epoch])) ever share a stream.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
 
-from dpcnn import data, h5format
+from dpcnn import h5format
 from dpcnn.data import ShardedLoader, epoch_order, num_batches, shard_bounds
 from dpcnn.datasets import DATASETS, DatasetInfo
 from dpcnn.h5format import FORMAT_VERSION, DataError, Split, write_h5
@@ -220,7 +220,7 @@ def test_registry():
     assert DATASETS["fashion-mnist"].size == DATASETS["mnist"].size
     assert DATASETS["mnist"].size["train-images-idx3-ubyte"] == 16 + 60000 * 28 * 28
     assert DATASETS["fashion-mnist"].class_names[9] == "Ankle boot"
-    assert data.default_data_path("fashion-mnist") == Path("data/fashion-mnist.h5")
+    assert h5format.default_data_path("fashion-mnist") == Path("data/fashion-mnist.h5")
 
 
 # ----------------------------------------------------------------------------- Split
@@ -520,7 +520,7 @@ def test_real_mnist(tmp_path):
         assert np.bincount(tr.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
         assert np.bincount(te.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
         assert (round(tr.mean, 4), round(tr.std, 4)) == (0.1307, 0.3081)
-        assert data.verify(out) is True
+        assert h5format.verify(out) is True
         L = ShardedLoader(tr, batch_size=128, rank=1, size=4, seed=0)
         x, y, M = L.batch(0, 0)
         assert x.shape == (32, 28, 28, 1) and M == 128 and len(L._images) == 468 * 32

@@ -1,4 +1,4 @@
-"""dpcnn.data.verify: the arrays themselves checked against their stored SHA-256, by prepare and info."""
+"""dpcnn.h5format.verify: the arrays themselves checked against their stored SHA-256, by prepare and info."""
 
 import shlex
 
