@@ -297,11 +297,11 @@ def made_from(f: h5py.File) -> dict:
 
     or, for a file without it, what its ``source_sha256`` says: image folders store the digests
     of their train and test folders, IDX data sets those of their four files (folder and source
-    then unknown: None)."""
+    then unknown: None). A ``made_from`` that is not as documented counts as missing."""
     a = f.attrs
     try:
         made = json.loads(a["made_from"])
-        if isinstance(made, dict) and made.get("kind") in ("idx", "folder"):
+        if _documented(made):
             return made
     except (KeyError, TypeError, ValueError):
         pass
@@ -316,6 +316,26 @@ def made_from(f: h5py.File) -> dict:
             made.update(size=list(x.shape[1:3]), color="rgb" if x.ndim == 4 else "grey")
         return made
     return {"kind": "idx", "dataset": str(a.get("dataset", "mnist")), "source": None}
+
+
+def _documented(made) -> bool:
+    """Whether a ``made_from`` read from a file has the fields and types `made_from` documents."""
+    if not isinstance(made, dict):
+        return False
+
+    def text(k):
+        return made.get(k) is None or isinstance(made[k], str)
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if made.get("kind") == "idx":
+        return isinstance(made.get("dataset"), str) and text("source")
+    size, fraction = made.get("size"), made.get("test_fraction")
+    return (made.get("kind") == "folder" and text("folder") and text("test_folder")
+            and made.get("color") in (None, "grey", "rgb")
+            and (fraction is None or integer(fraction) or isinstance(fraction, float))
+            and (size is None or isinstance(size, list) and len(size) == 2 and all(map(integer, size))))
 
 
 def remake_command(path, made: dict) -> str:
@@ -349,15 +369,18 @@ def _what_is(path: Path) -> tuple[dict | None, str]:
     except OSError:
         return None, "is not an HDF5 file" if path.exists() else "is a link to nothing"
     with f:
-        a = f.attrs
-        if str(a.get("format", "")) == "dpcnn-checkpoint":
-            return None, "is a dpcnn checkpoint, not a data file"
-        if "format_version" not in a or "dataset" not in a:
-            return None, "is an HDF5 file but not a dpcnn data file"
-        made = made_from(f)
+        try:
+            a = f.attrs
+            if str(a.get("format", "")) == "dpcnn-checkpoint":
+                return None, "is a dpcnn checkpoint, not a data file"
+            if "format_version" not in a or "dataset" not in a:
+                return None, "is an HDF5 file but not a dpcnn data file"
+            made, name = made_from(f), a["dataset"]
+        except (OSError, KeyError, TypeError, ValueError):
+            return None, "is an HDF5 file whose attributes cannot be read"
         if made["kind"] == "folder":
-            return made, f"holds {a['dataset']}, prepared from an image folder"
-        return made, f"holds {a['dataset']}, prepared from its IDX files"
+            return made, f"holds {name}, prepared from an image folder"
+        return made, f"holds {name}, prepared from its IDX files"
 
 
 def check_replaceable(out: Path, made: dict, flag: str = "--out") -> None:

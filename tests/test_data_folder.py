@@ -151,6 +151,17 @@ def test_force_keeps_a_folders_images_and_the_damage_advice_makes_them_again(tmp
         assert all(np.array_equal(f[k][...], a) for k, a in arrays.items())
 
 
+def test_a_made_from_not_as_documented_counts_as_missing(tmp_path):
+    """made_from is read from a file anyone can write: a value of the wrong types gives the advice
+    an older file gets, never a traceback in place of the damaged-file message."""
+    out = prepare_folder(make_folder(tmp_path / "a", classes=("x", "y"), per_class=2), tmp_path / "a.h5")
+    with h5py.File(out, "r+") as f:
+        f.attrs["made_from"] = json.dumps({"kind": "folder", "folder": ["a"], "test_fraction": "x", "size": "big"})
+    with Split(out) as s:
+        assert s.remake == (f"python -m dpcnn.data prepare --from-folder DIR --out {out} "
+                            "(DIR: the image folder it was made from)")
+
+
 def test_folder_names_that_are_not_utf8_are_named(tmp_path, capsys):
     """A class folder whose name is not UTF-8 gave a bare UnicodeEncodeError: the error names the
     folder. An image file of such a name is just an image."""
