@@ -37,8 +37,9 @@ from .h5format import DataError, default_data_path, info_lines, verify, write_h5
 from .idx import DownloadError, offline_message, prepare_dataset
 from .images import COLORS, prepare_folder
 
-# Temporary, until train.py, config.py and tests/conftest.py import them from where they live:
-# `prepare` (dpcnn.idx.prepare_dataset), DatasetInfo, write_h5, DownloadError, offline_message.
+# Temporary, until they are imported from where they live: `prepare` (dpcnn.idx.prepare_dataset),
+# DownloadError and offline_message (train.py), DATASETS (config.py), DatasetInfo and write_h5
+# (tests/conftest.py, test_slurm.py, test_tools.py).
 prepare = prepare_dataset
 
 EPILOG = """\
@@ -91,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--source", help="directory with the four IDX files (.gz or raw), or an "
                                      "http(s) base URL; default: the public mirrors in order")
     pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")
-    pp.add_argument("--force", action="store_true", help="rewrite even if up to date")
+    pp.add_argument("--force", action="store_true", help="rewrite even if up to date (never a file of another "
+                                                         "data set or kind: a checkpoint, a --from-folder file)")
     pp.add_argument("--timeout", type=positive_float, default=TIMEOUT_S,
                     help=f"a download fails when it delivers less than {MIN_BYTES // 1024} KiB in this many "
                          f"seconds (a stalled or trickling server); default {TIMEOUT_S:g}")
