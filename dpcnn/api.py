@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import State, load_model
-from .cli import EXIT_ERROR, report_error, setup_logging
+from .cli import EXIT_ERROR, report_error
 from .inputs import Normalisation, model_input, normalisation
 from .layers import softmax
 from .model import CNN
@@ -104,29 +104,29 @@ def fit(config, comm=None) -> int:
     one rank, an error only this rank has is printed and the job aborted (MPI_Abort), as the
     command does: the other ranks would otherwise wait for this one forever.
 
-    When the program has not set up logging itself, rank 0 shows the command's lines on stderr
-    and train.log receives them, as from the command line; that set-up is undone on return."""
-    from .comm import SharedError, get_comm
-    from .train import train
+    It trains inside the command's process set-up (``dpcnn.process.training_process``): when the
+    program has not set up logging itself, rank 0 shows the command's lines on stderr and train.log
+    receives them; from the main thread SIGTERM, SIGUSR1 and Ctrl-C stop it with a checkpoint
+    (from another thread they are left to the program); everything it changes in the process
+    (logging, signal handlers, the signal wake-up fd, BLAS threads) is restored on return."""
+    from .comm import LaunchError, SharedError, get_comm
+    from .process import training_process
+    from .train import run
 
-    comm = comm or get_comm(config.comm)
-    check_everywhere(config, comm)          # a bad Config raises on every rank: nobody is left waiting
-    root = logging.getLogger()
-    ours = not root.handlers
-    if ours:
-        level = root.level
-        setup_logging(quiet=False, rank=comm.rank)
     try:
-        return train(config, comm)
-    except SharedError:                     # every rank raises it: nobody is left waiting
+        comm = comm or get_comm(config.comm)
+    except LaunchError as e:                # the launcher's other ranks wait for this one in MPI_Init
+        report_error(e)
+        e.end_launch(EXIT_ERROR)
         raise
-    except BaseException as e:
-        if comm.size > 1:
-            report_error(e, prefix=f"rank {comm.rank}: ")
-            comm.abort(EXIT_ERROR)
-        raise
-    finally:
-        if ours:
-            for h in root.handlers[:]:
-                root.removeHandler(h)
-            root.setLevel(level)
+    with training_process(comm, config.timeout, config.threads) as proc:
+        check_everywhere(config, proc.comm)         # a bad Config raises on every rank: nobody is left waiting
+        try:
+            return run(config, proc)
+        except SharedError:                         # every rank raises it: nobody is left waiting
+            raise
+        except BaseException as e:
+            if comm.size > 1:
+                report_error(e, prefix=f"rank {comm.rank}: ")
+                comm.abort(EXIT_ERROR)
+            raise

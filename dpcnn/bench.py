@@ -25,10 +25,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .cli import Parser, entry_point, positive_int
-from .comm import SerialComm, blas_summary
+from .comm import SerialComm
 from .config import Config
 from .malloc import keep_freed_memory
 from .model import ModelSpec
+from .node import blas_summary
 from .step import TrainStep
 from .torchref import torch_model
 

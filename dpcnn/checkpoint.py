@@ -74,6 +74,21 @@ class State:
     world_size: int = 1
     interval: dict = field(default_factory=dict)   # training loss/correct/samples summed since the last record
 
+    @property
+    def settings(self) -> Config:
+        """The Config the run had (from the saved config.json facts)."""
+        return Config.from_dict(self.config)
+
+    @property
+    def dataset(self) -> str:
+        """The name of the data set the run trained on ('?' if the checkpoint does not say)."""
+        return str(self.config.get("dataset", "?"))
+
+    @property
+    def data_file(self) -> str | None:
+        """The data file the run trained on (its absolute path), if the checkpoint records it."""
+        return self.config.get("data") or None
+
 
 def save(path: Path, s: State) -> Path:
     """Write State s to path atomically (built in memory, one write, fsync, rename)."""
@@ -204,25 +219,17 @@ RESUME_FIELDS = ("seed", "batch_size", "keep_last", "val_size", "val_seed", "shi
                  "exact")
 RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 RESUME_FIELDS_EXACT = ("micro_batch", "threads_per_rank")
-# What a checkpoint written before a setting existed ran with, where that differs from today's
-# default: no validation hold-out, He-normal weights, float sums. (Every other setting's default
-# is what the code did before it could be set.)
-ABSENT = {"val_size": 0, "init": "he", "exact": False}
 
 
 def resume_conflicts(config: Config, threads: int, saved: dict) -> list[str]:
     """The settings in which this run (config, BLAS threads per rank) differs from the saved
-    config.json facts of the run it would continue, as '--flag NOW (saved: --flag THEN)'."""
+    config.json of the run it would continue, as '--flag NOW (saved: --flag THEN)'."""
     mine = {**config.to_dict(), "threads_per_rank": threads}
-    then = {**Config().to_dict(), **ABSENT, "threads_per_rank": None}
-
-    def was(key: str):
-        return saved[key] if key in saved else then[key]
-
+    then = {**Config.from_dict(saved).to_dict(), "threads_per_rank": saved.get("threads_per_rank")}
     keys = RESUME_FIELDS + (RESUME_FIELDS_STEP if config.schedule == "step" else ()) \
-        + (RESUME_FIELDS_EXACT if config.exact or was("exact") else ())
-    return [f"{flag_text(k, mine[k])} (saved: {flag_text(k, was(k))})" for k in keys
-            if was(k) != mine[k] and not (k == "threads_per_rank" and was(k) is None)]
+        + (RESUME_FIELDS_EXACT if config.exact or then["exact"] else ())
+    return [f"{flag_text(k, mine[k])} (saved: {flag_text(k, then[k])})" for k in keys
+            if then[k] != mine[k] and not (k == "threads_per_rank" and then[k] is None)]
 
 
 def check_compatible(s: State, path: Path, spec: ModelSpec, data: Split, train_samples: int, config: Config,
@@ -238,7 +245,7 @@ def check_compatible(s: State, path: Path, spec: ModelSpec, data: Split, train_s
     legacy = s.data_fingerprint == data.legacy_fingerprint and s.config.get("train_samples") == train_samples
     if s.data_fingerprint != data.fingerprint and not legacy:
         raise CheckpointError(f"{path}: saved for another data set "
-                              f"({s.config.get('dataset', '?')}, fingerprint {s.data_fingerprint[:12]}), "
+                              f"({s.dataset}, fingerprint {s.data_fingerprint[:12]}), "
                               f"this run reads {data.path} (fingerprint {data.fingerprint[:12]})")
     if legacy:
         log.warning("warning: %s: written by dpcnn %s, which identified the data by its name only: make sure "
@@ -263,9 +270,21 @@ def load_model(path: Path) -> tuple[CNN, State]:
     return model, state
 
 
+def load_init(path: Path, spec: ModelSpec, fingerprint: str) -> tuple[dict[str, np.ndarray], str]:
+    """--init-from: (the parameters of the checkpoint at path, what it is, for the log). A model
+    that differs from spec is refused."""
+    s = load(path)
+    saved = ModelSpec.from_dict(s.spec)
+    if saved != spec:
+        raise CheckpointError(f"--init-from {path}: saved for model {saved}, this run builds {spec}; "
+                              "give the model flags it was trained with")
+    other = "" if s.data_fingerprint == fingerprint else f", trained on {s.dataset}"
+    return s.params, f"step {s.step}{other}"
+
+
 def recorded_data_path(state: State, path: Path) -> Path:
     """The data file the checkpoint was trained on, from its configuration."""
-    data = state.config.get("data")
+    data = state.data_file
     if not data:
         raise CheckpointError(f"{path}: the checkpoint does not record its data file; pass --data")
     return Path(data)
@@ -279,7 +298,7 @@ def check_data(state: State, ckpt_path: Path, split: Split, model: CNN, force: b
                               f"classes, {split.path} has {split.image_shape[0]}x{split.image_shape[1]} images "
                               f"in {split.num_classes}")
     if state.data_fingerprint not in (split.fingerprint, split.legacy_fingerprint):
-        msg = (f"{ckpt_path}: trained on another data set ({state.config.get('dataset', '?')}, fingerprint "
+        msg = (f"{ckpt_path}: trained on another data set ({state.dataset}, fingerprint "
                f"{state.data_fingerprint[:12]}) than {split.path} ({split.dataset}, fingerprint "
                f"{split.fingerprint[:12]})")
         if not force:

@@ -4,48 +4,73 @@
 ``MPIComm`` under ``mpirun``/``mpiexec``/``srun``. mpi4py is imported only inside
 ``MPIComm``, so a single process needs no MPI library, and the math never imports it.
 Method names follow MPI: ``allreduce`` (in-place sum of a NumPy buffer), ``bcast``,
-``bcast_obj``, ``allgather_obj``, ``barrier``, ``abort``; ``Comm`` is their protocol type.
+``bcast_obj``, ``allgather_obj``, ``barrier``, ``abort``; ``Comm`` is their abstract base, and
+each communicator implements every one of them itself (a method it lacks is a TypeError when it
+is made, never a collective that silently does nothing).
 
 Beside them live the distributed helpers every command shares: ``on_root`` (rank 0 does a
 job, every rank gets its result or its error as one ``SharedError``), ``check_in_sync``
-(parameters identical on every rank) and ``find_mpiexec``.
-
-This module also knows the node: how many ranks share it (an MPI shared-memory split)
-and how many CPUs they may use, so that an oversubscribed node is warned about.
+(parameters identical on every rank) and ``check_same`` (every rank started alike).
+What runs where (host names, CPUs, BLAS) is ``dpcnn.node``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
-import socket
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .cli import UserError, error_line
+from .node import usable_cpus
 
 T = TypeVar("T")
 
 # Environment variables that MPI launchers set in every rank they start.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                  "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD", "PMI_FD", "MV2_COMM_WORLD_SIZE")
+# ... and those among them that hold how many ranks it started (hydra/PMI, Open MPI, MVAPICH).
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 class CommError(UserError):
     """A launch or communication problem with a one-line explanation."""
 
 
+class LaunchError(CommError):
+    """This process cannot take part in the launch it was started in (``--comm serial`` under a
+    launcher of several ranks). The other ranks wait for it inside MPI_Init, so printing the error
+    is not enough: ``end_launch`` joins the world and aborts it, ending every rank."""
+
+    def end_launch(self, code: int) -> None:
+        try:
+            import mpi4py
+            mpi4py.rc.threads = False              # only this thread, only to abort: no other call follows
+            from mpi4py import MPI
+        except ImportError:                        # the others cannot be ended from here
+            return
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+
+
 class SharedError(UserError):
     """An error every rank has learned about (from rank 0): all exit together, no abort needed."""
 
 
-class Comm(Protocol):
-    """What dpcnn needs of a communicator (``SerialComm``, ``MPIComm``)."""
+THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")      # MPI_THREAD_SINGLE ... MULTIPLE
+
+
+class Comm(ABC):
+    """What dpcnn needs of a communicator (``SerialComm``, ``MPIComm``, the watchdog's wrapper).
+
+    Every collective is abstract: each communicator implements it itself."""
 
     rank: int
     size: int
@@ -54,29 +79,58 @@ class Comm(Protocol):
     num_nodes: int
     is_root: bool
     name: str
+    thread_level: str           # the MPI thread support ("multiple": any thread may call MPI at any time)
 
-    def allreduce(self, buf: np.ndarray) -> None: ...
-    def bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
-    def bcast_obj(self, obj: Any, root: int = 0) -> Any: ...
-    def allgather_obj(self, obj: Any) -> list: ...
+    @abstractmethod
+    def allreduce(self, buf: np.ndarray) -> None:
+        """Sum buf over all ranks, in place."""
+
+    @abstractmethod
+    def bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        """Copy root's buf into every rank's buf, in place."""
+
+    @abstractmethod
+    def bcast_obj(self, obj: Any, root: int = 0) -> Any:
+        """Root's obj, on every rank (pickled)."""
+
+    @abstractmethod
+    def allgather_obj(self, obj: Any) -> list:
+        """[rank 0's obj, rank 1's obj, ...] on every rank."""
+
+    @abstractmethod
     def barrier(self) -> None: ...
-    def abort(self, code: int = 1) -> None: ...
-    def node_cpus(self) -> int: ...
-    def versions(self) -> dict: ...
+
+    @abstractmethod
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now with status code (any thread may call it)."""
+
+    @abstractmethod
+    def node_cpus(self) -> int:
+        """CPUs usable by the ranks of this node together (collective over the node)."""
+
+    @abstractmethod
+    def versions(self) -> dict:
+        """The MPI library, mpi4py and the thread level (none without MPI)."""
+
+    def root_job(self, what: str) -> AbstractContextManager[None]:
+        """Around a job rank 0 does alone while the others wait for its result (``on_root``);
+        the watchdog's communicator tells the watchdog, so a stall names rank 0 and `what`."""
+        return contextlib.nullcontext()
 
 
-class SerialComm:
+class SerialComm(Comm):
     """One process: every collective is the identity."""
 
     rank, size, local_rank, local_size, num_nodes = 0, 1, 0, 1, 1
     is_root = True
     name = "serial"
+    thread_level = "multiple"                   # no MPI: abort (os._exit) works from any thread
 
     def allreduce(self, buf: np.ndarray) -> None:
-        """Sum buf over all ranks, in place."""
+        pass
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
-        """Copy root's buf into every rank's buf, in place."""
+        pass
 
     def bcast_obj(self, obj, root: int = 0):
         return obj
@@ -91,25 +145,30 @@ class SerialComm:
         os._exit(code)
 
     def node_cpus(self) -> int:
-        return len(_affinity())
+        return len(usable_cpus())
 
     def versions(self) -> dict:
-        """The MPI library and mpi4py versions (none without MPI)."""
         return {}
 
 
-class MPIComm(SerialComm):
+class MPIComm(Comm):
     """MPI.COMM_WORLD through mpi4py, with a shared-memory sub-communicator per node."""
 
     name = "mpi"
 
     def __init__(self):
         import mpi4py
-        mpi4py.rc.threads = False              # no MPI_Init_thread(MULTIPLE): cheaper, enough here
+        # The watchdog's thread calls MPI_Abort while the main thread may be blocked in a collective:
+        # two threads inside MPI at once, which the standard allows only at MPI_THREAD_MULTIPLE.
+        # (When MPI is already initialised, by the program or pytest-mpi, these settings do nothing
+        # and thread_level records what it got.)
+        mpi4py.rc.threads = True
+        mpi4py.rc.thread_level = "multiple"
         from mpi4py import MPI
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
+        self.thread_level = THREAD_LEVELS[MPI.Query_thread()]
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
         self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -142,21 +201,13 @@ class MPIComm(SerialComm):
     def versions(self) -> dict:
         import mpi4py
         first = self.MPI.Get_library_version().splitlines()[0]
-        return {"mpi4py": mpi4py.__version__, "mpi": " ".join(first.split())}     # "MPICH Version: 5.0.2"
+        return {"mpi4py": mpi4py.__version__, "mpi": " ".join(first.split()),     # "MPICH Version: 5.0.2"
+                "mpi_thread_level": self.thread_level}
 
     def node_cpus(self) -> int:
-        """CPUs usable by the ranks of this node together: the union of their affinity masks.
-
-        Collective over the node's ranks."""
-        cpus = set().union(*self.node.allgather(sorted(_affinity())))
+        """CPUs usable by the ranks of this node together: the union of their affinity masks."""
+        cpus = set().union(*self.node.allgather(sorted(usable_cpus())))
         return len(cpus)
-
-
-def _affinity() -> set[int]:
-    try:
-        return os.sched_getaffinity(0)
-    except AttributeError:                      # not Linux
-        return set(range(os.cpu_count() or 1))
 
 
 def launched_by_mpi() -> bool:
@@ -172,17 +223,31 @@ def slurm_step_tasks() -> int:
         return 1
 
 
-def get_comm(kind: str = "auto") -> SerialComm:
+def launched_ranks() -> int:
+    """How many processes the launcher that started this one started (1 without one)."""
+    sizes = [slurm_step_tasks()]
+    for v in LAUNCHER_SIZE_VARS:
+        with contextlib.suppress(ValueError):
+            sizes.append(int(os.environ.get(v, "1")))
+    return max(sizes)
+
+
+def get_comm(kind: str = "auto") -> Comm:
     """The communicator for this process: kind 'auto', 'mpi' or 'serial'.
 
     'auto' uses MPI when a launcher started the process or Slurm runs several
     tasks, and the serial communicator otherwise. Under srun without PMI every
     task would be a separate world of size 1, training its own model; that is
-    detected and refused with the fix in the message.
+    detected and refused with the fix in the message. 'serial' under a launcher of
+    several processes is refused too (LaunchError): this process would train alone
+    while the others wait for it.
     """
     if kind not in ("auto", "mpi", "serial"):
         raise CommError(f"--comm must be auto, mpi or serial, got {kind!r}")
-    tasks = slurm_step_tasks()
+    tasks, ranks = slurm_step_tasks(), launched_ranks()
+    if kind == "serial" and ranks > 1:
+        raise LaunchError(f"--comm serial in a launch of {ranks} processes: this one would train alone while "
+                          "the others wait for it; leave out --comm serial, or start one process")
     if kind == "serial" or (kind == "auto" and not launched_by_mpi() and tasks <= 1):
         return SerialComm()
     try:
@@ -198,55 +263,31 @@ def get_comm(kind: str = "auto") -> SerialComm:
     return comm
 
 
-def default_threads() -> int:
-    """BLAS threads for this rank when --threads is not given: SLURM_CPUS_PER_TASK when set (what
-    the scheduler gave each task), else 1.
-
-    One, not the node's cores shared among its ranks: BLAS threads change float32 rounding, so
-    a default that depended on the rank count would give other bits on other rank counts;
-    ranks use cores better than threads (which speed up only the matrix products); and a
-    thread-per-core default collapses when another program holds a core."""
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
-    if per_task and per_task.isdigit() and int(per_task) > 0:
-        return int(per_task)
-    return 1
-
-
-def blas_summary() -> str:
-    """The BLAS libraries NumPy uses, as threadpoolctl sees them: 'openblas 0.3.31 (Haswell)'."""
-    from threadpoolctl import threadpool_info
-
-    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})" for i in info) or "unknown"
-
-
-def hostname() -> str:
-    return socket.gethostname()
-
-
-def find_mpiexec() -> str | None:
-    """The mpiexec beside this Python (a venv with the mpich wheel) or on PATH."""
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    return shutil.which("mpiexec", path=path)
-
-
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-def on_root(comm: Comm, job: Callable[[], T]) -> T:
+def on_root(comm: Comm, job: Callable[[], T], what: str | None = None) -> T:
     """Run job() on rank 0 while the others wait; every rank gets its result, or its error as a
-    SharedError (so one message is printed and all ranks exit together)."""
+    SharedError (so one message is printed and all ranks exit together). what: the job in words,
+    for a stall message ("preparing the data"; default: "running" and the function's name)."""
     result: Any = None
     err: str | None = None
-    if comm.is_root:
-        try:
-            result = job()
-        except UserError as e:
-            err = error_line(e)
-    result, err = comm.bcast_obj((result, err))
+    with comm.root_job(what or f"running {job_name(job)}"):
+        if comm.is_root:
+            try:
+                result = job()
+            except UserError as e:
+                err = error_line(e)
+        result, err = comm.bcast_obj((result, err))
     if err:
         raise SharedError(err)
     return result
+
+
+def job_name(job: Callable) -> str:
+    """'ensure_data' for a function defined in ensure_data, 'RunDir.open' for that method."""
+    parts = getattr(job, "__qualname__", repr(job)).split(".<locals>.")
+    return parts[-2] if len(parts) > 1 else parts[0]
 
 
 def digest(a: np.ndarray) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,9 @@ from .cli import (
     unit_interval,
 )
 from .data import default_data_path
+from .datasets import DATASETS
 from .model import INITS
 from .optim import SCHEDULES
-from .prepare import DATASETS
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class Config:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("data", "out", "init_from"):
             v = getattr(self, name)
+            if v is not None and (not isinstance(v, (str, os.PathLike)) or str(v) == ""):
+                raise ConfigError(f"Config({name}={v!r}): expected a path (a non-empty str or os.PathLike)")
             object.__setattr__(self, name, None if v is None else Path(v))
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +108,14 @@ class Config:
             v = getattr(self, f.name)
             out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
         return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+        """The Config of a saved config.json or checkpoint: its settings (facts and unknown keys are
+        ignored); a setting it lacks (saved before the setting existed) is what that run ran with
+        (ABSENT), else today's default."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**ABSENT, **{k: v for k, v in d.items() if k in names}})
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -138,6 +150,39 @@ class Config:
         return self if self.val_size is not None else self.replace(val_size=default_val_size(train_rows))
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What a run is made of, beside its Config: the data, the model, the ranks and the software.
+    config.json holds both (``config_json``); every rank must agree on all but LOCAL."""
+
+    data: str                       # the data file's absolute path
+    dataset: str
+    data_fingerprint: str           # SHA-256 of its arrays' SHA-256s
+    train_samples: int              # training rows (without the validation hold-out)
+    drop_last: bool
+    steps_per_epoch: int
+    total_steps: int
+    model: dict                     # ModelSpec.to_dict()
+    num_params: int
+    world_size: int
+    nodes: int
+    hosts: list
+    threads_per_rank: int
+    blas: str
+    versions: dict
+
+    LOCAL = ("threads_per_rank", "versions", "blas", "data")    # may differ between nodes
+
+    def shared(self, cfg: Config) -> dict[str, Any]:
+        """The settings and facts every rank of a run must agree on."""
+        return {k: v for k, v in {**cfg.to_dict(), **dataclasses.asdict(self)}.items() if k not in self.LOCAL}
+
+
+def config_json(cfg: Config, facts: Facts, resumed_from: str | None) -> dict[str, Any]:
+    """config.json: the Config, the Facts and the checkpoint the run continued from."""
+    return {**cfg.to_dict(), **dataclasses.asdict(facts), "resumed_from": resumed_from}
+
+
 class ConfigError(UserError):
     """A Config field the command line would refuse (one line naming the field)."""
 
@@ -149,6 +194,10 @@ def default_val_size(train_rows: int) -> int:
 
 
 VAL_SIZE, VAL_MIN_TRAIN_ROWS = 5000, 50_000
+# What a run saved before a setting existed ran with, where that differs from today's default:
+# no validation hold-out, He-normal weights, float sums. (Every other setting's default is what
+# the code did before it could be set.)
+ABSENT: dict[str, Any] = {"val_size": 0, "init": "he", "exact": False}
 NOT_SAVED = ("progress",)
 STORE_TRUE = ("keep_last",)                            # flags without a --no- form
 
@@ -197,7 +246,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p = Parser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", type=Path, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "
+    d.add_argument("--data", type=path_arg, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "
                                              "it must exist, unless --data-source is given (then rank 0 "
                                              "prepares it there)")
     d.add_argument("--dataset", default=D.dataset, choices=sorted(DATASETS), help="data set (default mnist)")
@@ -258,11 +307,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help=f"initial weights: he (He-normal, zero biases), torch (PyTorch's default: uniform "
                         f"within 1/sqrt(fan_in), biases too), glorot (Glorot-uniform, zero biases) "
                         f"(default {D.init})")
-    m.add_argument("--init-from", type=Path,
+    m.add_argument("--init-from", type=path_arg,
                    help="start a new run from this checkpoint's weights (not its momentum or position); the "
                         "model flags must match it")
     r = p.add_argument_group("run directory, evaluation, checkpoints")
-    r.add_argument("--out", type=Path, default=D.out, help="run directory (default runs/latest)")
+    r.add_argument("--out", type=path_arg, default=D.out, help="run directory (default runs/latest)")
     r.add_argument("--eval-every", type=nonneg_int, default=D.eval_every,
                    help="also evaluate every N steps (default 0: at each epoch's end only)")
     r.add_argument("--checkpoint-every", type=nonneg_int, default=D.checkpoint_every,
@@ -296,6 +345,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 degrees, zoom_range = float_in(0, 180, "degrees"), float_in(0, 0.5, "a zoom range")
+
+
+def path_arg(s: str) -> Path:
+    """A path flag's value: not empty (Path('') would be the current directory)."""
+    if not s:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(s)
 
 
 def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:

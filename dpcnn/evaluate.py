@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from .checkpoint import CheckpointError, check_data, load_model, recorded_data_path
 from .cli import EXIT_ERROR, EXIT_OK, Parser, add_common_flags, entry_point, positive_int, report_error, setup_logging
+from .config import Config
 from .data import Split, holdout
 from .malloc import keep_freed_memory
 from .metrics import evaluate
@@ -73,7 +74,7 @@ def run(checkpoint: Path, data: Path | None = None, split: str = "test", batch_s
         if split == "test":
             x, y = s.read(0, s.n)
         else:
-            rows = split_rows(state.config, s.n, split, checkpoint)
+            rows = split_rows(state.settings, s.n, split, checkpoint)
             x, y = s.standardise(s.rows(rows)), s.labels[rows].astype(np.int64)
         log.info("evaluating %s (step %d) on %s, %s split, %d images", checkpoint, state.step, s.path, split, len(y))
         totals = evaluate(model, x, y, batch_size)
@@ -82,10 +83,10 @@ def run(checkpoint: Path, data: Path | None = None, split: str = "test", batch_s
             "split": split, "step": state.step}
 
 
-def split_rows(config: dict, n: int, split: str, checkpoint: Path) -> np.ndarray:
+def split_rows(config: Config, n: int, split: str, checkpoint: Path) -> np.ndarray:
     """The training-split rows (sorted) that a run with this config trained on ("train") or held out
     for validation ("val"), drawn again as the trainer drew them."""
-    size, seed = config.get("val_size") or 0, int(config.get("val_seed", 0))
+    size, seed = config.val_size or 0, config.val_seed
     if split == "val" and not size:
         raise CheckpointError(f"{checkpoint}: its run held out no validation rows (--val-size 0); "
                               "use --split test or --split train")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import exact
+from .data import micro_bounds
 from .layers import softmax_cross_entropy
 from .model import EVAL_BATCH
 
@@ -101,3 +102,29 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH) 
     for i in range(0, len(x), batch_size):
         t.add(model.forward(x[i:i + batch_size]), y[i:i + batch_size])
     return t
+
+
+class Evaluator:
+    """The validation rows (held out of the training split) and the test split, each rank holding
+    whole EVAL_BATCH batches of each: ``evaluator(model)`` evaluates this rank's and adds the totals
+    up over the ranks (one allreduce each), the same on every rank and on any rank count."""
+
+    def __init__(self, train_set, val_rows: np.ndarray, test_set, comm):
+        self.comm = comm
+        lo, hi = micro_bounds(len(val_rows), EVAL_BATCH, comm.rank, comm.size)
+        mine = val_rows[lo:hi]
+        self.xv, self.yv = train_set.standardise(train_set.rows(mine)), train_set.labels[mine].astype(np.int64)
+        self.has_val = len(val_rows) > 0
+        lo, hi = micro_bounds(test_set.n, EVAL_BATCH, comm.rank, comm.size)
+        self.xt, self.yt = test_set.read(lo, hi)
+
+    def _shared(self, model, x: np.ndarray, y: np.ndarray) -> Totals:
+        a = evaluate(model, x, y).as_array()
+        self.comm.allreduce(a)                                      # distributed: the totals of all ranks
+        return Totals.from_array(a, model.spec.classes)
+
+    def __call__(self, model) -> tuple[Totals | None, Totals]:
+        """(validation Totals, or None without a validation split; test Totals) over all ranks."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            val = self._shared(model, self.xv, self.yv) if self.has_val else None
+            return val, self._shared(model, self.xt, self.yt)

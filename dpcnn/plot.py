@@ -15,12 +15,12 @@ Exit status: 0 done, 1 error, 2 bad command line.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from .cli import EXIT_ERROR, EXIT_OK, Parser, UserError, add_common_flags, entry_point, report_error, setup_logging
+from .records import Record, RecordsError, read_records
 
 log = logging.getLogger("dpcnn")
 
@@ -50,7 +50,7 @@ def metrics_path(run: Path) -> Path:
     return run / METRICS if run.is_dir() else run
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[Record]:
     """The records of a metrics.jsonl file, in order; PlotError naming the file and line if bad."""
     path = Path(path)
     if not path.is_file():
@@ -60,31 +60,19 @@ def read_metrics(path: Path) -> list[dict]:
         if fb.read(8) == b"\x89HDF\r\n\x1a\n":
             raise PlotError(f"{path}: an HDF5 file (a checkpoint or a data file), not a metrics.jsonl; "
                             "give the run directory")
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:     # binary junk: "not a JSON line"
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) and not line.endswith("\n"):       # a torn last line: the writer was cut off
-                log.warning("warning: %s:%d: ignoring an incomplete last line (a write cut short)", path, n)
-                break
-            raise PlotError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("epoch"), (int, float)):
-            raise PlotError(f"{path}:{n}: not a dpcnn metrics record (no number 'epoch')")
-        records.append(r)
+    try:
+        records = read_records(path)
+    except RecordsError as e:
+        raise PlotError(str(e)) from None
     if not records:
         raise PlotError(f"{path}: no records yet; the run writes one per evaluation (each epoch's end, "
                         "or every --eval-every steps)")
     return records
 
 
-def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(epochs, values) of the records that have a number under key."""
-    pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+def _series(records: list[Record], name: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of the records whose field `name` holds a number."""
+    pts = [(r.epoch, getattr(r, name)) for r in records if isinstance(getattr(r, name), (int, float))]
     return [e for e, _ in pts], [v for _, v in pts]
 
 
@@ -104,7 +92,7 @@ CURVES = (("train", "tab:blue"), ("val", "tab:purple"), ("test", "tab:orange"))
 NAMES = {"train": "train", "val": "validation", "test": "test"}
 
 
-def best_record(records: list[dict]) -> tuple[str, float, float] | None:
+def best_record(records: list[Record]) -> tuple[str, float, float] | None:
     """(split, epoch, accuracy %) of the record best.h5 follows: the best validation accuracy, or the best
     test accuracy in a run without a validation split; the first of equals, as the trainer keeps it."""
     for split in ("val", "test"):
@@ -115,7 +103,7 @@ def best_record(records: list[dict]) -> tuple[str, float, float] | None:
     return None
 
 
-def draw(records: list[dict], title: str = ""):
+def draw(records: list[Record], title: str = ""):
     """The figure of the records: loss, accuracy and throughput panels sharing the epoch axis."""
     plt, ticker = _pyplot()
     fig, (ax_loss, ax_acc, ax_ips) = plt.subplots(
@@ -152,7 +140,7 @@ def draw(records: list[dict], title: str = ""):
         ax_acc.plot([be], [bacc], marker="*", markersize=13, color="tab:red", linestyle="none",
                     label=f"best {NAMES[split]} (best.h5)")
         said = [f"last {NAMES[s]} {100 * v[-1]:.2f}%" for s, (e, v) in last.items() if e]
-        ax_acc.set_title(f"{', '.join(said)} (epoch {records[-1]['epoch']:.3g}); best {NAMES[split]} "
+        ax_acc.set_title(f"{', '.join(said)} (epoch {records[-1].epoch:.3g}); best {NAMES[split]} "
                          f"{bacc:.2f}% (epoch {be:.3g})", fontsize=9, loc="left")
         # scale to the held-out curves and the training points near them; early, low training points may fall below
         shown = held + [100 * a for a in tv if 100 * a >= min(held) - 5]
@@ -173,13 +161,13 @@ def draw(records: list[dict], title: str = ""):
     ax_ips.set_ylabel("images/s")
     ax_ips.set_ylim(bottom=0)
     ax_ips.set_xlabel("epoch")
-    sizes = sorted({int(r["world_size"]) for r in records if r.get("world_size")})
+    sizes = sorted({int(r.world_size) for r in records if r.world_size})
     if sizes:
         ax_ips.set_title(f"training throughput, {'/'.join(map(str, sizes))} rank(s)", fontsize=9, loc="left")
 
     for ax in (ax_loss, ax_acc, ax_ips):
         ax.grid(True, alpha=0.3)
-    last_epoch = max(r["epoch"] for r in records)
+    last_epoch = max(r.epoch for r in records)
     ax_ips.set_xlim(0, last_epoch * 1.04 if last_epoch > 0 else 1)    # keep the last points off the frame
     if title:
         fig.suptitle(title, fontsize=11)
@@ -187,7 +175,7 @@ def draw(records: list[dict], title: str = ""):
     return fig
 
 
-def plot(records: list[dict], out: Path, title: str = "") -> Path:
+def plot(records: list[Record], out: Path, title: str = "") -> Path:
     """Draw the three panels of the records into the image `out` (.png, .pdf, .svg); returns out."""
     plt, _ = _pyplot()
     fig = draw(records, title)
@@ -198,15 +186,14 @@ def plot(records: list[dict], out: Path, title: str = "") -> Path:
     return out
 
 
-def title_of(records: list[dict], path: Path) -> str:
+def title_of(records: list[Record], path: Path) -> str:
     last = records[-1]
     bits = [str(path.parent.resolve().name or path.parent)]
-    if last.get("step") is not None:
-        bits.append(f"step {last['step']}")
-    if last.get("global_batch_size"):
-        bits.append(f"global batch {last['global_batch_size']}")
-    if last.get("elapsed_seconds") is not None:
-        bits.append(f"{last['elapsed_seconds']:.0f} s")
+    bits.append(f"step {last.step}")
+    if last.global_batch_size:
+        bits.append(f"global batch {last.global_batch_size}")
+    if last.elapsed_seconds is not None:
+        bits.append(f"{last.elapsed_seconds:.0f} s")
     return ", ".join(bits)
 
 

@@ -31,16 +31,11 @@ from .cli import (
     report_error,
     setup_logging,
 )
-from .datasets import DATASETS, DatasetInfo  # noqa: F401  (DatasetInfo, write_h5, prepare: see below)
+from .datasets import DATASETS
 from .downloads import MIN_BYTES, TIMEOUT_S
-from .h5format import DataError, default_data_path, info_lines, verify, write_h5  # noqa: F401
+from .h5format import DataError, default_data_path, info_lines, verify
 from .idx import DownloadError, offline_message, prepare_dataset
 from .images import COLORS, prepare_folder
-
-# Temporary, until they are imported from where they live: `prepare` (dpcnn.idx.prepare_dataset),
-# DownloadError and offline_message (train.py), DATASETS (config.py), DatasetInfo and write_h5
-# (tests/conftest.py, test_slurm.py, test_tools.py).
-prepare = prepare_dataset
 
 EPILOG = """\
 examples:

@@ -5,7 +5,7 @@
         config.json             the Config and the facts of the run (ranks, nodes, versions)
         metrics.jsonl           one JSON record per evaluation
         train.log               what rank 0's console showed, with times (appended by every attempt)
-        tensorboard/            event files for TensorBoard, with --tensorboard
+        tensorboard/            event files for TensorBoard, with --tensorboard (dpcnn.records.Board)
         ckpt-step000001874.h5   the newest --keep step checkpoints
         best.h5                 the checkpoint of the best evaluation so far
         exit-status             the status the last attempt chose (0, 69, 75), for batch scripts
@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -292,6 +293,23 @@ class RunDir:
             pass
         return found + sorted(p.name for p in self.path.glob("ckpt-step*.h5.damaged"))
 
+    def find_resume(self, choice: str, check: Callable[[ckpt.State, Path], None]) -> tuple[Path, ckpt.State] | None:
+        """The checkpoint a run with --resume `choice` continues from ('auto': the newest valid one
+        here, if any; 'none'; or a path), after check(state, path) accepted it; None for a new run.
+        RunDirError when starting there would lose or mix in what the directory holds (check_start)."""
+        path: Path | None = None
+        state: ckpt.State | None = None
+        if choice == "auto":
+            path, state = self.newest_valid() or (None, None)
+        elif choice != "none":
+            path = Path(choice)
+            state = ckpt.load(path)
+        if state is not None and path is not None:
+            check(state, path)
+        if choice != "auto" or state is None:
+            self.check_start(state.step if state else 0, path)
+        return (path, state) if state is not None and path is not None else None
+
     def check_start(self, start_step: int, resumed: Path | None) -> None:
         """Refuse to start at start_step (0: a new run) unless nothing here can be lost or mixed in.
 
@@ -312,33 +330,3 @@ class RunDir:
             raise RunDirError(f"--out {self.path} holds the results of an earlier run ({', '.join(results)}) but no "
                               f"step checkpoint to continue it from; {cont}give another --out (or move those "
                               "files away) to start afresh")
-
-
-class Board:
-    """TensorBoard event files (written with tensorboardX) beside metrics.jsonl: the same records,
-    as curves that `tensorboard --logdir runs` shows while the run goes on."""
-
-    SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test",
-               "train_accuracy": "accuracy/train", "val_accuracy": "accuracy/val", "test_accuracy": "accuracy/test",
-               "lr": "learning_rate", "images_per_second": "images_per_second"}
-
-    @staticmethod
-    def check() -> None:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError:
-            raise RunDirError("--tensorboard needs tensorboardX: pip install 'dpcnn[tensorboard]'") from None
-
-    def __init__(self, directory: Path):
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(directory))
-
-    def write(self, record: dict) -> None:
-        for key, tag in self.SCALARS.items():
-            if record.get(key) is not None:
-                self.writer.add_scalar(tag, record[key], record["step"])
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()

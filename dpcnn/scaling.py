@@ -33,10 +33,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .cli import Parser, entry_point, int_list, nonneg_int, positive_float, positive_int
-from .comm import Comm, find_mpiexec, get_comm
+from .comm import Comm, get_comm
 from .config import Config
 from .malloc import keep_freed_memory
 from .model import ModelSpec
+from .node import find_mpiexec
 from .step import StepBuffer, TrainStep
 
 

@@ -20,47 +20,35 @@ Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a ch
 from __future__ import annotations
 
 import logging
-import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cli import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, entry_point, error_line, report_error, setup_logging
-from .comm import (
-    Comm,
-    CommError,
-    SharedError,
-    blas_summary,
-    check_in_sync,
-    check_same,
-    default_threads,
-    get_comm,
-    hostname,
-    on_root,
-)
-from .config import Config, parse_args
+from .cli import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, UserError, entry_point, error_line, report_error, setup_logging
+from .comm import Comm, CommError, LaunchError, SharedError, check_in_sync, check_same, get_comm, on_root
+from .config import Config, Facts, config_json, parse_args
 from .data import Augment, DataError, ShardedLoader, Split, default_data_path, holdout, micro_bounds, verify
+from .idx import DownloadError, offline_message, prepare_dataset
 from .malloc import keep_freed_memory
-from .metrics import Totals, evaluate
-from .model import EVAL_BATCH, ModelSpec
+from .metrics import Evaluator
+from .model import ModelSpec
+from .node import blas_summary, hostname
 from .optim import Schedule
-from .prepare import DownloadError, offline_message, prepare
-from .rundir import Board, RunDir
-from .step import Diverged, StepResult, TrainStep
-from .watchdog import StopRequest, Watchdog, record_status, watched
+from .process import Process, training_process
+from .records import Board, Interval, Monitor, Progress, Record
+from .rundir import RunDir
+from .step import Diverged, TrainStep
+from .watchdog import StopRequest, Watchdog
 
 log = logging.getLogger("dpcnn")
 
-CARRIED = ("loss", "correct", "samples")      # interval totals a checkpoint carries across a resume
-SLOW = 3.0                                    # this many times slower than the start: say why
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -79,16 +67,17 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
                                 f"or leave out --data to use {default_data_path(cfg.dataset)}")
             log.info("%s not found: preparing %s", path, cfg.dataset)
             try:
-                prepare(cfg.dataset, cfg.data_source, path)
+                prepare_dataset(cfg.dataset, cfg.data_source, path, source_flag="--data-source", out_flag="--data")
             except DownloadError as e:
                 log.debug("%s", e)
                 raise DataError(offline_message(cfg.dataset, e.offline, "the same command with --data-source DIR")) \
                     from None
-            except DataError as e:                  # prepare's messages name its --source: ours is --data-source
-                raise DataError(f"cannot prepare {path}: " + str(e).replace("--source ", "--data-source ")) from None
+            except DataError as e:
+                raise DataError(f"cannot prepare {path}: {e}") from None
         if not verify(path):
-            log.warning("warning: %s: not verified (its arrays have no SHA-256: made by an older dpcnn); "
-                        "python -m dpcnn.data prepare --force adds them", path)
+            with Split(path, "train") as s:
+                log.warning("warning: %s: not verified (its arrays have no SHA-256: made by an older dpcnn); "
+                            "preparing it again adds them: %s", path, s.remake)
         with Split(path, "train") as tr, Split(path, "test") as te:
             if te.n == 0:
                 raise DataError(f"{path}: the test split is empty; nothing to evaluate on")
@@ -116,6 +105,9 @@ def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
         with Split(path, "train") as tr:
             v = cfg.with_val_size(tr.n).val_size or 0
             need = 1 if cfg.keep_last else cfg.batch_size
+            if tr.n < need:
+                raise DataError(f"--batch-size {need}: the training split of {path} has {tr.n} samples, fewer than "
+                                "one global batch; give a smaller --batch-size (or --keep-last)")
             if tr.n - v < need:
                 raise DataError(f"--val-size {v} leaves {max(tr.n - v, 0)} of the {tr.n} training samples of "
                                 f"{path}, fewer than {'one' if cfg.keep_last else f'a batch of {need}'}; "
@@ -144,80 +136,6 @@ def versions(comm: Comm) -> dict:
     return {**v, **comm.versions()}
 
 
-def evaluate_shared(model, xt: np.ndarray, yt: np.ndarray, comm: Comm) -> Totals:
-    """Evaluate each rank's slice (whole EVAL_BATCH batches) and add the totals up on every rank."""
-    a = evaluate(model, xt, yt).as_array()
-    comm.allreduce(a)
-    return Totals.from_array(a, model.spec.classes)
-
-
-def eval_rows(split: Split, rows: np.ndarray, comm: Comm) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's whole evaluation batches of the sorted rows (n,) of split: x (m, H, W, C), y (m,)."""
-    lo, hi = micro_bounds(len(rows), EVAL_BATCH, comm.rank, comm.size)
-    mine = rows[lo:hi]
-    return split.standardise(split.rows(mine)), split.labels[mine].astype(np.int64)
-
-
-@dataclass
-class Interval:
-    """Training totals since the last record, and where this process's time went."""
-
-    loss: float = 0.0          # summed training loss   } over the global batches since the last
-    correct: float = 0.0       # correct predictions    } record; carried in checkpoints (CARRIED)
-    samples: int = 0           # samples                }
-    trained: int = 0           # samples this process trained since then (for images/s)
-    data: float = 0.0          # seconds reading batches, in forward/backward, allreduce, update
-    compute: float = 0.0
-    allreduce: float = 0.0
-    update: float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
-
-    def add(self, r: StepResult, t_data: float) -> None:
-        self.loss += r.loss_sum
-        self.correct += r.correct
-        self.samples += r.samples
-        self.trained += r.samples
-        self.data += t_data
-        self.compute += r.t_compute
-        self.allreduce += r.t_allreduce
-        self.update += r.t_update
-
-    def carried(self) -> dict:
-        return {k: getattr(self, k) for k in CARRIED}
-
-    def text(self) -> str:
-        if not self.samples:
-            return ""
-        rate = self.trained / max(time.perf_counter() - self.t0, 1e-9)
-        return f"loss {self.loss / self.samples:.4f} acc {100 * self.correct / self.samples:.1f}% {rate:.0f} img/s"
-
-
-class Progress:
-    """Rank 0's view of the loop: a tqdm bar on a terminal, else a log line every `every` steps."""
-
-    def __init__(self, show: bool, total: int, initial: int, every: int, steps_per_epoch: int):
-        self.every, self.spe, self.bar = every, steps_per_epoch, None
-        if show and sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
-            except ImportError:
-                pass
-
-    def update(self, step: int, iv: Interval) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if step % 10 == 0:
-                self.bar.set_postfix_str(iv.text())
-        elif step % self.every == 0:
-            epoch, k = divmod(step - 1, self.spe)       # as Keras counts: epoch 1, batch k of the epoch
-            log.info("epoch %d batch %d/%d (step %d)  %s", epoch + 1, k + 1, self.spe, step, iv.text())
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -234,17 +152,17 @@ class Trainer:
         self.spec = model_spec(cfg, self.train_set)
         self.unit = cfg.micro_batch if cfg.exact else 1     # what a rank computes whole: a micro-batch, or a sample
         # the validation rows, held out of the training split; training orders only the others
-        self.train_rows, self.val_rows = holdout(self.train_set.n, cfg.val_size or 0, cfg.val_seed)
+        train_rows, self.val_rows = holdout(self.train_set.n, cfg.val_size or 0, cfg.val_seed)
         augment = Augment(cfg.shift, cfg.rotate, cfg.seed, cfg.scale) if cfg.shift or cfg.rotate or cfg.scale \
             else None
         self.loader = ShardedLoader(self.train_set, batch_size=cfg.batch_size, rank=comm.rank, size=comm.size,
                                     seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=self.unit,
-                                    subset=self.train_rows if cfg.val_size else None, augment=augment)
+                                    subset=train_rows if cfg.val_size else None, augment=augment)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         self.facts = self._facts()
-        check_same(comm, {k: v for k, v in self.facts.items() if k not in LOCAL_FACTS})   # before any other
+        check_same(comm, self.facts.shared(cfg))                     # distributed: before any other collective
         self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, exact=cfg.exact, seed=cfg.seed,
                                  momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                  init=cfg.init)
@@ -252,54 +170,39 @@ class Trainer:
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.saved_step: int | None = None       # step of the last checkpoint this process wrote
-        self.metrics: list[dict] = []
-        self.last_record: dict = {}
+        self.records: list[Record] = []
         self.best_accuracy, self.elapsed0 = -1.0, 0.0
         self.iv = Interval()
         self.resumed_from = self._resume()
         if self.resumed_from is None and cfg.init_from:
             self._init_from(cfg.init_from)
-        lo, hi = micro_bounds(self.test_set.n, EVAL_BATCH, comm.rank, comm.size)   # whole evaluation batches
-        self.xt, self.yt = self.test_set.read(lo, hi)
-        self.xv, self.yv = eval_rows(self.train_set, self.val_rows, comm)
+        self.evaluator = Evaluator(self.train_set, self.val_rows, self.test_set, comm)
+        self.monitor = Monitor(cfg.lr, self.spec.classes)
         self.last_ckpt_time = time.monotonic()
-        self.first_rate: float | None = None                 # images/s of the first interval, for check_speed
-        self.warned_slow = self.warned_loss = False
         if cfg.tensorboard:
-            on_root(comm, Board.check)
+            on_root(comm, check_board)
         self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
 
-    def _facts(self) -> dict:
-        """config.json: the Config and what this run is made of (data, model, ranks, nodes, versions)."""
+    def _facts(self) -> Facts:
         c = self.comm
-        hosts = c.allgather_obj(hostname())
-        return {**self.cfg.to_dict(), "data": str(self.data_path.absolute()), "dataset": self.train_set.dataset,
-                "drop_last": not self.cfg.keep_last, "world_size": c.size, "nodes": c.num_nodes,
-                "hosts": sorted(set(hosts)), "threads_per_rank": self.threads, "blas": blas_summary(),
-                "train_samples": self.loader.n, "model": self.spec.to_dict(), "num_params": self.spec.num_params,
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "data_fingerprint": self.train_set.fingerprint, "versions": versions(c)}
+        return Facts(data=str(self.data_path.absolute()), dataset=self.train_set.dataset,
+                     data_fingerprint=self.train_set.fingerprint, train_samples=self.loader.n,
+                     drop_last=not self.cfg.keep_last, steps_per_epoch=self.steps_per_epoch,
+                     total_steps=self.total_steps, model=self.spec.to_dict(), num_params=self.spec.num_params,
+                     world_size=c.size, nodes=c.num_nodes, hosts=sorted(set(c.allgather_obj(hostname()))),
+                     threads_per_rank=self.threads, blas=blas_summary(), versions=versions(c))
 
     # -- the loop ------------------------------------------------------------------
 
     def train(self) -> int:
         cfg, c, spe = self.cfg, self.comm, self.steps_per_epoch
-        if self.step == self.end_step and not self.recorded(self.step):   # resumed where it was to end
-            self.announce()
-            self.record_and_checkpoint(final=True, provisional=not self.scheduled(self.step))
-            return EXIT_OK
-        if self.step >= self.end_step:                              # resumed: nothing to train
-            if c.is_root:
-                log.info("the run in %s is at step %d of %d: nothing to train (a larger --max-steps continues "
-                         "it up to --epochs; another --out starts a new run)", self.run_dir.path, self.step,
-                         self.end_step)
-            return EXIT_OK
+        if self.step >= self.end_step:
+            return self.at_the_end()
         if self.stopped_during_start_up():
             return EXIT_STOPPED
         self.announce()
         progress = Progress(c.is_root and cfg.progress, self.end_step, self.step,
                             cfg.log_every or max(spe // 10, 1), spe) if c.is_root else None
-        self.iv.t0 = time.perf_counter()                            # images/s counts training only
         self.dog.armed = True                                       # from now on a stall ends the job
         while self.step < self.end_step:
             epoch, k = divmod(self.step, spe)
@@ -324,11 +227,7 @@ class Trainer:
         if progress:
             progress.close()
         check_in_sync(c, self.model.params, self.step)
-        if c.is_root:
-            last = self.last_record
-            val = f"validation accuracy {100 * last['val_accuracy']:.2f}%, " if last["val_accuracy"] is not None else ""
-            log.info("done: %d step%s, %stest accuracy %.2f%%, %.1f s", self.step, "s"[:self.step != 1], val,
-                     100 * last["test_accuracy"], self.elapsed())
+        self.done()
         return EXIT_OK
 
     def train_step(self, epoch: int, k: int) -> bool:
@@ -341,13 +240,24 @@ class Trainer:
         except Diverged as e:
             self.diverged(self.step + 1, str(e))
         self.step += 1
-        self.iv.add(r, t_data)
+        self.iv.add(r.loss_sum, r.correct, r.samples, t_data, r.t_compute, r.t_allreduce, r.t_update)
         return r.stop
+
+    def at_the_end(self) -> int:
+        """Resumed at or past --max-steps: record the end if no record is there yet, else nothing."""
+        if self.step == self.end_step and not self.recorded(self.step):
+            self.announce()
+            self.record_and_checkpoint(final=True, provisional=not self.scheduled(self.step))
+            self.done()
+        elif self.comm.is_root:
+            log.info("the run in %s is at step %d of %d: nothing to train (a larger --max-steps continues "
+                     "it up to --epochs; another --out starts a new run)", self.run_dir.path, self.step, self.end_step)
+        return EXIT_OK
 
     def stopped_during_start_up(self) -> bool:
         """A stop signal on any rank before the first step: exit 75 with nothing new to save."""
         flag = np.array([1.0 if self.stop.signum else 0.0])
-        self.comm.allreduce(flag)
+        self.comm.allreduce(flag)                                   # distributed: did any rank get one?
         if flag[0] and self.comm.is_root:
             log.warning("stop requested by signal during start-up, at step %d: nothing new to save; exiting "
                         "with status %d (run the same command again to continue)", self.step, EXIT_STOPPED)
@@ -371,106 +281,57 @@ class Trainer:
     # -- records -------------------------------------------------------------------
 
     def announce(self) -> None:
-        """Rank 0 writes config.json and the metrics the run starts from, and logs what runs where."""
-        c = self.comm
-        if c.is_root:
-            self.run_dir.write_metrics(self.metrics)       # a resumed run keeps exactly what its checkpoint knew
-            self.run_dir.write_config({**self.facts, "resumed_from": self.resumed_from})
-            m, B = self.unit, self.cfg.batch_size
-            sizes = [hi - lo for lo, hi in (micro_bounds(B, m, r, c.size) for r in range(c.size))]
-            per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
-            log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
-                     __version__, c.size, c.num_nodes, self.threads, blas_summary(),
-                     f", {self.facts['versions'].get('mpi', '')}" if c.size > 1 else "")
-            log.info("data %s (%d train, %d validation, %d test); model %s params; global batch %d (%s per rank); "
-                     "%d steps/epoch, %d epoch%s; run dir %s", self.data_path, self.loader.n,
-                     len(self.val_rows), self.test_set.n, f"{self.spec.num_params:,}", B, per_rank,
-                     self.steps_per_epoch, self.cfg.epochs, "s"[:self.cfg.epochs != 1], self.run_dir.path)
-            if self.cfg.exact:
-                log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
-            if self.cfg.shift or self.cfg.rotate or self.cfg.scale:
-                log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees, "
-                         "zooms of up to %g%%", self.cfg.shift, self.cfg.rotate, 100 * self.cfg.scale)
-            if min(sizes) == 0:
-                log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
-                            "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B,
-                            -(-B // m), m)
-            if self.threads * c.local_size > self.node_cpus:
-                log.warning("warning: %d rank(s) x %d thread(s) on a node with %d usable CPUs: oversubscribed",
-                            c.local_size, self.threads, self.node_cpus)
-        c.barrier()
+        """Rank 0 writes config.json and the records the run starts from, and logs what runs where."""
+        if self.comm.is_root:
+            self.run_dir.write_metrics([r.to_dict() for r in self.records])   # what its checkpoint knew
+            self.run_dir.write_config(config_json(self.cfg, self.facts, self.resumed_from))
+            log_start(self)
+        self.comm.barrier()
 
-    def record(self, final: bool = False) -> dict:
-        """Evaluate on the validation and test sets (all ranks) and, on rank 0, append one line to
-        metrics.jsonl (val_loss and val_accuracy are None without a validation split)."""
+    def done(self) -> None:
+        last = self.records[-1]
+        if self.comm.is_root:
+            val = "" if last.val_accuracy is None else f"validation accuracy {100 * last.val_accuracy:.2f}%, "
+            log.info("done: %d step%s, %stest accuracy %.2f%%, %.1f s", self.step, "s"[:self.step != 1], val,
+                     100 * (last.test_accuracy or 0), self.elapsed())
+
+    def record(self, final: bool = False) -> Record:
+        """Evaluate on the validation and test sets (all ranks) and, on rank 0, append the Record to
+        metrics.jsonl and show it."""
         t0 = time.perf_counter()
-        with np.errstate(over="ignore", invalid="ignore"):
-            val = evaluate_shared(self.model, self.xv, self.yv, self.comm) if len(self.val_rows) else None
-            totals = evaluate_shared(self.model, self.xt, self.yt, self.comm)
+        val, test = self.evaluator(self.model)
         t_eval = time.perf_counter() - t0
-        for what, t in (("validation", val), ("test", totals)):
+        for what, t in (("validation", val), ("test", test)):
             if t is not None and not np.isfinite(t.loss):
                 self.diverged(self.step, f"the {what} loss after it is {t.loss}")
         iv, n = self.iv, self.iv.samples
-        train_time = t0 - iv.t0
-        rec = {
-            "epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
-            "train_loss": iv.loss / n if n else None, "train_accuracy": iv.correct / n if n else None,
-            "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
-            "test_loss": totals.loss, "test_accuracy": totals.accuracy,
-            "test_per_class_accuracy": totals.summary()["per_class_accuracy"],     # None: no samples
-            "images_per_second": round(iv.trained / train_time, 1) if iv.trained else None,
-            "elapsed_seconds": round(self.elapsed(), 3), "world_size": self.comm.size,
-            "global_batch_size": self.cfg.batch_size, "lr": self.schedule(max(self.step - 1, 0)),
-            "time_data_s": round(iv.data, 4), "time_compute_s": round(iv.compute, 4),
-            "time_allreduce_s": round(iv.allreduce, 4), "time_update_s": round(iv.update, 4),
-            "time_eval_s": round(t_eval, 4), "final": final,
-        }
-        self.metrics.append(rec)
-        self.last_record = rec
+        rec = Record(
+            epoch=round(self.step / self.steps_per_epoch, 4), step=self.step,
+            train_loss=iv.loss / n if n else None, train_accuracy=iv.correct / n if n else None,
+            val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
+            test_loss=test.loss, test_accuracy=test.accuracy,
+            test_per_class_accuracy=test.summary()["per_class_accuracy"],
+            images_per_second=round(iv.trained / iv.seconds, 1) if iv.trained and iv.seconds else None,
+            elapsed_seconds=round(self.elapsed(), 3), world_size=self.comm.size,
+            global_batch_size=self.cfg.batch_size, lr=self.schedule(max(self.step - 1, 0)),
+            time_data_s=round(iv.data, 4), time_compute_s=round(iv.compute, 4),
+            time_allreduce_s=round(iv.allreduce, 4), time_update_s=round(iv.update, 4),
+            time_eval_s=round(t_eval, 4), final=final)
+        self.records.append(rec)
         if self.comm.is_root:
-            self.run_dir.append_metrics(rec)
+            self.run_dir.append_metrics(rec.to_dict())
             if self.board is not None:
                 self.board.write(rec)
-            train = f"train loss {rec['train_loss']:.4f} acc {100 * rec['train_accuracy']:.2f}%  " if n else ""
-            if val:
-                train += f"val loss {val.loss:.4f} acc {100 * val.accuracy:.2f}%  "
-            log.info("epoch %.2f step %d  %stest loss %.4f acc %.2f%%  %s img/s  %.1f s",
-                     rec["epoch"], self.step, train, totals.loss, 100 * totals.accuracy,
-                     f"{rec['images_per_second']:.0f}" if rec["images_per_second"] else "-", rec["elapsed_seconds"])
-            self.check_speed(rec["images_per_second"])
-            self.check_loss(rec["train_loss"])
+            self.monitor.show(rec, iv.seconds)
         self.iv = Interval()
         return rec
-
-    def check_speed(self, rate: float | None) -> None:
-        """Warn (once) when training runs far slower than this process's own first interval."""
-        if not rate:
-            return
-        if self.first_rate is None:
-            self.first_rate = rate
-        elif rate < self.first_rate / SLOW and not self.warned_slow:
-            self.warned_slow = True
-            log.warning("warning: %.0f images/s, %.1fx slower than at the start of this run (%.0f): another program "
-                        "is probably using the cores (see top); use fewer ranks than free cores, and --threads 1",
-                        rate, self.first_rate / rate, self.first_rate)
-
-    def check_loss(self, loss: float | None) -> None:
-        """Warn (once) when the training loss is far above chance level, ln(classes): the model is
-        confidently wrong, which a too high learning rate causes, before the loss becomes NaN or not."""
-        chance = math.log(self.spec.classes)
-        if loss is not None and loss > 2 * chance and not self.warned_loss:
-            self.warned_loss = True
-            log.warning("warning: training loss %.3g, more than twice that of guessing (ln %d = %.2f): the "
-                        "learning rate is probably too high for this data; try a smaller --lr (now %g)",
-                        loss, self.spec.classes, chance, self.cfg.lr)
 
     def scheduled(self, step: int) -> bool:
         """Whether the run records at this step wherever it ends: an epoch's end or --eval-every."""
         return step % self.steps_per_epoch == 0 or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
 
     def recorded(self, step: int) -> bool:
-        return bool(self.metrics) and self.metrics[-1]["step"] == step
+        return bool(self.records) and self.records[-1].step == step
 
     def record_and_checkpoint(self, final: bool, only_if_best: bool = False, provisional: bool = False) -> None:
         """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the
@@ -482,8 +343,7 @@ class Trainer:
         and training totals from before it, and a run continued from there drops it (``_resume``),
         so that it records exactly what the uninterrupted run records."""
         before = (self.best_accuracy, self.iv)
-        rec = self.record(final=final)
-        acc = rec["test_accuracy"] if rec["val_accuracy"] is None else rec["val_accuracy"]
+        acc = self.record(final=final).selection_accuracy
         best = acc > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, acc)
         if provisional:
@@ -508,9 +368,9 @@ class Trainer:
             params={k: v.copy() for k, v in m.p.items()},
             velocity={k: v.copy() for k, v in m.unflatten(self.step_fn.opt.velocity).items()},
             epoch=epoch, next_batch=next_batch, step=self.step, spec=self.spec.to_dict(),
-            config=self.facts, data_fingerprint=self.train_set.fingerprint, metrics=self.metrics,
-            best_accuracy=self.best_accuracy, elapsed=self.elapsed(), world_size=self.comm.size,
-            interval=self.iv.carried())
+            config={**self.cfg.to_dict(), **asdict(self.facts)}, data_fingerprint=self.train_set.fingerprint,
+            metrics=[r.to_dict() for r in self.records], best_accuracy=self.best_accuracy, elapsed=self.elapsed(),
+            world_size=self.comm.size, interval=self.iv.carried())
 
     def save_checkpoint(self, best: bool = False, best_state: ckpt.State | None = None) -> None:
         """Rank 0 writes ckpt-stepN.h5 (and best.h5, of best_state if given), then prunes old ones; once
@@ -522,111 +382,117 @@ class Trainer:
             return
         t0 = time.perf_counter()
         state = self.state()
-        path = self.run_dir.save_checkpoint(state, self.cfg.keep, best=(best_state or state) if best else None)
+        with self.dog.busy("writing a checkpoint"):
+            path = self.run_dir.save_checkpoint(state, self.cfg.keep, best=(best_state or state) if best else None)
         self.saved_step, self.last_ckpt_time = self.step, time.monotonic()
         log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
 
     def _resume(self) -> str | None:
         """Load the checkpoint --resume names (rank 0 reads it; everyone gets the state)."""
-        choice, rd = self.cfg.resume, self.run_dir
 
-        def find():
-            path = state = None
-            if choice == "auto":
-                path, state = rd.newest_valid() or (None, None)
-            elif choice != "none":
-                path, state = Path(choice), ckpt.load(Path(choice))
-            if state is not None:
-                ckpt.check_compatible(state, path, self.spec, self.train_set, self.loader.n, self.cfg, self.threads)
-            if choice != "auto" or state is None:
-                rd.check_start(state.step if state else 0, path)
-            return (str(path), state) if state is not None else None
+        def check(state: ckpt.State, path: Path) -> None:
+            ckpt.check_compatible(state, path, self.spec, self.train_set, self.loader.n, self.cfg, self.threads)
 
-        found = on_root(self.comm, find)
+        found = on_root(self.comm, lambda: self.run_dir.find_resume(self.cfg.resume, check))
         if found is None:
             return None
         path, s = found
         for vec, saved in ((self.model.params, s.params), (self.step_fn.opt.velocity, s.velocity)):
             for name, v in self.model.unflatten(vec).items():
                 v[...] = saved[name]
-        self.step = s.step
-        self.metrics, self.best_accuracy, self.elapsed0 = s.metrics, s.best_accuracy, s.elapsed
+        self.step, self.best_accuracy, self.elapsed0 = s.step, s.best_accuracy, s.elapsed
+        self.records = [Record.from_dict(m) for m in s.metrics]
         if self.step < self.end_step and self.recorded(self.step) and not self.scheduled(self.step):
-            self.metrics = self.metrics[:-1]     # a --max-steps end's record: not one of the continued run
-        self.iv = Interval(**{k: s.interval.get(k, 0) for k in CARRIED})   # the training totals since the last record
+            self.records.pop()                   # a --max-steps end's record: not one of the continued run
+        self.iv = Interval.from_carried(s.interval)   # the training totals since the last record
         if self.comm.is_root:
             epoch, done = divmod(s.step, self.steps_per_epoch)
             where = (f"the end of epoch {epoch}" if done == 0 and epoch else
                      f"epoch {epoch + 1}, {done} of {self.steps_per_epoch} batches done")
             log.info("resuming from %s at step %d (%s; saved on %d rank(s))", path, s.step, where, s.world_size)
-        return path
+        return str(path)
 
     def _init_from(self, path: Path) -> None:
         """Start from the weights of the checkpoint at path (rank 0 reads it; every rank gets them):
         a new run, with zero momentum, its own schedule and step 0. A model that differs is refused."""
-        spec, fingerprint = self.spec, self.train_set.fingerprint
-
-        def read():
-            s = ckpt.load(path)
-            saved = ModelSpec.from_dict(s.spec)
-            if saved != spec:
-                raise ckpt.CheckpointError(f"--init-from {path}: saved for model {saved}, this run builds {spec}; "
-                                           "give the model flags it was trained with")
-            other = "" if s.data_fingerprint == fingerprint else f", trained on {s.config.get('dataset', '?')}"
-            return s.params, f"step {s.step}{other}"
-
-        params, what = on_root(self.comm, read)
+        params, what = on_root(self.comm, lambda: ckpt.load_init(path, self.spec, self.train_set.fingerprint))
         for name, v in self.model.p.items():
             v[...] = params[name]
         if self.comm.is_root:
             log.info("starting from the weights of %s (%s)", path, what)
 
 
-# Facts that may differ between the ranks of one run (they live on different nodes).
-LOCAL_FACTS = ("threads_per_rank", "versions", "blas", "data")
+def log_start(t: Trainer) -> None:
+    """Rank 0's lines on what runs where, and the warnings about it, at the start of training."""
+    c, cfg = t.comm, t.cfg
+    m, B = t.unit, cfg.batch_size
+    sizes = [hi - lo for lo, hi in (micro_bounds(B, m, r, c.size) for r in range(c.size))]
+    per_rank = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+    log.info("dpcnn %s: %d rank(s) on %d node(s), %d BLAS thread(s) per rank, BLAS %s%s",
+             __version__, c.size, c.num_nodes, t.threads, t.facts.blas,
+             f", {t.facts.versions.get('mpi', '')}" if c.size > 1 else "")
+    log.info("data %s (%d train, %d validation, %d test); model %s params; global batch %d (%s per rank); "
+             "%d steps/epoch, %d epoch%s; run dir %s", t.data_path, t.loader.n, len(t.val_rows), t.test_set.n,
+             f"{t.spec.num_params:,}", B, per_rank, t.steps_per_epoch, cfg.epochs, "s"[:cfg.epochs != 1],
+             t.run_dir.path)
+    if cfg.exact:
+        log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
+    if cfg.shift or cfg.rotate or cfg.scale:
+        log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees, "
+                 "zooms of up to %g%%", cfg.shift, cfg.rotate, 100 * cfg.scale)
+    if min(sizes) == 0:
+        log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
+                    "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B, -(-B // m), m)
+    if t.threads * c.local_size > t.node_cpus:
+        log.warning("warning: %d rank(s) x %d thread(s) on a node with %d usable CPUs: oversubscribed",
+                    c.local_size, t.threads, t.node_cpus)
+
+
+def check_board() -> None:
+    if not Board.available():
+        raise UserError("--tensorboard needs tensorboardX: pip install 'dpcnn[tensorboard]'")
 
 
 def train(cfg: Config, comm: Comm | None = None) -> int:
     """Train with `cfg` on `comm` (default: MPI under a launcher, else one process); the exit status.
 
-    Errors a user can fix raise a UserError (SharedError when every rank knows it). From the
-    main thread it also installs the stop-signal handlers and starts the stall watchdog, first
-    thing, so that a signal during a long start-up is not lost."""
+    Errors a user can fix raise a UserError (SharedError when every rank knows it). The process
+    set-up (``training_process``: console logging if the program has none, the stop-signal
+    handlers from the main thread, the stall watchdog, BLAS threads) comes first, so that a signal
+    or a stall during a long start-up is not lost, and it is undone on return."""
     comm = comm or get_comm(cfg.comm)
-    with StopRequest() as stop:
-        dog = Watchdog(comm, cfg.timeout).start()
+    with training_process(comm, cfg.timeout, cfg.threads) as proc:
+        return run(cfg, proc)
+
+
+def run(cfg: Config, proc: Process) -> int:
+    """train() in a process set up by training_process(): every collective here is watched."""
+    comm, dog = proc.comm, proc.dog
+    node_cpus = comm.node_cpus()                                     # collective on the node
+    data_path = ensure_data(cfg, comm)
+    cfg = settle_validation(cfg, comm, data_path)
+    run_dir = RunDir(cfg.out)
+    on_root(comm, run_dir.open, "taking the run directory")          # rank 0 holds the directory's lock
+    dog.status_file = run_dir.exit_status                            # where the chosen status is recorded
+    logfile = run_dir.attach_log() if comm.is_root else None         # train.log: the console, with times
+    try:
+        trainer = Trainer(cfg, comm, data_path, run_dir, proc.threads, node_cpus, proc.stop, dog)
         try:
-            comm = watched(comm, dog)                                # collectives report what they wait in
-            node_cpus = comm.node_cpus()                             # collective on the node
-            threads = cfg.threads or default_threads()
-            threadpool_limits(threads)                               # BLAS threads of this process from now on
-            data_path = ensure_data(cfg, comm)
-            cfg = settle_validation(cfg, comm, data_path)
-            run_dir = RunDir(cfg.out)
-            on_root(comm, run_dir.open)                              # rank 0 holds the directory's lock
-            dog.status_file = run_dir.exit_status                    # where an abort records its status
-            logfile = run_dir.attach_log() if comm.is_root else None # train.log: the console, with times
-            try:
-                trainer = Trainer(cfg, comm, data_path, run_dir, threads, node_cpus, stop, dog)
-                try:
-                    code = trainer.train()
-                    if comm.is_root:
-                        record_status(run_dir.exit_status, code)     # 0 or 75: what batch scripts act on
-                    return code
-                finally:
-                    if trainer.board is not None:
-                        trainer.board.close()
-            except BaseException as e:                               # the error line goes to the log too
-                if logfile is not None:
-                    logfile.emit(logging.makeLogRecord({"msg": f"error: {error_line(e)}", "levelno": logging.ERROR}))
-                raise
-            finally:
-                if logfile is not None:
-                    logging.getLogger().removeHandler(logfile)
-                    logfile.close()
-                run_dir.close()
+            code = trainer.train()
+            dog.finish(code)                                         # 0 or 75 in exit-status, unless a stall won
+            return code
         finally:
-            dog.close()
+            if trainer.board is not None:
+                trainer.board.close()
+    except BaseException as e:                                       # the error line goes to the log too
+        if logfile is not None:
+            logfile.emit(logging.makeLogRecord({"msg": f"error: {error_line(e)}", "levelno": logging.ERROR}))
+        raise
+    finally:
+        if logfile is not None:
+            logging.getLogger().removeHandler(logfile)
+            logfile.close()
+        run_dir.close()
 
 
 @entry_point
@@ -637,6 +503,8 @@ def main(argv=None) -> int:
         comm = get_comm(cfg.comm)
     except CommError as e:
         report_error(e, console.debug)
+        if isinstance(e, LaunchError):
+            e.end_launch(EXIT_ERROR)           # the launcher's other ranks wait for this one in MPI_Init
         return EXIT_ERROR
     setup_logging(console.verbose, console.quiet, comm.rank)
     try:

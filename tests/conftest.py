@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpcnn.comm import find_mpiexec
-from dpcnn.prepare import DatasetInfo, write_h5
+from dpcnn.datasets import DatasetInfo
+from dpcnn.h5format import write_h5
+from dpcnn.node import find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_INFO = DatasetInfo(name="tiny-blobs", class_names=tuple("0123456789"))
@@ -49,8 +50,8 @@ def mnist_h5(tmp_path_factory) -> Path:
     """The real MNIST, prepared once from DPCNN_MNIST_DIR (default ../shared/data/mnist); skips without it."""
     if not any((MNIST_DIR / f"train-images-idx3-ubyte{gz}").exists() for gz in ("", ".gz")):
         pytest.skip(f"real MNIST files not present in {MNIST_DIR} (set DPCNN_MNIST_DIR)")
-    from dpcnn.prepare import prepare
-    return prepare("mnist", source=MNIST_DIR, out=tmp_path_factory.mktemp("mnist") / "mnist.h5")
+    from dpcnn.idx import prepare_dataset
+    return prepare_dataset("mnist", source=MNIST_DIR, out=tmp_path_factory.mktemp("mnist") / "mnist.h5")
 
 
 def mpiexec() -> str:

@@ -41,3 +41,43 @@ def assert_same_state(a: ckpt.State, b: ckpt.State):
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name]), name
         assert np.array_equal(a.velocity[name], b.velocity[name]), name
+
+
+def job_args(data, out, *extra) -> list:
+    """The arguments of `python` for a launched training job (run_job, mpiexec)."""
+    return ["-m", "dpcnn.train", "--data", data, "--out", out, *BASE, *extra]
+
+
+def records(run_dir) -> list[dict]:
+    """The records of a run directory's metrics.jsonl, [] before there is one; a torn last line (a
+    writer killed mid-write) is left out."""
+    path = Path(run_dir, "metrics.jsonl")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(s) for s in lines if s.strip().endswith("}")]
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the python processes below a launcher (mpiexec and its proxies)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+    out, todo = [], [launcher_pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            todo.append(c)
+            try:
+                if "python" in Path(f"/proc/{c}/comm").read_text():
+                    out.append(c)
+            except OSError:
+                pass
+    return sorted(out)
+
+
+def leftovers(d: Path) -> list[str]:
+    """The temporaries (.NAME.<pid>@<host>.tmp|.part) anywhere below d."""
+    return sorted(p.name for p in Path(d).rglob(".*") if p.suffix in (".tmp", ".part"))

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from _idx import idx_bytes, info_for, make_arrays, make_source, payloads, write_file
+from helpers import leftovers
 
 from dpcnn import h5format
 from dpcnn.data import ShardedLoader, epoch_order, num_batches, shard_bounds
@@ -36,10 +37,6 @@ def prepared(tmp_path):
     """(path of a prepared tiny HDF5 file, its arrays): 50 train / 20 test 28x28 images."""
     info, arrays = make_source(tmp_path / "src")
     return prepare_dataset(source=tmp_path / "src", out=tmp_path / "tiny.h5", info=info), arrays
-
-
-def leftovers(d: Path) -> list[str]:
-    return sorted(p.name for p in d.rglob(".*") if p.suffix in (".tmp", ".part"))
 
 
 # ----------------------------------------------------------------------------- IDX reader

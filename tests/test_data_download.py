@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _idx import info_for, make_arrays, payloads
+from helpers import leftovers
 
 from dpcnn import downloads
 from dpcnn import prepare as prep
@@ -86,10 +87,6 @@ def server(request, source):
     url, log, stop = serve(source[1], getattr(request, "param", "good"))
     yield url, log
     stop()
-
-
-def leftovers(d):
-    return sorted(p.name for p in d.rglob(".*") if p.suffix in (".tmp", ".part"))
 
 
 def test_download_from_url(tmp_path, source, server):

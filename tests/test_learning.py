@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from conftest import run_job
-from test_train import assert_same_state, final_state, job_args, metrics, records_without_timings, train
+from helpers import assert_same_state, final_state, job_args, metrics, records_without_timings, train
 
 from dpcnn import checkpoint as ckpt
 from dpcnn.config import Config, parse_args
@@ -219,7 +219,7 @@ def test_best_is_chosen_by_validation_accuracy(tiny_h5, tmp_path, monkeypatch, b
     def record(self, final=False):
         rec = orig(self, final)
         val, test = next(scores)
-        rec["val_accuracy"], rec["test_accuracy"] = (val if by == "val" else None), test
+        rec.val_accuracy, rec.test_accuracy = (val if by == "val" else None), test
         return rec
 
     monkeypatch.setattr(T.Trainer, "record", record)
@@ -238,7 +238,7 @@ def test_best_follows_every_evaluation_also_within_epochs(tiny_h5, tmp_path, mon
 
     def record(self, final=False):
         rec = orig(self, final)
-        rec["val_accuracy"] = next(scores)
+        rec.val_accuracy = next(scores)
         return rec
 
     monkeypatch.setattr(T.Trainer, "record", record)
@@ -261,7 +261,7 @@ def test_best_survives_a_kill_between_its_two_writes(tiny_h5, tmp_path, monkeypa
 
     def record(self, final=False):
         rec = orig_record(self, final)
-        rec["val_accuracy"] = acc[rec["step"]]
+        rec.val_accuracy = acc[rec.step]
         return rec
 
     def save(path, state):
@@ -331,7 +331,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_h5, tmp_path, capsys):
     # resuming that run needs the same --init-from; another model is refused in one line
     assert train(tiny_h5, tune, "--epochs", "2", "--max-steps", "2", "--lr", "0", "--val-size", "0") == 1
     err = capsys.readouterr().err
-    assert "this run has no --init-from" in err and err.count("\n") == 1, err
+    assert "1 setting: no --init-from (saved: --init-from" in err and err.count("\n") == 1, err
     assert train(tiny_h5, tmp_path / "other", "--channels", "4,8", "--init-from", src / "best.h5") == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: --init-from {src / 'best.h5'}: saved for model") and err.count("\n") == 1, err

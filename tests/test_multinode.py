@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import child_env, mpiexec, write_tiny
+from helpers import records
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SH = ROOT / "scripts" / "cluster" / "cluster.sh"
@@ -240,12 +241,6 @@ def mpiexec_here(nprocs: int, args, timeout=120) -> subprocess.CompletedProcess:
     return launch([mpiexec(), "-n", nprocs, sys.executable, *args], child_env(), timeout, cwd=ROOT)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(s) for s in lines if s.strip().endswith("}")]
-
-
 def config(run_dir: Path) -> dict:
     return json.loads((run_dir / "config.json").read_text())
 
@@ -272,7 +267,7 @@ def assert_close(actual, desired, what: str) -> None:
 
 def assert_same_result(a: Path, b: Path) -> None:
     """Runs a and b reached the same model: final test loss and every parameter within RTOL."""
-    la, lb = metrics(a)[-1], metrics(b)[-1]
+    la, lb = records(a)[-1], records(b)[-1]
     assert la["step"] == lb["step"] and la["final"] and lb["final"], (la, lb)
     assert_close(la["test_loss"], lb["test_loss"], "final test loss")
     pa, pb = final_params(a), final_params(b)
@@ -287,7 +282,7 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 def speed(run_dir: Path) -> str:
     """Median images/s and mean allreduce time a step, leaving out the first record (warm-up)."""
-    m = metrics(run_dir)
+    m = records(run_dir)
     later = m[1:] if len(m) > 1 else m
     steps = m[-1]["step"] - (m[0]["step"] if len(m) > 1 else 0)
     ips = np.median([r["images_per_second"] for r in later if r["images_per_second"]])
@@ -324,8 +319,8 @@ def test_mpiexec_across_two_nodes_equals_one_node(cluster, tiny_h5, tmp_path, ra
     assert cfg["hosts"] == sorted(NODES), cfg["hosts"]
     assert config(one)["nodes"] == 1
     assert f"{ranks} rank(s) on 2 node(s)" in r.stdout, r.stdout
-    assert [x["step"] for x in metrics(two)] == [x["step"] for x in metrics(one)]
-    assert metrics(two)[-1]["step"] == 8
+    assert [x["step"] for x in records(two)] == [x["step"] for x in records(one)]
+    assert records(two)[-1]["step"] == 8
     assert_same_result(two, one)
     note(f"P={ranks} ({ranks // 2} a node) two nodes/TCP: {speed(two)}, {t_two:.1f} s wall; "
          f"one node/shm: {speed(one)}, {t_one:.1f} s wall")
@@ -443,7 +438,7 @@ def sbatch_past_init(data: Path, run_dir: Path, log: Path, started, timeout: flo
         except BaseException:
             run(["scancel", job], timeout=30, env=cluster_env())
             raise
-        if value is True and pmi_cut(lg) and not metrics(run_dir):
+        if value is True and pmi_cut(lg) and not records(run_dir):
             note(f"job {job} failed at MPI_Init with the srun PMI-2 cut (see PMI_CUT): submitted again")
             continue
         return job, lg, (None if value is True else value)
@@ -484,7 +479,7 @@ def test_sbatch_on_two_nodes(cluster, uninterrupted):
     cfg = config(run_dir)
     assert cfg["world_size"] == 2 and cfg["nodes"] == 2 and cfg["hosts"] == sorted(NODES), cfg
     assert cfg["threads_per_rank"] == 1, cfg                # --cpus-per-task=1
-    m = metrics(run_dir)
+    m = records(run_dir)
     assert m[-1]["final"] and m[-1]["step"] == 500, m[-1]
     note(f"sbatch -N 2, 500 steps: {job.wall_s:.1f} s from submit to COMPLETED; {speed(run_dir)}")
 
@@ -516,7 +511,7 @@ def test_sbatch_checkpoint_requeue_resume_on_two_nodes(cluster, data_4000, unint
     the job, and the next run resumes on two nodes and ends with the uninterrupted run's records."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     t0 = time.monotonic()
-    job, log, records = sbatch_past_init(data_4000, run_dir, log, lambda: metrics(run_dir), 120)
+    job, log, records = sbatch_past_init(data_4000, run_dir, log, lambda: records(run_dir), 120)
     try:
         assert records, job_failed(job_fields(job), log, job)
         first = records[0]
@@ -559,8 +554,8 @@ def test_sbatch_checkpoint_requeue_resume_on_two_nodes(cluster, data_4000, unint
     cfg = config(run_dir)
     assert cfg["nodes"] == 2 and cfg["hosts"] == sorted(NODES), cfg
     assert f"ckpt-step{stopped_at:09d}.h5" in str(cfg.get("resumed_from")), cfg
-    ref = without_timings(metrics(uninterrupted.run_dir))
-    got = without_timings(metrics(run_dir))
+    ref = without_timings(records(uninterrupted.run_dir))
+    got = without_timings(records(run_dir))
     assert [r["step"] for r in got] == list(range(25, 501, 25)), [r["step"] for r in got]
     assert got == ref, next((a, b) for a, b in zip(got, ref) if a != b)
     note(f"sbatch requeue cycle (stopped at step {stopped_at}): {time.monotonic() - t0:.1f} s")
@@ -596,9 +591,9 @@ def test_a_dead_node_ends_the_run(cluster, heal_nodeB, data_4000, tmp_path, fail
     try:
         deadline = time.monotonic() + 60
         # a record and a step checkpoint (written just after it): the failure must not cost it
-        while not (metrics(out) and ckpt_steps(out)) and p.poll() is None and time.monotonic() < deadline:
+        while not (records(out) and ckpt_steps(out)) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert metrics(out) and ckpt_steps(out) and p.poll() is None, "the run did not get going"
+        assert records(out) and ckpt_steps(out) and p.poll() is None, "the run did not get going"
         if failure == "kill-nodeB":
             assert kill_node("nodeB"), "nothing ran on nodeB"
         else:
@@ -629,4 +624,4 @@ def test_a_dead_node_ends_the_run(cluster, heal_nodeB, data_4000, tmp_path, fail
     r = subprocess.run([str(c) for c in resume], capture_output=True, text=True, timeout=90,
                        env=cluster_env(UCX_TLS="tcp,self"), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resuming from {saved[-1]} at step {step}" in r.stderr and metrics(out)[-1]["step"] == step + 25
+    assert f"resuming from {saved[-1]} at step {step}" in r.stderr and records(out)[-1]["step"] == step + 25

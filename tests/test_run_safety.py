@@ -218,3 +218,38 @@ def test_a_save_reads_no_kept_checkpoint_back(tiny_h5, tmp_path, monkeypatch):
     assert train(tiny_h5, out, "--max-steps", "12", "--checkpoint-every", "1", "--keep", "6") == 0
     # the resume reads the newest (6); the first save checks the 4 others it keeps once; later saves read none
     assert len(loads) == 5, loads
+
+
+# ----------------------------------------------------------------------------- messages that name the cause
+
+
+def test_messages_name_the_cause(tiny_h5, tmp_path, capsys):
+    assert train(tiny_h5, tmp_path / "a", "--batch-size", "5000") == 1          # 384 rows, no validation split
+    err = capsys.readouterr().err
+    assert "--batch-size 5000: the training split of" in err and "has 384 samples" in err, err
+    assert "--val-size" not in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        train(tiny_h5, "")                                                       # --out '': not the current directory
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out: expected a path, got an empty string" in err and err.count("\n") == 1, err
+    from dpcnn.config import Config, ConfigError
+    with pytest.raises(ConfigError, match=r"Config\(data=12\): expected a path"):
+        Config(data=12)
+
+
+def test_no_slowness_warning_from_short_noisy_intervals(tiny_h5, tmp_path, monkeypatch, capsys):
+    import time
+
+    from dpcnn.step import TrainStep
+    real, calls = TrainStep.compute, {"n": 0}
+
+    def counted(self, *a, **kw):                    # steps 6.. take 20 ms more: over 3x slower, in short intervals
+        calls["n"] += 1
+        if calls["n"] > 5:
+            time.sleep(0.02)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(TrainStep, "compute", counted)
+    assert train(tiny_h5, tmp_path / "run", "--max-steps", "12", "--eval-every", "2", "-v") == 0
+    assert "slower than at the start" not in capsys.readouterr().err

@@ -8,7 +8,6 @@ hand (`scripts/slurm/local-cluster.sh start`) or are skipped.
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import pytest
 from _idx import info_for, make_arrays, payloads
+from helpers import records
 
-from dpcnn.prepare import write_h5
+from dpcnn.h5format import write_h5
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "scripts" / "slurm"
@@ -123,12 +123,6 @@ def wait_for(what: str, predicate, timeout: float, log: Path, interval=0.25):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; job log:\n{text}")
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(s) for s in lines if s.strip().endswith("}")]
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
 def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, tmp_path, tiny_h5,
@@ -151,7 +145,7 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
     job = r.stdout.strip().split(";")[0]
     try:
         # 1. It trains, as one world of 2 ranks.
-        first = wait_for("a first evaluation", lambda: metrics(run_dir), 120, log)[0]
+        first = wait_for("a first evaluation", lambda: records(run_dir), 120, log)[0]
         assert first["world_size"] == 2 and first["step"] == 25, first
         assert first["global_batch_size"] == 16
 
@@ -183,7 +177,7 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
         assert f"ckpt-step{stopped_at:09d}.h5 at step {stopped_at}" in text, text     # "resuming from ..."
 
         # 4. The second run continued from the checkpoint and finished the schedule.
-        m = metrics(run_dir)
+        m = records(run_dir)
         assert m[-1]["final"] is True and m[-1]["step"] == steps, m[-1]
         assert m[-1]["world_size"] == 2
         # every evaluation exactly once, including one that fell on the stopped step
@@ -230,7 +224,7 @@ def test_a_stalled_rank_is_requeued_under_either_launcher(cluster, env, tmp_path
     job = submit(env, tmp_path, tiny_h5, run_dir, log, launcher, "--epochs", "50", "--timeout", "3")
     pids: list[int] = []
     try:
-        wait_for("a first evaluation", lambda: metrics(run_dir), 120, log)
+        wait_for("a first evaluation", lambda: records(run_dir), 120, log)
         pids = rank_pids(run_dir)
         assert len(pids) == 2, pids
         os.kill(pids[-1], signal.SIGSTOP)
@@ -253,7 +247,7 @@ def test_scancel_under_mpiexec_still_checkpoints(cluster, env, tmp_path, tiny_h5
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job = submit(env, tmp_path, tiny_h5, run_dir, log, "mpiexec", "--epochs", "50")
     try:
-        wait_for("a first evaluation", lambda: metrics(run_dir), 120, log)
+        wait_for("a first evaluation", lambda: records(run_dir), 120, log)
         assert run(["scancel", job], env=env, timeout=30).returncode == 0
         wait_for("the job to end", lambda: job_fields(job, env).get("JobState", "") in
                  ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", ""), 60, log)

@@ -14,9 +14,10 @@ from threadpoolctl import threadpool_limits
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot, predict
 from dpcnn.data import Split, holdout
+from dpcnn.h5format import write_h5
 from dpcnn.metrics import evaluate as metrics_evaluate
 from dpcnn.model import CNN, ModelSpec
-from dpcnn.prepare import write_h5
+from dpcnn.records import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,8 +173,8 @@ def test_plot_draws_validation_and_stars_what_best_follows(with_val):
     chosen), not the best test accuracy; without a validation split, the best test accuracy."""
     pytest.importorskip("matplotlib")
     val = [0.90, 0.95, 0.93, 0.94] if with_val else [None] * 4
-    recs = [{"epoch": i + 1.0, "train_loss": 0.5, "train_accuracy": 0.9, "val_loss": v and 1 - v,
-             "val_accuracy": v, "test_loss": 0.1, "test_accuracy": t, "images_per_second": 9.0}
+    recs = [Record(epoch=i + 1.0, step=i + 1, train_loss=0.5, train_accuracy=0.9, val_loss=v and 1 - v,
+                   val_accuracy=v, test_loss=0.1, test_accuracy=t, images_per_second=9.0)
             for i, (v, t) in enumerate(zip(val, [0.91, 0.92, 0.96, 0.94]))]
     assert plot.best_record(recs) == (("val", 2.0, 95.0) if with_val else ("test", 3.0, 96.0))
     fig = plot.draw(recs)

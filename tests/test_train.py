@@ -11,39 +11,26 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from conftest import child_env, mpiexec, run_job, write_tiny
+from helpers import (
+    BASE,
+    assert_same_state,
+    final_state,
+    job_args,
+    metrics,
+    rank_pids,
+    records_without_timings,
+    train,
+)
 
 from dpcnn import checkpoint as ckpt
 from dpcnn.cli import EXIT_STOPPED
 from dpcnn.rundir import RunDir, step_of
 from dpcnn.train import main
-
-# 384 training samples / batch 32 = 12 steps per epoch
-BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1"]
-
-
-def train(tiny_h5, out, *extra, comm="serial"):
-    return main(["--data", str(tiny_h5), "--out", str(out), "--comm", comm, *BASE, *map(str, extra)])
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-
-
-def final_state(run_dir) -> ckpt.State:
-    return ckpt.load(RunDir(run_dir).checkpoints()[0])
-
-
-def assert_same_state(a: ckpt.State, b: ckpt.State):
-    assert (a.step, a.epoch, a.next_batch) == (b.step, b.epoch, b.next_batch)
-    for name in a.params:
-        assert np.array_equal(a.params[name], b.params[name]), name
-        assert np.array_equal(a.velocity[name], b.velocity[name]), name
 
 
 def test_serial_run_outputs(tiny_h5, tmp_path):
@@ -280,19 +267,6 @@ c.save(r.RunDir({str(out)!r}).step_path(99), s)
 # ------------------------------------------------------------------------- multi-rank jobs
 
 
-def job_args(tiny_h5, out, *extra):
-    return ["-m", "dpcnn.train", "--data", tiny_h5, "--out", out, *BASE, *extra]
-
-
-# what must match between rank counts: everything in a record except the timings and world_size
-TIMING_KEYS = ("images_per_second", "elapsed_seconds", "world_size", "time_data_s", "time_compute_s",
-               "time_allreduce_s", "time_update_s", "time_eval_s")
-
-
-def records_without_timings(run_dir) -> list[dict]:
-    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics(run_dir)]
-
-
 @pytest.mark.timeout(240)
 def test_same_bits_on_1_2_3_ranks(tiny_h5, tmp_path):
     """Same seed, global batch and micro-batch: bit-identical parameters, momentum and records.
@@ -390,28 +364,7 @@ def test_ranks_started_with_different_settings_are_refused(tiny_h5, tmp_path):
         assert f"rank(s) [1] were started with other settings than rank 0 (differing: {differing})" in errors[0]
 
 
-def rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the python processes below an mpiexec (its proxy's children)."""
-    kids = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [launcher_pid]
-    while todo:
-        pid = todo.pop()
-        for c in kids.get(pid, []):
-            todo.append(c)
-            try:
-                if "python" in Path(f"/proc/{c}/comm").read_text():
-                    out.append(c)
-            except OSError:
-                pass
-    return sorted(out)
+
 
 
 @pytest.mark.timeout(300)
@@ -552,15 +505,15 @@ def test_run_directory_keeps_the_console_log_and_tensorboard_events(tiny_h5, tmp
 
 def test_a_run_far_slower_than_its_start_says_why(tiny_h5, tmp_path, capsys, monkeypatch):
     """Another program taking the cores mid-run: the rate drops; one warning says what to try."""
-    from dpcnn import train as T
-    orig = T.Trainer.train_step
+    from dpcnn.step import TrainStep
+    orig, done = TrainStep.compute, {"n": 0}
 
-    def step(self, *a):
-        if self.step >= 6:
-            time.sleep(0.05)                     # from step 6 on, something else holds the core
-        return orig(self, *a)
+    def compute(self, *a, **kw):                 # 0.1 s a step, then from step 6 on something else holds
+        done["n"] += 1                           # the core: 0.4 s (the intervals: over MIN_RATE_S of steps)
+        time.sleep(0.1 if done["n"] <= 6 else 0.4)
+        return orig(self, *a, **kw)
 
-    monkeypatch.setattr(T.Trainer, "train_step", step)
+    monkeypatch.setattr(TrainStep, "compute", compute)
     assert main(["--data", str(tiny_h5), "--out", str(tmp_path / "run"), "--comm", "serial", *BASE[:-3],
                  "--threads", "1", "--max-steps", "18", "--eval-every", "6"]) == 0
     err = capsys.readouterr().err
