@@ -200,7 +200,7 @@ class MPIComm(Comm):
 
     def versions(self) -> dict:
         import mpi4py
-        first = self.MPI.Get_library_version().splitlines()[0]
+        first = self.MPI.Get_library_version().split("\0")[0].splitlines()[0]     # Open MPI's ends in a NUL
         return {"mpi4py": mpi4py.__version__, "mpi": " ".join(first.split()),     # "MPICH Version: 5.0.2"
                 "mpi_thread_level": self.thread_level}
 

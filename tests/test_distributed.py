@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from conftest import write_tiny
 
-from dpcnn.comm import MPIComm, check_in_sync, digest
+from dpcnn.comm import MPIComm, check_in_sync, digest, on_root
 from dpcnn.config import Config
 from dpcnn.data import ShardedLoader, Split, shard_bounds
 from dpcnn.model import CNN, ModelSpec
 from dpcnn.step import TrainStep
 from dpcnn.train import train
+from dpcnn.watchdog import Watchdog, watched
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -49,6 +50,32 @@ def test_allreduce_bcast_closed_form(comm):
     assert comm.allgather_obj(r) == list(range(P))
     hosts = comm.allgather_obj(socket.gethostname())
     assert comm.num_nodes == len(set(hosts)) and comm.local_size == hosts.count(hosts[r])
+
+
+def test_the_watched_communicator_gives_the_same_closed_forms(comm):
+    """The trainer's communicator (every collective tells the watchdog where it waits) is MPIComm's
+    every collective, not an inherited no-op."""
+    dog = Watchdog(comm, timeout=60)                   # not started: only told where this rank waits
+    w = watched(comm, dog)
+    P, r = comm.size, comm.rank
+    buf = np.full(10, r, dtype=np.float32)
+    w.allreduce(buf)
+    assert np.all(buf == P * (P - 1) / 2)
+    x = np.arange(3, dtype=np.float64) * (r + 1)
+    w.bcast(x, root=P - 1)
+    assert np.array_equal(x, np.arange(3) * P)
+    assert w.bcast_obj(r) == 0 and w.allgather_obj(r) == list(range(P))
+    w.barrier()
+    assert w.node_cpus() == comm.node_cpus() and (w.rank, w.size) == (r, P)
+    assert on_root(w, lambda: r + 5, "adding") == 5                  # rank 0's job, everyone's result
+    assert dog.where is None and dog.doing is None and dog.behind is None
+
+
+def test_mpi_gives_the_watchdog_the_thread_level_it_needs(comm):
+    """MPI_Abort from the watchdog's thread while the main thread waits in a collective needs
+    MPI_THREAD_MULTIPLE (here as pytest-mpi initialised MPI, with mpi4py's defaults)."""
+    assert comm.thread_level == "multiple"
+    assert comm.versions()["mpi_thread_level"] == "multiple" and "\0" not in comm.versions()["mpi"]
 
 
 @pytest.mark.parametrize("batch", [12, 10, 2])   # 10 on 3 ranks: 4, 3, 3; 2 on 3 ranks: one rank empty
