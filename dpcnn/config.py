@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -121,28 +121,20 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def check(self) -> Config:
-        """self, once every field holds what the command line would accept for its flag (the
-        flag's own argparse type and choices); else ConfigError, one line naming the field. For
-        Configs built in Python: parse_args has checked the command line's already."""
-        D = Config()
-        for action in build_parser()._actions:
-            name = action.dest
-            if not hasattr(D, name) or getattr(self, name) == getattr(D, name):
-                continue
-            value = getattr(self, name)
-            if value is None:                            # where the default is not None
-                raise ConfigError(f"Config({name}=None): expected a value (the flag {action.option_strings[0]})")
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            try:
-                if isinstance(getattr(D, name), bool) and not isinstance(value, bool):
-                    raise ValueError("expected True or False")
-                parsed = action.type(text) if callable(action.type) else value
-                if parsed != value or isinstance(value, str) and not isinstance(parsed, str):
-                    raise ValueError(f"expected {type(parsed).__name__}, got {type(value).__name__}")
-                if action.choices is not None and parsed not in action.choices:
-                    raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
-            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-                raise ConfigError(f"Config({name}={value!r}): {e} (the flag {action.option_strings[0]})") from None
+        """self, once every field holds what the command line would accept for its flag (ACCEPTS);
+        else ConfigError, one line naming the field. For Configs built in Python: parse_args has
+        checked the command line's already."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ACCEPTS or isinstance(value, bool):
+                if value is None and f.default is not None:
+                    raise ConfigError(f"Config({f.name}=None): expected a value (the flag {_flag_name(f.name)})")
+                if value is None or value == f.default:
+                    continue
+                try:
+                    check_value(f.name, value)
+                except (ValueError, TypeError) as e:
+                    raise ConfigError(f"Config({f.name}={value!r}): {e} (the flag {_flag_name(f.name)})") from None
         return self
 
     def with_val_size(self, train_rows: int) -> Config:
@@ -199,10 +191,14 @@ VAL_SIZE, VAL_MIN_TRAIN_ROWS = 5000, 50_000
 # the code did before it could be set.)
 ABSENT: dict[str, Any] = {"val_size": 0, "init": "he", "exact": False}
 NOT_SAVED = ("progress",)
-STORE_TRUE = ("keep_last",)                            # flags without a --no- form
+STORE_TRUE = ("keep_last", "tensorboard")             # flags without a --no- form
 
 
 FLAG_OF = {"threads_per_rank": "threads"}              # facts of config.json set by a flag of another name
+
+
+def _flag_name(key: str) -> str:
+    return "--" + FLAG_OF.get(key, key).replace("_", "-")
 
 
 def flag_text(key: str, value: Any) -> str:
@@ -240,110 +236,6 @@ continue from the newest checkpoint), 69 a rank or node stopped responding (--ti
 """
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """The trainer's command line; every default is Config's."""
-    D = Config()
-    p = Parser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--data", type=path_arg, help=f"prepared HDF5 file (default {default_data_path('<dataset>')}); "
-                                             "it must exist, unless --data-source is given (then rank 0 "
-                                             "prepares it there)")
-    d.add_argument("--dataset", default=D.dataset, choices=sorted(DATASETS), help="data set (default mnist)")
-    d.add_argument("--data-source", help="where to prepare a missing data file from: a directory with "
-                                         "the IDX files or a base URL (default: public mirrors)")
-    d.add_argument("--keep-last", action="store_true",
-                   help="use the last partial global batch of each epoch (default: drop it)")
-    d.add_argument("--val-size", type=nonneg_int,
-                   help=f"training samples held out for validation, which chooses best.h5 (default "
-                        f"{VAL_SIZE}; 0 for a training split under {VAL_MIN_TRAIN_ROWS:,} samples); 0: none, "
-                        "best.h5 is then chosen by test accuracy")
-    d.add_argument("--val-seed", type=nonneg_int, default=D.val_seed,
-                   help="seed of the draw of the validation samples (default 0, whatever --seed is)")
-    d.add_argument("--shift", type=nonneg_int, default=D.shift,
-                   help="augmentation: translate each training image by up to this many pixels on each axis "
-                        "(default 0: off)")
-    d.add_argument("--rotate", type=degrees, default=D.rotate,
-                   help="augmentation: rotate each training image by up to this many degrees (default 0: off; "
-                        "slower: bilinear resampling)")
-    d.add_argument("--scale", type=zoom_range, default=D.scale,
-                   help="augmentation: magnify each training image by a factor drawn from [1 - SCALE, 1 + SCALE] "
-                        "(default 0: off; e.g. 0.1; slower: bilinear resampling)")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=positive_int, default=D.epochs, help="epochs (default 8)")
-    t.add_argument("--batch-size", type=positive_int, default=D.batch_size,
-                   help="GLOBAL batch size, split across ranks (default 64)")
-    t.add_argument("--exact", action=argparse.BooleanOptionalAction, default=D.exact,
-                   help="exact, order-independent sums over micro-batches: the same bits on any number of ranks "
-                        "and across a resume on another rank count, at 20-40%% more time per step on one rank "
-                        "(default off: one float32 pass per rank; rank counts then agree to float32 rounding)")
-    t.add_argument("--micro-batch", type=positive_int, default=D.micro_batch,
-                   help="with --exact: samples per forward/backward pass; each rank computes whole "
-                        "micro-batches, so the result is bit-identical on any number of ranks up to batch-size / "
-                        "micro-batch (default 16)")
-    t.add_argument("--lr", type=nonneg_float, default=D.lr, help="peak learning rate (default 0.05)")
-    t.add_argument("--momentum", type=unit_interval, default=D.momentum,
-                   help="SGD momentum, 0 <= m < 1 (default 0.9)")
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=D.nesterov,
-                   help="Nesterov momentum (default on)")
-    t.add_argument("--weight-decay", type=nonneg_float, default=D.weight_decay,
-                   help="L2 weight decay (default 5e-4)")
-    t.add_argument("--schedule", choices=SCHEDULES, default=D.schedule, help="learning-rate schedule (default cosine)")
-    t.add_argument("--warmup-epochs", type=nonneg_float, default=D.warmup_epochs,
-                   help="linear warm-up epochs (default 0)")
-    t.add_argument("--milestones", type=float_list, default=D.milestones,
-                   help="for --schedule step: when to multiply the rate by --gamma, as fractions of "
-                        "the run if < 1 else epochs (default 0.5,0.75)")
-    t.add_argument("--gamma", type=nonneg_float, default=D.gamma, help="step schedule factor (default 0.1)")
-    t.add_argument("--seed", type=nonneg_int, default=D.seed,
-                   help="seed of the initial weights and sample order (default 0)")
-    t.add_argument("--max-steps", type=positive_int, help="stop after this many updates (still evaluates, "
-                                                          "records and checkpoints)")
-    m = p.add_argument_group("model")
-    m.add_argument("--channels", type=int_list, default=D.channels, help="filters per conv block (default 8,16)")
-    m.add_argument("--kernel", type=positive_int, default=D.kernel, help="conv kernel size (default 3)")
-    m.add_argument("--hidden", type=int_list, default=D.hidden, help="dense hidden widths (default 128)")
-    m.add_argument("--init", choices=INITS, default=D.init,
-                   help=f"initial weights: he (He-normal, zero biases), torch (PyTorch's default: uniform "
-                        f"within 1/sqrt(fan_in), biases too), glorot (Glorot-uniform, zero biases) "
-                        f"(default {D.init})")
-    m.add_argument("--init-from", type=path_arg,
-                   help="start a new run from this checkpoint's weights (not its momentum or position); the "
-                        "model flags must match it")
-    r = p.add_argument_group("run directory, evaluation, checkpoints")
-    r.add_argument("--out", type=path_arg, default=D.out, help="run directory (default runs/latest)")
-    r.add_argument("--eval-every", type=nonneg_int, default=D.eval_every,
-                   help="also evaluate every N steps (default 0: at each epoch's end only)")
-    r.add_argument("--checkpoint-every", type=nonneg_int, default=D.checkpoint_every,
-                   help="also checkpoint every N steps (default 0: at epoch ends only)")
-    r.add_argument("--checkpoint-minutes", type=nonneg_float, default=D.checkpoint_minutes,
-                   help="also checkpoint when this many minutes passed since the last one (default 0: off)")
-    r.add_argument("--keep", type=positive_int, default=D.keep,
-                   help="step checkpoints to keep (default 3; best.h5 is kept besides)")
-    r.add_argument("--resume", default=D.resume,
-                   help="'auto' (newest valid checkpoint in --out, if any), 'none', or a checkpoint path "
-                        "(default auto)")
-    s = p.add_argument_group("parallelism")
-    s.add_argument("--threads", type=positive_int,
-                   help="BLAS threads per rank (default 1, or $SLURM_CPUS_PER_TASK); threads change float32 "
-                        "rounding, so keep one value to get the same bits on any number of ranks")
-    s.add_argument("--comm", choices=("auto", "mpi", "serial"), default=D.comm,
-                   help="communicator (default auto: MPI when started by an MPI launcher)")
-    s.add_argument("--check-every", type=nonneg_int, default=D.check_every,
-                   help="verify every N steps that all ranks hold identical parameters (default 500)")
-    s.add_argument("--timeout", type=positive_float, default=D.timeout,
-                   help="end the job (status 69) when a step or collective makes no progress for this many "
-                        "seconds: a stopped, dead or cut-off rank or node (default 600)")
-    s.add_argument("--log-every", type=nonneg_int, default=D.log_every,
-                   help="log a line every N steps (default: ~10 an epoch)")
-    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar even on a terminal")
-    s.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files to <out>/tensorboard (needs: pip install "
-                        "'dpcnn[tensorboard]'); then: tensorboard --logdir runs")
-    add_common_flags(p)
-    return p
-
-
 degrees, zoom_range = float_in(0, 180, "degrees"), float_in(0, 0.5, "a zoom range")
 
 
@@ -352,6 +244,145 @@ def path_arg(s: str) -> Path:
     if not s:
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return Path(s)
+
+
+# What each setting accepts: the one check of a value, for its flag (argparse's type= and
+# choices=) and for a Config built in Python (Config.check). Booleans accept True or False.
+ACCEPTS: dict[str, tuple[Callable[[str], Any] | None, tuple | None]] = {
+    "data": (path_arg, None), "dataset": (None, tuple(sorted(DATASETS))), "data_source": (None, None),
+    "val_size": (nonneg_int, None), "val_seed": (nonneg_int, None), "shift": (nonneg_int, None),
+    "rotate": (degrees, None), "scale": (zoom_range, None),
+    "epochs": (positive_int, None), "batch_size": (positive_int, None), "micro_batch": (positive_int, None),
+    "lr": (nonneg_float, None), "momentum": (unit_interval, None), "weight_decay": (nonneg_float, None),
+    "schedule": (None, tuple(SCHEDULES)), "warmup_epochs": (nonneg_float, None), "milestones": (float_list, None),
+    "gamma": (nonneg_float, None), "seed": (nonneg_int, None), "max_steps": (positive_int, None),
+    "channels": (int_list, None), "kernel": (positive_int, None), "hidden": (int_list, None),
+    "init": (None, tuple(INITS)), "init_from": (path_arg, None),
+    "out": (path_arg, None), "eval_every": (nonneg_int, None), "checkpoint_every": (nonneg_int, None),
+    "checkpoint_minutes": (nonneg_float, None), "keep": (positive_int, None), "resume": (None, None),
+    "threads": (positive_int, None), "comm": (None, ("auto", "mpi", "serial")), "check_every": (nonneg_int, None),
+    "timeout": (positive_float, None), "log_every": (nonneg_int, None),
+}
+
+
+def check_value(name: str, value: Any) -> None:
+    """ValueError (what was expected) unless `value` is what the flag of field `name` accepts."""
+    default = getattr(Config(), name)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("expected True or False")
+        return
+    parse, choices = ACCEPTS[name]
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    try:
+        parsed = parse(text) if parse else value
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
+    if parsed != value or isinstance(value, str) != isinstance(parsed, str):
+        raise ValueError(f"expected {type(parsed).__name__}, got {type(value).__name__}")
+    if choices is not None and parsed not in choices:
+        raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+
+
+def _flag(group, name: str, help: str, **kw) -> None:
+    """Add the flag of Config field `name` (--name-with-dashes) to group: its default is Config's,
+    its type and choices are ACCEPTS', booleans get a --no- form unless STORE_TRUE."""
+    default = getattr(Config(), name)
+    flag = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+        action = "store_true" if name in STORE_TRUE else argparse.BooleanOptionalAction
+        group.add_argument(flag, action=action, default=default, help=help, **kw)
+        return
+    parse, choices = ACCEPTS[name]
+    group.add_argument(flag, type=parse, choices=choices, default=default, help=help, **kw)
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The trainer's command line; every default is Config's, every check is ACCEPTS'."""
+    p = Parser(prog="python -m dpcnn.train", description=description, epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_flags(p.add_argument_group("data"))
+    _training_flags(p.add_argument_group("training"))
+    _model_flags(p.add_argument_group("model"))
+    _run_flags(p.add_argument_group("run directory, evaluation, checkpoints"))
+    _parallel_flags(p.add_argument_group("parallelism"))
+    add_common_flags(p)
+    return p
+
+
+def _data_flags(d) -> None:
+    _flag(d, "data", f"prepared HDF5 file (default {default_data_path('<dataset>')}); it must exist, unless "
+                     "--data-source is given (then rank 0 prepares it there)")
+    _flag(d, "dataset", "data set (default mnist)")
+    _flag(d, "data_source", "where to prepare a missing data file from: a directory with the IDX files or a base "
+                            "URL (default: public mirrors)")
+    _flag(d, "keep_last", "use the last partial global batch of each epoch (default: drop it)")
+    _flag(d, "val_size", f"training samples held out for validation, which chooses best.h5 (default {VAL_SIZE}; 0 "
+                         f"for a training split under {VAL_MIN_TRAIN_ROWS:,} samples); 0: none, best.h5 is then "
+                         "chosen by test accuracy")
+    _flag(d, "val_seed", "seed of the draw of the validation samples (default 0, whatever --seed is)")
+    _flag(d, "shift", "augmentation: translate each training image by up to this many pixels on each axis "
+                      "(default 0: off)")
+    _flag(d, "rotate", "augmentation: rotate each training image by up to this many degrees (default 0: off; "
+                       "slower: bilinear resampling)")
+    _flag(d, "scale", "augmentation: magnify each training image by a factor drawn from [1 - SCALE, 1 + SCALE] "
+                      "(default 0: off; e.g. 0.1; slower: bilinear resampling)")
+
+
+def _training_flags(t) -> None:
+    _flag(t, "epochs", "epochs (default 8)")
+    _flag(t, "batch_size", "GLOBAL batch size, split across ranks (default 64)")
+    _flag(t, "exact", "exact, order-independent sums over micro-batches: the same bits on any number of ranks "
+                      "and across a resume on another rank count, at 20-40%% more time per step on one rank "
+                      "(default off: one float32 pass per rank; rank counts then agree to float32 rounding)")
+    _flag(t, "micro_batch", "with --exact: samples per forward/backward pass; each rank computes whole "
+                            "micro-batches, so the result is bit-identical on any number of ranks up to "
+                            "batch-size / micro-batch (default 16)")
+    _flag(t, "lr", "peak learning rate (default 0.05)")
+    _flag(t, "momentum", "SGD momentum, 0 <= m < 1 (default 0.9)")
+    _flag(t, "nesterov", "Nesterov momentum (default on)")
+    _flag(t, "weight_decay", "L2 weight decay (default 5e-4)")
+    _flag(t, "schedule", "learning-rate schedule (default cosine)")
+    _flag(t, "warmup_epochs", "linear warm-up epochs (default 0)")
+    _flag(t, "milestones", "for --schedule step: when to multiply the rate by --gamma, as fractions of the run "
+                           "if < 1 else epochs (default 0.5,0.75)")
+    _flag(t, "gamma", "step schedule factor (default 0.1)")
+    _flag(t, "seed", "seed of the initial weights and sample order (default 0)")
+    _flag(t, "max_steps", "stop after this many updates (still evaluates, records and checkpoints)")
+
+
+def _model_flags(m) -> None:
+    _flag(m, "channels", "filters per conv block (default 8,16)")
+    _flag(m, "kernel", "conv kernel size (default 3)")
+    _flag(m, "hidden", "dense hidden widths (default 128)")
+    _flag(m, "init", f"initial weights: he (He-normal, zero biases), torch (PyTorch's default: uniform within "
+                     f"1/sqrt(fan_in), biases too), glorot (Glorot-uniform, zero biases) (default {Config.init})")
+    _flag(m, "init_from", "start a new run from this checkpoint's weights (not its momentum or position); the "
+                          "model flags must match it")
+
+
+def _run_flags(r) -> None:
+    _flag(r, "out", "run directory (default runs/latest)")
+    _flag(r, "eval_every", "also evaluate every N steps (default 0: at each epoch's end only)")
+    _flag(r, "checkpoint_every", "also checkpoint every N steps (default 0: at epoch ends only)")
+    _flag(r, "checkpoint_minutes", "also checkpoint when this many minutes passed since the last one (default 0: "
+                                   "off)")
+    _flag(r, "keep", "step checkpoints to keep (default 3; best.h5 is kept besides)")
+    _flag(r, "resume", "'auto' (newest valid checkpoint in --out, if any), 'none', or a checkpoint path "
+                       "(default auto)")
+
+
+def _parallel_flags(s) -> None:
+    _flag(s, "threads", "BLAS threads per rank (default 1, or $SLURM_CPUS_PER_TASK); threads change float32 "
+                        "rounding, so keep one value to get the same bits on any number of ranks")
+    _flag(s, "comm", "communicator (default auto: MPI when started by an MPI launcher)")
+    _flag(s, "check_every", "verify every N steps that all ranks hold identical parameters (default 500)")
+    _flag(s, "timeout", "end the job (status 69) when a step or collective makes no progress for this many "
+                        "seconds: a stopped, dead or cut-off rank or node (default 600)")
+    _flag(s, "log_every", "log a line every N steps (default: ~10 an epoch)")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar even on a terminal")
+    _flag(s, "tensorboard", "also write TensorBoard event files to <out>/tensorboard (needs: pip install "
+                            "'dpcnn[tensorboard]'); then: tensorboard --logdir runs")
 
 
 def parse_args(argv=None, description: str = "") -> tuple[Config, argparse.Namespace]:
