@@ -218,6 +218,7 @@ class Watchdog:
         late = tick + max(tick, 0.25)          # a wake-up this late: suspended, or starved of the CPU or GIL
         signalled, signals = 0.0, 0            # when the last stop signal came, and how many
         last = time.monotonic()
+        hold = 0.0                             # judge nothing before: a late wake-up's SIGCONT may be on its way
         while not self._stop.is_set():
             ready, _, _ = select.select([self._rfd], [], [], tick)
             if self._stop.is_set():
@@ -228,16 +229,17 @@ class Watchdog:
                 with contextlib.suppress(BlockingIOError):
                     got = os.read(self._rfd, 512)
             gap, last = now - last, now
-            if SIGCONT is not None and SIGCONT in got:
-                self._continued(now)           # this process was stopped: its own pause is no stall
-                continue
-            if gap > late:
-                if not self._signals:          # no SIGCONT to tell: take any late wake-up for a pause
-                    self._continued(now)
-                continue                       # else judge on the next tick, when a SIGCONT has arrived
             if any(b in StopRequest.SIGNALS for b in got) and (not signals or now - signalled >= SAME_SIGNAL_S):
                 signalled, signals = now, signals + 1
-            self._judge(now, signals, signalled)
+            if SIGCONT is not None and SIGCONT in got:
+                self._continued(now)           # this process was stopped: its own pause is no stall
+            elif gap > late:
+                if not self._signals:          # no SIGCONT to tell: take any late wake-up for a pause
+                    self._continued(now)
+                elif now >= hold + 2 * late:   # (not straight after the last hold: a starved thread still judges)
+                    hold = now + max(1.0, 2 * tick)
+            if now >= hold:
+                self._judge(now, signals, signalled)
 
     def _continued(self, now: float) -> None:
         self.suspensions += 1
