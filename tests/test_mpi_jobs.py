@@ -3,9 +3,9 @@ run (issue 20 items 8-13: a rank stopped during the start-up or mid-run, a whole
 slow final checkpoint, one rank of an MPMD launch with --comm serial), MPI initialised at the
 thread level the watchdog needs (item 12), and --exact's bits on 2 ranks and 1 process.
 
-CI runs this file under MPICH (the venv's) and under Open MPI (.venv-ompi). For another MPI than
-the venv's MPICH set DPCNN_MPIEXEC_ARGS to what its mpiexec needs ("--allow-run-as-root
---oversubscribe" for Open MPI as root)."""
+CI runs this file under MPICH (the venv's) and under Open MPI (.venv-ompi). For another MPI, set
+DPCNN_MPIEXEC to its mpiexec (default: the one beside this Python, or on PATH) and
+DPCNN_MPIEXEC_ARGS to what it needs ("--allow-run-as-root --oversubscribe": Open MPI as root)."""
 
 import contextlib
 import os
@@ -25,7 +25,11 @@ from dpcnn.cli import EXIT_ERROR, EXIT_STALLED, EXIT_STOPPED
 from dpcnn.rundir import RunDir
 
 BASE = ["--batch-size", "32", "--no-progress", "-q", "--threads", "1"]
-LAUNCH_ARGS = os.environ.get("DPCNN_MPIEXEC_ARGS", "").split()
+
+
+def launcher() -> list[str]:
+    """The mpiexec command: DPCNN_MPIEXEC (default: the one the tests find) and DPCNN_MPIEXEC_ARGS."""
+    return [os.environ.get("DPCNN_MPIEXEC") or mpiexec(), *os.environ.get("DPCNN_MPIEXEC_ARGS", "").split()]
 
 
 def train_args(tiny_h5, out, *extra) -> list[str]:
@@ -41,7 +45,7 @@ def patched(patch: str, argv: list[str]) -> list[str]:
 def launch(cmd: list[str], nprocs: int) -> subprocess.Popen:
     """cmd under mpiexec -n nprocs (nprocs 0: without a launcher), stdout and stderr piped."""
     if nprocs:
-        cmd = [mpiexec(), *LAUNCH_ARGS, "-n", str(nprocs), *cmd]
+        cmd = [*launcher(), "-n", str(nprocs), *cmd]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
 
 
@@ -123,7 +127,7 @@ def test_serial_comm_on_one_rank_of_a_launch_is_refused_at_once(tiny_h5, tmp_pat
     """mpiexec -n 1 dpcnn.train : -n 1 dpcnn.train --comm serial: the serial one would train alone
     while the other waits for it in MPI_Init (it hung silently); it refuses and ends the launch."""
     cmd = [sys.executable, "-m", "dpcnn.train", *train_args(tiny_h5, tmp_path / "run")]
-    mpmd = [mpiexec(), *LAUNCH_ARGS, "-n", "1", *cmd, ":", "-n", "1", *cmd, "--comm", "serial"]
+    mpmd = [*launcher(), "-n", "1", *cmd, ":", "-n", "1", *cmd, "--comm", "serial"]
     t0 = time.monotonic()
     with ended_on_exit(subprocess.Popen(mpmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=child_env())) as p:
