@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -52,6 +53,107 @@ def step_of(path: Path) -> int:
     return int(m.group(1))
 
 
+def _signature(p: Path) -> tuple | None:
+    """(inode, size, mtime) of a file: whether it changed since it was last read."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class DirLock:
+    """The exclusive lock of a run directory, which one training holds while it uses it.
+
+    The lock is on the directory itself (flock on an O_DIRECTORY descriptor): nothing inside it
+    can be deleted or replaced to make a second training miss it, and the kernel releases it
+    when the process ends in any way. Where the file system cannot lock a directory (NFS
+    emulates flock with POSIX locks, which need a file open for writing), the lock is the file
+    .lock, opened without following a symbolic link and checked (``check``), after locking and
+    before every checkpoint, to still be the file at that name. .lock holds the holder's host
+    and pid, for the refusal of a second training."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+        self.ino: int | None = None        # the lock file's inode, where the directory cannot be locked
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> None:
+        """Take the exclusive lock of the directory, or RunDirError naming its holder."""
+        p = self.path
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self._refuse_held()
+        except OSError as e:                                    # no flock on directories here
+            os.close(fd)
+            log.debug("--out %s: cannot lock the directory (%s): locking its %s file instead", p, e, LOCK_INFO)
+            self._acquire_file()
+            return
+        self.fd = fd
+
+    def _acquire_file(self) -> None:
+        lock = self.path / LOCK_INFO
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            what = "a symbolic link" if lock.is_symlink() else e.strerror or str(e)
+            raise RunDirError(f"--out {self.path}: cannot use its lock file {LOCK_INFO} ({what}); "
+                              "remove it if no training runs there") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._refuse_held()
+        self.fd, self.ino = fd, os.fstat(fd).st_ino
+        self.check()
+
+    def check(self) -> None:
+        """RunDirError when this process's lock file is no longer the one at its name (removed or
+        replaced: another training may be writing here). Nothing to check for a directory lock."""
+        if self.ino is None:
+            return
+        try:
+            same = os.lstat(self.path / LOCK_INFO).st_ino == self.ino
+        except OSError:
+            same = False
+        if not same:
+            raise RunDirError(f"--out {self.path}: its lock file {LOCK_INFO} was removed or replaced while this "
+                              "training held it; another training may be writing there: stopping")
+
+    def _refuse_held(self) -> NoReturn:
+        try:
+            fd = os.open(self.path / LOCK_INFO, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+        except OSError:
+            holder = ""
+        raise RunDirError(f"--out {self.path}: another training is using it ({holder or 'unknown'}); wait for it "
+                          "to end, stop it, or give another --out") from None
+
+    def write_holder(self) -> None:
+        holder = f"host {socket.gethostname()} pid {os.getpid()}\n"
+        if self.ino is None:                                   # replaced, never written through a link
+            write_atomic(self.path / LOCK_INFO, holder)
+        else:                                                  # the locked file itself
+            assert self.fd is not None
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, holder.encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.ino = None
+
+
 class RunDir:
     """A training run's directory (rank 0 only)."""
 
@@ -63,8 +165,7 @@ class RunDir:
         self.log = self.path / "train.log"
         self.exit_status = self.path / EXIT_STATUS
         self.tensorboard = self.path / "tensorboard"
-        self._lock_fd: int | None = None
-        self._lock_ino: int | None = None        # the lock file's inode, where the directory cannot be locked
+        self.lock = DirLock(self.path)
         self._created = False
         self._verified: dict[str, tuple | None] = {}   # checkpoint name -> (inode, size, mtime) when it last loaded
 
@@ -87,15 +188,9 @@ class RunDir:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"--out {p}: cannot create it ({e.strerror or e})") from None
-        self._lock()
-        holder = f"host {socket.gethostname()} pid {os.getpid()}\n"
+        self.lock.acquire()
         try:
-            if self._lock_ino is None:                         # replaced, never written through a link
-                write_atomic(self.path / LOCK_INFO, holder)
-            else:                                              # the locked file itself
-                assert self._lock_fd is not None
-                os.ftruncate(self._lock_fd, 0)
-                os.pwrite(self._lock_fd, holder.encode(), 0)
+            self.lock.write_holder()
         except (UserError, OSError) as e:
             self.close()
             raise RunDirError(f"--out {p}: cannot write there ({getattr(e, 'strerror', None) or e})") from None
@@ -105,81 +200,16 @@ class RunDir:
                 log.debug("removing %s, left by an interrupted write", stale)
                 stale.unlink(missing_ok=True)
 
-    def _lock(self) -> None:
-        """Take the exclusive lock of the directory, or RunDirError naming its holder.
-
-        The lock is on the directory itself (flock on an O_DIRECTORY descriptor): nothing inside it
-        can be deleted or replaced to make a second training miss it, and the kernel releases it
-        when the process ends in any way. Where the file system cannot lock a directory (NFS
-        emulates flock with POSIX locks, which need a file open for writing), the lock is the file
-        .lock, opened without following a symbolic link and checked, after locking and before
-        every checkpoint, to still be the file at that name."""
-        p = self.path
-        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            self._refuse_held()
-        except OSError as e:                                    # no flock on directories here
-            os.close(fd)
-            log.debug("--out %s: cannot lock the directory (%s): locking its %s file instead", p, e, LOCK_INFO)
-            self._lock_file()
-            return
-        self._lock_fd = fd
-
-    def _lock_file(self) -> None:
-        lock = self.path / LOCK_INFO
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            what = "a symbolic link" if lock.is_symlink() else e.strerror or str(e)
-            raise RunDirError(f"--out {self.path}: cannot use its lock file {LOCK_INFO} ({what}); "
-                              "remove it if no training runs there") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            self._refuse_held()
-        self._lock_fd, self._lock_ino = fd, os.fstat(fd).st_ino
-        self.check_locked()
-
-    def check_locked(self) -> None:
-        """RunDirError when this process's lock file is no longer the one at its name (removed or
-        replaced: another training may be writing here). Nothing to check for a directory lock."""
-        if self._lock_ino is None:
-            return
-        try:
-            same = os.lstat(self.path / LOCK_INFO).st_ino == self._lock_ino
-        except OSError:
-            same = False
-        if not same:
-            raise RunDirError(f"--out {self.path}: its lock file {LOCK_INFO} was removed or replaced while this "
-                              "training held it; another training may be writing there: stopping")
-
-    def _refuse_held(self) -> NoReturn:
-        try:
-            fd = os.open(self.path / LOCK_INFO, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                holder = os.read(fd, 200).decode(errors="replace").strip()
-            finally:
-                os.close(fd)
-        except OSError:
-            holder = ""
-        raise RunDirError(f"--out {self.path}: another training is using it ({holder or 'unknown'}); wait for it "
-                          "to end, stop it, or give another --out") from None
-
     def close(self) -> None:
         """Release the lock (the process's end would too). A directory this process created and
         left without results (a run refused before writing anything but its log) is removed."""
-        if self._lock_fd is None:
+        if not self.lock.held:
             return
         if self._created and {q.name for q in self.path.iterdir()} <= {LOCK_INFO, self.log.name}:
             for q in self.path.iterdir():
                 q.unlink()
             self.path.rmdir()
-        os.close(self._lock_fd)
-        self._lock_fd = self._lock_ino = None
+        self.lock.release()
 
     def __enter__(self) -> RunDir:
         self.open()
@@ -238,7 +268,7 @@ class RunDir:
         `keep` valid step checkpoints. best.h5 first: a process killed between the two resumes from the previous step
         checkpoint, whose best accuracy is lower, so the same evaluation writes best.h5 again; the
         other order could leave a step checkpoint that thinks best.h5 holds what it does not."""
-        self.check_locked()
+        self.lock.check()
         if best is not None:
             ckpt.save(self.best, best)
         path = ckpt.save(self.step_path(state.step), state)
@@ -246,15 +276,8 @@ class RunDir:
         self.prune(keep)
         return path
 
-    def _signature(self, p: Path) -> tuple | None:
-        try:
-            st = p.stat()
-        except OSError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
     def _mark_verified(self, p: Path) -> None:
-        self._verified[p.name] = self._signature(p)
+        self._verified[p.name] = _signature(p)
 
     def prune(self, keep: int) -> None:
         """Keep the newest `keep` step checkpoints that load and delete older ones. A damaged one
@@ -270,7 +293,7 @@ class RunDir:
                 p.unlink(missing_ok=True)
                 self._verified.pop(p.name, None)
                 continue
-            sig = self._signature(p)
+            sig = _signature(p)
             if sig is not None and self._verified.get(p.name) == sig:
                 kept += 1
                 continue
@@ -330,3 +353,32 @@ class RunDir:
             raise RunDirError(f"--out {self.path} holds the results of an earlier run ({', '.join(results)}) but no "
                               f"step checkpoint to continue it from; {cont}give another --out (or move those "
                               "files away) to start afresh")
+
+
+class Checkpointer:
+    """When and how rank 0 writes a run's step checkpoints: when asked (record points, a stop), every
+    --checkpoint-every steps and --checkpoint-minutes; once per step; never non-finite weights."""
+
+    def __init__(self, run_dir: RunDir, keep: int, every: int, minutes: float):
+        self.run_dir, self.keep, self.every, self.minutes = run_dir, keep, every, minutes
+        self.saved_step: int | None = None       # step of the last checkpoint this process wrote
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every and step % self.every == 0:
+            return True
+        return bool(self.minutes) and time.monotonic() - self.last >= 60 * self.minutes
+
+    def save(self, step: int, state: Callable[[], ckpt.State], finite: bool, best: bool = False,
+             best_state: ckpt.State | None = None) -> None:
+        """ckpt-stepN.h5 of state() (and best.h5 when best: of best_state, else the same state)."""
+        if self.saved_step == step:
+            return
+        if not finite:                          # diverging: the next loss check stops every rank
+            log.warning("warning: not saving a checkpoint at step %d: the weights are not finite", step)
+            return
+        t0 = time.perf_counter()
+        s = state()
+        path = self.run_dir.save_checkpoint(s, self.keep, best=(best_state or s) if best else None)
+        self.saved_step, self.last = step, time.monotonic()
+        log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)

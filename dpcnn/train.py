@@ -43,7 +43,7 @@ from .node import blas_summary, hostname
 from .optim import Schedule
 from .process import Process, training_process
 from .records import Board, Interval, Monitor, Progress, Record
-from .rundir import RunDir
+from .rundir import Checkpointer, RunDir
 from .step import Diverged, TrainStep
 from .watchdog import StopRequest, Watchdog
 
@@ -130,10 +130,93 @@ def make_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Schedu
                     milestones=milestones, gamma=cfg.gamma)
 
 
+def run_facts(cfg: Config, c: Comm, data_path: Path, train_set: Split, loader: ShardedLoader, spec: ModelSpec,
+              threads: int) -> Facts:
+    """What the run is made of (config.json, checkpoints); allgathers the host names."""
+    return Facts(data=str(data_path.absolute()), dataset=train_set.dataset, data_fingerprint=train_set.fingerprint,
+                 train_samples=loader.n, drop_last=not cfg.keep_last, steps_per_epoch=loader.steps_per_epoch,
+                 total_steps=cfg.epochs * loader.steps_per_epoch, model=spec.to_dict(), num_params=spec.num_params,
+                 world_size=c.size, nodes=c.num_nodes, hosts=sorted(set(c.allgather_obj(hostname()))),
+                 threads_per_rank=threads, blas=blas_summary(), versions=versions(c))
+
+
 def versions(comm: Comm) -> dict:
     v = {"dpcnn": __version__, "python": platform.python_version(), "numpy": np.__version__,
          "h5py": h5py.__version__}
     return {**v, **comm.versions()}
+
+
+class Recorder:
+    """A run's records: the evaluations at its record points (epoch ends, --eval-every), the best
+    accuracy so far, the training totals since the last record, and where records go (rank 0:
+    metrics.jsonl, TensorBoard, the console)."""
+
+    def __init__(self, cfg: Config, comm: Comm, run_dir: RunDir, steps_per_epoch: int, classes: int):
+        self.cfg, self.comm, self.run_dir, self.spe = cfg, comm, run_dir, steps_per_epoch
+        self.records: list[Record] = []
+        self.best_accuracy = -1.0
+        self.iv = Interval()
+        self.evaluator: Evaluator | None = None          # set once the weights are in place
+        self.monitor = Monitor(cfg.lr, classes)
+        self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
+
+    def scheduled(self, step: int) -> bool:
+        """Whether the run records at this step wherever it ends: an epoch's end or --eval-every."""
+        return step % self.spe == 0 or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
+
+    def recorded(self, step: int) -> bool:
+        return bool(self.records) and self.records[-1].step == step
+
+    def dicts(self) -> list[dict]:
+        return [r.to_dict() for r in self.records]
+
+    def restore(self, s: ckpt.State, continuing: bool) -> None:
+        """The records, best accuracy and training totals of a checkpoint; continuing past it, a
+        --max-steps end's record is dropped: the uninterrupted run does not make it."""
+        self.records = [Record.from_dict(m) for m in s.metrics]
+        if continuing and self.recorded(s.step) and not self.scheduled(s.step):
+            self.records.pop()
+        self.best_accuracy, self.iv = s.best_accuracy, Interval.from_carried(s.interval)
+
+    def done(self, step: int, elapsed: float) -> None:
+        """Rank 0's last line: where the run ended."""
+        if self.comm.is_root:
+            last = self.records[-1]
+            val = "" if last.val_accuracy is None else f"validation accuracy {100 * last.val_accuracy:.2f}%, "
+            log.info("done: %d step%s, %stest accuracy %.2f%%, %.1f s", step, "s"[:step != 1], val,
+                     100 * (last.test_accuracy or 0), elapsed)
+
+    def record(self, model, step: int, lr: float, elapsed: float, final: bool) -> Record:
+        """Evaluate on the validation and test sets (all ranks) and, on rank 0, append the Record to
+        metrics.jsonl and show it. SharedError (every rank) when a loss is not finite."""
+        assert self.evaluator is not None
+        t0 = time.perf_counter()
+        val, test = self.evaluator(model)
+        t_eval = time.perf_counter() - t0
+        for what, t in (("validation", val), ("test", test)):
+            if t is not None and not np.isfinite(t.loss):
+                raise SharedError(f"training diverged in step {step}: the {what} loss after it is {t.loss}; nothing "
+                                  f"of this step was saved (try a lower --lr than {self.cfg.lr:g}, or --warmup-epochs)")
+        iv, n = self.iv, self.iv.samples
+        rec = Record(
+            epoch=round(step / self.spe, 4), step=step,
+            train_loss=iv.loss / n if n else None, train_accuracy=iv.correct / n if n else None,
+            val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
+            test_loss=test.loss, test_accuracy=test.accuracy,
+            test_per_class_accuracy=test.summary()["per_class_accuracy"],
+            images_per_second=round(iv.trained / iv.seconds, 1) if iv.trained and iv.seconds else None,
+            elapsed_seconds=round(elapsed, 3), world_size=self.comm.size, global_batch_size=self.cfg.batch_size,
+            lr=lr, time_data_s=round(iv.data, 4), time_compute_s=round(iv.compute, 4),
+            time_allreduce_s=round(iv.allreduce, 4), time_update_s=round(iv.update, 4),
+            time_eval_s=round(t_eval, 4), final=final)
+        self.records.append(rec)
+        if self.comm.is_root:
+            self.run_dir.append_metrics(rec.to_dict())
+            if self.board is not None:
+                self.board.write(rec)
+            self.monitor.show(rec, iv.seconds)
+        self.iv = Interval()
+        return rec
 
 
 # ----------------------------------------------------------------------------- the run
@@ -161,7 +244,7 @@ class Trainer:
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, cfg.max_steps or self.total_steps)
-        self.facts = self._facts()
+        self.facts = run_facts(cfg, comm, self.data_path, self.train_set, self.loader, self.spec, threads)
         check_same(comm, self.facts.shared(cfg))                     # distributed: before any other collective
         self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, exact=cfg.exact, seed=cfg.seed,
                                  momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
@@ -169,28 +252,16 @@ class Trainer:
         self.model = self.step_fn.model
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
-        self.saved_step: int | None = None       # step of the last checkpoint this process wrote
-        self.records: list[Record] = []
-        self.best_accuracy, self.elapsed0 = -1.0, 0.0
-        self.iv = Interval()
+        self.elapsed0 = 0.0
+        if cfg.tensorboard:
+            on_root(comm, check_board)
+        self.rec = Recorder(cfg, comm, run_dir, self.steps_per_epoch, self.spec.classes)
         self.resumed_from = self._resume()
         if self.resumed_from is None and cfg.init_from:
             self._init_from(cfg.init_from)
-        self.evaluator = Evaluator(self.train_set, self.val_rows, self.test_set, comm)
-        self.monitor = Monitor(cfg.lr, self.spec.classes)
-        self.last_ckpt_time = time.monotonic()
-        if cfg.tensorboard:
-            on_root(comm, check_board)
-        self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
-
-    def _facts(self) -> Facts:
-        c = self.comm
-        return Facts(data=str(self.data_path.absolute()), dataset=self.train_set.dataset,
-                     data_fingerprint=self.train_set.fingerprint, train_samples=self.loader.n,
-                     drop_last=not self.cfg.keep_last, steps_per_epoch=self.steps_per_epoch,
-                     total_steps=self.total_steps, model=self.spec.to_dict(), num_params=self.spec.num_params,
-                     world_size=c.size, nodes=c.num_nodes, hosts=sorted(set(c.allgather_obj(hostname()))),
-                     threads_per_rank=self.threads, blas=blas_summary(), versions=versions(c))
+        self.rec.evaluator = Evaluator(self.train_set, self.val_rows, self.test_set, comm)
+        self.board = self.rec.board
+        self.ckpts = Checkpointer(run_dir, cfg.keep, cfg.checkpoint_every, cfg.checkpoint_minutes)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -200,7 +271,7 @@ class Trainer:
             return self.at_the_end()
         if self.stopped_during_start_up():
             return EXIT_STOPPED
-        self.announce()
+        announce(self)
         progress = Progress(c.is_root and cfg.progress, self.end_step, self.step,
                             cfg.log_every or max(spe // 10, 1), spe) if c.is_root else None
         self.dog.armed = True                                       # from now on a stall ends the job
@@ -209,15 +280,15 @@ class Trainer:
             stopping = self.train_step(epoch, k)
             s = self.step
             if progress:
-                progress.update(s, self.iv)
+                progress.update(s, self.rec.iv)
             if cfg.check_every and s % cfg.check_every == 0:
                 check_in_sync(c, self.model.params, s)
             # Records and checkpoints come before acting on a stop, so a stop never skips one.
             if k + 1 == spe or s == self.end_step:                  # an epoch or the run ended
-                self.record_and_checkpoint(final=s == self.end_step, provisional=not self.scheduled(s))
-            elif self.scheduled(s):                                 # --eval-every within an epoch
+                self.record_and_checkpoint(final=s == self.end_step, provisional=not self.rec.scheduled(s))
+            elif self.rec.scheduled(s):                                 # --eval-every within an epoch
                 self.record_and_checkpoint(final=False, only_if_best=True)
-            if self.checkpoint_due(s):
+            if self.ckpts.due(s):
                 self.save_checkpoint()
             self.dog.beat(s + 1)
             if stopping and s < self.end_step:
@@ -227,7 +298,7 @@ class Trainer:
         if progress:
             progress.close()
         check_in_sync(c, self.model.params, self.step)
-        self.done()
+        self.rec.done(self.step, self.elapsed())
         return EXIT_OK
 
     def train_step(self, epoch: int, k: int) -> bool:
@@ -240,15 +311,15 @@ class Trainer:
         except Diverged as e:
             self.diverged(self.step + 1, str(e))
         self.step += 1
-        self.iv.add(r.loss_sum, r.correct, r.samples, t_data, r.t_compute, r.t_allreduce, r.t_update)
+        self.rec.iv.add(r.loss_sum, r.correct, r.samples, t_data, r.t_compute, r.t_allreduce, r.t_update)
         return r.stop
 
     def at_the_end(self) -> int:
         """Resumed at or past --max-steps: record the end if no record is there yet, else nothing."""
-        if self.step == self.end_step and not self.recorded(self.step):
-            self.announce()
-            self.record_and_checkpoint(final=True, provisional=not self.scheduled(self.step))
-            self.done()
+        if self.step == self.end_step and not self.rec.recorded(self.step):
+            announce(self)
+            self.record_and_checkpoint(final=True, provisional=not self.rec.scheduled(self.step))
+            self.rec.done(self.step, self.elapsed())
         elif self.comm.is_root:
             log.info("the run in %s is at step %d of %d: nothing to train (a larger --max-steps continues "
                      "it up to --epochs; another --out starts a new run)", self.run_dir.path, self.step, self.end_step)
@@ -280,59 +351,6 @@ class Trainer:
 
     # -- records -------------------------------------------------------------------
 
-    def announce(self) -> None:
-        """Rank 0 writes config.json and the records the run starts from, and logs what runs where."""
-        if self.comm.is_root:
-            self.run_dir.write_metrics([r.to_dict() for r in self.records])   # what its checkpoint knew
-            self.run_dir.write_config(config_json(self.cfg, self.facts, self.resumed_from))
-            log_start(self)
-        self.comm.barrier()
-
-    def done(self) -> None:
-        last = self.records[-1]
-        if self.comm.is_root:
-            val = "" if last.val_accuracy is None else f"validation accuracy {100 * last.val_accuracy:.2f}%, "
-            log.info("done: %d step%s, %stest accuracy %.2f%%, %.1f s", self.step, "s"[:self.step != 1], val,
-                     100 * (last.test_accuracy or 0), self.elapsed())
-
-    def record(self, final: bool = False) -> Record:
-        """Evaluate on the validation and test sets (all ranks) and, on rank 0, append the Record to
-        metrics.jsonl and show it."""
-        t0 = time.perf_counter()
-        val, test = self.evaluator(self.model)
-        t_eval = time.perf_counter() - t0
-        for what, t in (("validation", val), ("test", test)):
-            if t is not None and not np.isfinite(t.loss):
-                self.diverged(self.step, f"the {what} loss after it is {t.loss}")
-        iv, n = self.iv, self.iv.samples
-        rec = Record(
-            epoch=round(self.step / self.steps_per_epoch, 4), step=self.step,
-            train_loss=iv.loss / n if n else None, train_accuracy=iv.correct / n if n else None,
-            val_loss=val.loss if val else None, val_accuracy=val.accuracy if val else None,
-            test_loss=test.loss, test_accuracy=test.accuracy,
-            test_per_class_accuracy=test.summary()["per_class_accuracy"],
-            images_per_second=round(iv.trained / iv.seconds, 1) if iv.trained and iv.seconds else None,
-            elapsed_seconds=round(self.elapsed(), 3), world_size=self.comm.size,
-            global_batch_size=self.cfg.batch_size, lr=self.schedule(max(self.step - 1, 0)),
-            time_data_s=round(iv.data, 4), time_compute_s=round(iv.compute, 4),
-            time_allreduce_s=round(iv.allreduce, 4), time_update_s=round(iv.update, 4),
-            time_eval_s=round(t_eval, 4), final=final)
-        self.records.append(rec)
-        if self.comm.is_root:
-            self.run_dir.append_metrics(rec.to_dict())
-            if self.board is not None:
-                self.board.write(rec)
-            self.monitor.show(rec, iv.seconds)
-        self.iv = Interval()
-        return rec
-
-    def scheduled(self, step: int) -> bool:
-        """Whether the run records at this step wherever it ends: an epoch's end or --eval-every."""
-        return step % self.steps_per_epoch == 0 or bool(self.cfg.eval_every and step % self.cfg.eval_every == 0)
-
-    def recorded(self, step: int) -> bool:
-        return bool(self.records) and self.records[-1].step == step
-
     def record_and_checkpoint(self, final: bool, only_if_best: bool = False, provisional: bool = False) -> None:
         """Evaluate and record, then checkpoint, also as best.h5 when the validation accuracy (the
         test accuracy without a validation split) improved; only_if_best (the evaluations of
@@ -342,24 +360,19 @@ class Trainer:
         written to metrics.jsonl and may be best.h5, but the step checkpoint keeps the best accuracy
         and training totals from before it, and a run continued from there drops it (``_resume``),
         so that it records exactly what the uninterrupted run records."""
-        before = (self.best_accuracy, self.iv)
-        acc = self.record(final=final).selection_accuracy
-        best = acc > self.best_accuracy
-        self.best_accuracy = max(self.best_accuracy, acc)
+        r = self.rec
+        before = (r.best_accuracy, r.iv)
+        rec = r.record(self.model, self.step, self.schedule(max(self.step - 1, 0)), self.elapsed(), final)
+        best = rec.selection_accuracy > r.best_accuracy
+        r.best_accuracy = max(r.best_accuracy, rec.selection_accuracy)
         if provisional:
             best_state = self.state() if best and self.comm.is_root else None
-            self.best_accuracy, self.iv = before
+            r.best_accuracy, r.iv = before
             self.save_checkpoint(best=best, best_state=best_state)
         elif best or not only_if_best:
             self.save_checkpoint(best=best)
 
     # -- checkpoints -----------------------------------------------------------------
-
-    def checkpoint_due(self, s: int) -> bool:
-        cfg = self.cfg
-        if cfg.checkpoint_every and s % cfg.checkpoint_every == 0:
-            return True
-        return bool(cfg.checkpoint_minutes) and time.monotonic() - self.last_ckpt_time >= 60 * cfg.checkpoint_minutes
 
     def state(self) -> ckpt.State:
         m = self.model
@@ -369,23 +382,14 @@ class Trainer:
             velocity={k: v.copy() for k, v in m.unflatten(self.step_fn.opt.velocity).items()},
             epoch=epoch, next_batch=next_batch, step=self.step, spec=self.spec.to_dict(),
             config={**self.cfg.to_dict(), **asdict(self.facts)}, data_fingerprint=self.train_set.fingerprint,
-            metrics=[r.to_dict() for r in self.records], best_accuracy=self.best_accuracy, elapsed=self.elapsed(),
-            world_size=self.comm.size, interval=self.iv.carried())
+            metrics=self.rec.dicts(), best_accuracy=self.rec.best_accuracy, elapsed=self.elapsed(),
+            world_size=self.comm.size, interval=self.rec.iv.carried())
 
     def save_checkpoint(self, best: bool = False, best_state: ckpt.State | None = None) -> None:
-        """Rank 0 writes ckpt-stepN.h5 (and best.h5, of best_state if given), then prunes old ones; once
-        per step."""
-        if not self.comm.is_root or self.saved_step == self.step:
-            return
-        if not np.isfinite(self.model.params).all():     # diverging: the next loss check stops every rank
-            log.warning("warning: not saving a checkpoint at step %d: the weights are not finite", self.step)
-            return
-        t0 = time.perf_counter()
-        state = self.state()
-        with self.dog.busy("writing a checkpoint"):
-            path = self.run_dir.save_checkpoint(state, self.cfg.keep, best=(best_state or state) if best else None)
-        self.saved_step, self.last_ckpt_time = self.step, time.monotonic()
-        log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
+        """Rank 0 writes ckpt-stepN.h5 (and best.h5, of best_state if given); once per step."""
+        if self.comm.is_root:
+            with self.dog.busy("writing a checkpoint"):               # a stall here names rank 0 and the write
+                self.ckpts.save(self.step, self.state, bool(np.isfinite(self.model.params).all()), best, best_state)
 
     def _resume(self) -> str | None:
         """Load the checkpoint --resume names (rank 0 reads it; everyone gets the state)."""
@@ -400,11 +404,8 @@ class Trainer:
         for vec, saved in ((self.model.params, s.params), (self.step_fn.opt.velocity, s.velocity)):
             for name, v in self.model.unflatten(vec).items():
                 v[...] = saved[name]
-        self.step, self.best_accuracy, self.elapsed0 = s.step, s.best_accuracy, s.elapsed
-        self.records = [Record.from_dict(m) for m in s.metrics]
-        if self.step < self.end_step and self.recorded(self.step) and not self.scheduled(self.step):
-            self.records.pop()                   # a --max-steps end's record: not one of the continued run
-        self.iv = Interval.from_carried(s.interval)   # the training totals since the last record
+        self.step, self.elapsed0 = s.step, s.elapsed
+        self.rec.restore(s, continuing=self.step < self.end_step)
         if self.comm.is_root:
             epoch, done = divmod(s.step, self.steps_per_epoch)
             where = (f"the end of epoch {epoch}" if done == 0 and epoch else
@@ -420,6 +421,15 @@ class Trainer:
             v[...] = params[name]
         if self.comm.is_root:
             log.info("starting from the weights of %s (%s)", path, what)
+
+
+def announce(t: Trainer) -> None:
+    """Rank 0 writes config.json and the records the run starts from, and logs what runs where."""
+    if t.comm.is_root:
+        t.run_dir.write_metrics(t.rec.dicts())                          # what its checkpoint knew
+        t.run_dir.write_config(config_json(t.cfg, t.facts, t.resumed_from))
+        log_start(t)
+    t.comm.barrier()
 
 
 def log_start(t: Trainer) -> None:

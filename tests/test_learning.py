@@ -214,15 +214,15 @@ def test_best_is_chosen_by_validation_accuracy(tiny_h5, tmp_path, monkeypatch, b
     without a validation split."""
     from dpcnn import train as T
     scores = iter([(0.5, 0.9), (0.9, 0.5), (0.7, 0.95)])          # (validation, test) after epochs 1-3
-    orig = T.Trainer.record
+    orig = T.Recorder.record
 
-    def record(self, final=False):
-        rec = orig(self, final)
+    def record(self, *a):
+        rec = orig(self, *a)
         val, test = next(scores)
         rec.val_accuracy, rec.test_accuracy = (val if by == "val" else None), test
         return rec
 
-    monkeypatch.setattr(T.Trainer, "record", record)
+    monkeypatch.setattr(T.Recorder, "record", record)
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "3", "--val-size", "64" if by == "val" else "0") == 0
     best = ckpt.load(out / "best.h5")
@@ -234,14 +234,14 @@ def test_best_follows_every_evaluation_also_within_epochs(tiny_h5, tmp_path, mon
     within an epoch that is not the best writes no checkpoint."""
     from dpcnn import train as T
     scores = iter([0.5, 0.8, 0.6, 0.7, 0.75, 0.4])        # records at steps 4, 8, 10 (epoch end), 12, 16, 20
-    orig = T.Trainer.record
+    orig = T.Recorder.record
 
-    def record(self, final=False):
-        rec = orig(self, final)
+    def record(self, *a):
+        rec = orig(self, *a)
         rec.val_accuracy = next(scores)
         return rec
 
-    monkeypatch.setattr(T.Trainer, "record", record)
+    monkeypatch.setattr(T.Recorder, "record", record)
     out = tmp_path / "run"
     assert train(tiny_h5, out, "--epochs", "2", "--val-size", "64", "--eval-every", "4", "--keep", "10") == 0
     assert [r["step"] for r in metrics(out)] == [4, 8, 10, 12, 16, 20]
@@ -256,11 +256,11 @@ def test_best_survives_a_kill_between_its_two_writes(tiny_h5, tmp_path, monkeypa
     from dpcnn import checkpoint
     from dpcnn import train as T
     acc = {4: 0.5, 8: 0.8, 10: 0.6, 12: 0.7, 16: 0.75, 20: 0.4}     # by step: the best is at step 8
-    orig_record, orig_save = T.Trainer.record, checkpoint.save
+    orig_record, orig_save = T.Recorder.record, checkpoint.save
     saves_at_8 = []
 
-    def record(self, final=False):
-        rec = orig_record(self, final)
+    def record(self, *a):
+        rec = orig_record(self, *a)
         rec.val_accuracy = acc[rec.step]
         return rec
 
@@ -271,7 +271,7 @@ def test_best_survives_a_kill_between_its_two_writes(tiny_h5, tmp_path, monkeypa
                 raise KeyboardInterrupt                      # killed between the two writes
         return orig_save(path, state)
 
-    monkeypatch.setattr(T.Trainer, "record", record)
+    monkeypatch.setattr(T.Recorder, "record", record)
     monkeypatch.setattr(checkpoint, "save", save)
     out = tmp_path / "run"
     flags = ("--epochs", "2", "--val-size", "64", "--eval-every", "4", "--keep", "10")

@@ -95,7 +95,7 @@ def test_where_a_directory_cannot_be_locked_the_lock_file_is_checked(tmp_path, m
             RunDir(out).open()
         (out / ".lock").unlink()
         with pytest.raises(RunDirError, match=r"lock file \.lock was removed or replaced"):
-            first.check_locked()
+            first.lock.check()
     finally:
         first.close()
     other = tmp_path / "other"
