@@ -19,7 +19,7 @@ from .layers import softmax_cross_entropy
 from .model import EVAL_BATCH
 
 # A batch whose mean loss is above this counts as not finite (diverged): no model that learns gets
-# there (guessing costs ln K), and it bounds every sum: 2^25 samples x 64 x 2^32 stays below 2^63.
+# there (guessing costs ln K), and it bounds every sum: N samples x 64 x 2^32 is below 2^63 for N < 2^25.
 LOSS_MEAN_MAX = 64.0
 
 

@@ -103,68 +103,17 @@ def best_record(records: list[Record]) -> tuple[str, float, float] | None:
     return None
 
 
+STYLE = dict(marker="o", markersize=3.5, linewidth=1.6)
+
+
 def draw(records: list[Record], title: str = ""):
     """The figure of the records: loss, accuracy and throughput panels sharing the epoch axis."""
     plt, ticker = _pyplot()
     fig, (ax_loss, ax_acc, ax_ips) = plt.subplots(
         3, 1, sharex=True, figsize=(8, 8.5), gridspec_kw={"height_ratios": [3, 3, 1.4]})
-    style = dict(marker="o", markersize=3.5, linewidth=1.6)
-
-    for split, color in CURVES:
-        e, v = _series(records, f"{split}_loss")
-        if e:
-            ax_loss.plot(e, v, label=NAMES[split], color=color, **style)
-    losses = [x for split, _ in CURVES for x in _series(records, f"{split}_loss")[1]]
-    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
-        ax_loss.set_yscale("log")                       # plain numbers on the ticks, not 2x10^-1
-        ax_loss.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax_loss.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-        ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
-    ax_loss.set_ylabel("cross-entropy loss")
-    ax_loss.legend(loc="best")
-
-    te, tv = _series(records, "train_accuracy")
-    if te:
-        ax_acc.plot(te, [100 * a for a in tv], label="train (mean since last record)", color="tab:blue",
-                    linestyle="--", alpha=0.6, **style)
-    held = []                                           # validation and test accuracies (%), to scale the axis
-    for split, color in CURVES[1:]:
-        e, v = _series(records, f"{split}_accuracy")
-        if e:
-            held += [100 * a for a in v]
-            ax_acc.plot(e, [100 * a for a in v], label=NAMES[split], color=color, **style)
-    best = best_record(records)
-    if best:
-        split, be, bacc = best
-        last = {s: _series(records, f"{s}_accuracy") for s, _ in CURVES[1:]}
-        ax_acc.plot([be], [bacc], marker="*", markersize=13, color="tab:red", linestyle="none",
-                    label=f"best {NAMES[split]} (best.h5)")
-        said = [f"last {NAMES[s]} {100 * v[-1]:.2f}%" for s, (e, v) in last.items() if e]
-        ax_acc.set_title(f"{', '.join(said)} (epoch {records[-1].epoch:.3g}); best {NAMES[split]} "
-                         f"{bacc:.2f}% (epoch {be:.3g})", fontsize=9, loc="left")
-        # scale to the held-out curves and the training points near them; early, low training points may fall below
-        shown = held + [100 * a for a in tv if 100 * a >= min(held) - 5]
-        lo, hi = min(shown), max(shown)
-        pad = max(0.5, 0.15 * (hi - lo))
-        bottom = max(lo - pad, 0)
-        ax_acc.set_ylim(bottom, min(hi + pad, 100.5))
-        below = [(x, 100 * a) for x, a in zip(te, tv) if 100 * a < bottom]
-        if below:                                       # say so, at the axis, instead of clipping silently
-            ax_acc.plot([x for x, _ in below], [bottom] * len(below), marker="v", markersize=7, linestyle="none",
-                        color="tab:blue", alpha=0.6, clip_on=False,
-                        label=f"train, below the axis ({', '.join(f'{a:.1f}%' for _, a in below[:3])})")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.legend(loc="best")
-
-    e, v = _series(records, "images_per_second")
-    ax_ips.plot(e, v, color="tab:green", **style)
-    ax_ips.set_ylabel("images/s")
-    ax_ips.set_ylim(bottom=0)
-    ax_ips.set_xlabel("epoch")
-    sizes = sorted({int(r.world_size) for r in records if r.world_size})
-    if sizes:
-        ax_ips.set_title(f"training throughput, {'/'.join(map(str, sizes))} rank(s)", fontsize=9, loc="left")
-
+    _loss_panel(ax_loss, records, ticker)
+    _accuracy_panel(ax_acc, records)
+    _throughput_panel(ax_ips, records)
     for ax in (ax_loss, ax_acc, ax_ips):
         ax.grid(True, alpha=0.3)
     last_epoch = max(r.epoch for r in records)
@@ -173,6 +122,67 @@ def draw(records: list[Record], title: str = ""):
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def _loss_panel(ax, records: list[Record], ticker) -> None:
+    for split, color in CURVES:
+        e, v = _series(records, f"{split}_loss")
+        if e:
+            ax.plot(e, v, label=NAMES[split], color=color, **STYLE)
+    losses = [x for split, _ in CURVES for x in _series(records, f"{split}_loss")[1]]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
+        ax.set_yscale("log")                            # plain numbers on the ticks, not 2x10^-1
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend(loc="best")
+
+
+def _accuracy_panel(ax, records: list[Record]) -> None:
+    te, tv = _series(records, "train_accuracy")
+    if te:
+        ax.plot(te, [100 * a for a in tv], label="train (mean since last record)", color="tab:blue",
+                linestyle="--", alpha=0.6, **STYLE)
+    held = []                                           # validation and test accuracies (%), to scale the axis
+    for split, color in CURVES[1:]:
+        e, v = _series(records, f"{split}_accuracy")
+        if e:
+            held += [100 * a for a in v]
+            ax.plot(e, [100 * a for a in v], label=NAMES[split], color=color, **STYLE)
+    best = best_record(records)
+    if best:
+        split, be, bacc = best
+        last = {s: _series(records, f"{s}_accuracy") for s, _ in CURVES[1:]}
+        ax.plot([be], [bacc], marker="*", markersize=13, color="tab:red", linestyle="none",
+                label=f"best {NAMES[split]} (best.h5)")
+        said = [f"last {NAMES[s]} {100 * v[-1]:.2f}%" for s, (e, v) in last.items() if e]
+        ax.set_title(f"{', '.join(said)} (epoch {records[-1].epoch:.3g}); best {NAMES[split]} "
+                     f"{bacc:.2f}% (epoch {be:.3g})", fontsize=9, loc="left")
+        # scale to the held-out curves and the training points near them; early, low training points may fall below
+        shown = held + [100 * a for a in tv if 100 * a >= min(held) - 5]
+        lo, hi = min(shown), max(shown)
+        pad = max(0.5, 0.15 * (hi - lo))
+        bottom = max(lo - pad, 0)
+        ax.set_ylim(bottom, min(hi + pad, 100.5))
+        below = [(x, 100 * a) for x, a in zip(te, tv) if 100 * a < bottom]
+        if below:                                       # say so, at the axis, instead of clipping silently
+            ax.plot([x for x, _ in below], [bottom] * len(below), marker="v", markersize=7, linestyle="none",
+                    color="tab:blue", alpha=0.6, clip_on=False,
+                    label=f"train, below the axis ({', '.join(f'{a:.1f}%' for _, a in below[:3])})")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(loc="best")
+
+
+def _throughput_panel(ax, records: list[Record]) -> None:
+    e, v = _series(records, "images_per_second")
+    ax.plot(e, v, color="tab:green", **STYLE)
+    ax.set_ylabel("images/s")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("epoch")
+    sizes = sorted({int(r.world_size) for r in records if r.world_size})
+    if sizes:
+        ax.set_title(f"training throughput, {'/'.join(map(str, sizes))} rank(s)", fontsize=9, loc="left")
 
 
 def plot(records: list[Record], out: Path, title: str = "") -> Path:

@@ -1,7 +1,7 @@
 """The run directory: its file names, its lock, config.json, metrics.jsonl and checkpoints.
 
     runs/latest/
-        .lock                   held (flock) by the training that owns the directory
+        .lock                   host and pid of the training that holds the directory's lock (DirLock)
         config.json             the Config and the facts of the run (ranks, nodes, versions)
         metrics.jsonl           one JSON record per evaluation
         train.log               what rank 0's console showed, with times (appended by every attempt)
@@ -10,9 +10,10 @@
         best.h5                 the checkpoint of the best evaluation so far
         exit-status             the status the last attempt chose (0, 69, 75), for batch scripts
 
-Only rank 0 touches it. One training at a time: ``open`` takes an exclusive lock that the
-kernel releases when the process ends in any way, so a second training on the same
-directory is refused (naming the holder's host and PID) and a killed one leaves no stale lock.
+Rank 0 writes it; the one exception is exit-status, which the rank whose watchdog ends the
+job writes. One training at a time: ``open`` takes an exclusive lock on the directory that the
+kernel releases when the process ends in any way, so a second training on the same directory
+is refused (naming the holder's host and PID) and a killed one leaves no stale lock.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def launch(framework: str, P: int, args) -> dict:
 
 
 @entry_point
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m dpcnn.scaling", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="examples:\n  python -m dpcnn.scaling --ranks 1,2,4,8,16\n"
@@ -189,23 +189,35 @@ def main(argv=None) -> int:
     ap.add_argument("--bind-to", choices=("none", "core"), default="none",
                     help="pin each rank to a core (mpiexec -bind-to core, MPICH hydra); default none")
     ap.add_argument("--worker", choices=("dpcnn", "torch"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        comm = get_comm("mpi") if args.worker == "dpcnn" else None
-        try:
-            if comm is not None:
-                res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch, args.exact)
-            else:
-                res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
-        except BaseException:                   # end the launch now rather than leave ranks waiting
-            traceback.print_exc()
-            sys.stderr.flush()
-            if comm is not None:
-                comm.abort(1)
-            os._exit(1)
-        if res:
-            print(json.dumps(res), flush=True)
-        return 0
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_worker(args) if args.worker else measure(args)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """One rank of a launched measurement: print its JSON result (rank 0)."""
+    comm = get_comm("mpi") if args.worker == "dpcnn" else None
+    try:
+        if comm is not None:
+            res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch, args.exact)
+        else:
+            res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
+    except BaseException:                   # end the launch now rather than leave ranks waiting
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm is not None:
+            comm.abort(1)
+        os._exit(1)
+    if res:
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> int:
+    """Launch dpcnn (and DDP) on each rank count, alternating, and print the medians."""
     ranks = args.ranks
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if max(ranks) > cores:
