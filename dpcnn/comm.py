@@ -258,7 +258,7 @@ def get_comm(kind: str = "auto") -> Comm:
     if comm.size == 1 and tasks > 1:
         raise CommError(
             f"Slurm started {tasks} tasks but MPI sees a world of 1: each task would train its own "
-            "model. Launch with 'srun --mpi=pmi2 ...' (or set MpiDefault=pmi2), or use "
+            "model. Launch with 'srun --mpi=pmi2 ...' (pmix for Open MPI; or set MpiDefault), or use "
             "'mpiexec -n $SLURM_NTASKS ...' inside the allocation")
     return comm
 
