@@ -1,13 +1,29 @@
-"""Layers as forward/backward pairs over a whole batch.
+"""Layers as forward/backward pairs over a stack of micro-batches.
 
 Each ``*_forward`` returns ``(out, cache)``; the matching ``*_backward`` takes the
 upstream gradient and that cache and returns the gradients of its inputs. Shapes
 are the contract and every docstring states them. No layer loops over samples or
 pixels in Python.
 
-Layout. A conv layer's input and a pool's output are (H, W, N, C): pixels, then
+The stack. Every array has a leading axis G: G micro-batches of N samples each, computed
+side by side in one call, and every result for micro-batch g is the one a call with that
+micro-batch alone (G = 1) gives, bit for bit. That is what lets the exact training step
+(dpcnn.step) compute all of a rank's micro-batches in one pass and still give the same bits
+on any number of ranks. It holds because
+
+* every matrix product is ``np.matmul`` on the stack, which calls BLAS once per micro-batch
+  with that micro-batch's own shapes and strides (one product over all G * N rows may round
+  a row differently: OpenBLAS picks its kernel and blocking by the row count);
+* every sum over samples (bias gradients, the loss) reduces each micro-batch's own
+  contiguous slice, with the shape and axis order of a one-micro-batch call;
+* everything else is elementwise or a copy.
+
+A one-pass batch (the float training step, evaluation) is the stack G = 1.
+``tests/test_exact.py`` checks the bits of every layer, stacked against one at a time.
+
+Layout. A conv layer's input and a pool's output are (G, H, W, N, C): pixels, then
 samples, then channels. The conv output between them is window-major,
-(4, H2, W2, N, F): the four positions of every 2x2 pooling window as four separate
+(G, 4, H2, W2, N, F): the four positions of every 2x2 pooling window as four separate
 blocks. The reason is the size of the arrays: a training micro-batch is 16 samples
 of 8-16 channels, so NumPy's time goes less into arithmetic than into walking short
 runs (an elementwise operation over runs of 16 floats costs several times the same
@@ -18,7 +34,7 @@ operation over one whole array). Every step works on long contiguous blocks:
 * im2col orders its columns window-major: column (dy, dx, h2, w2, n) is the conv
   output at pixel (2 h2 + dy, 2 w2 + dx) of sample n. Its tap (i, j) reads parity
   plane ((dy + i) % 2, (dx + j) % 2) shifted by ((dy + i) // 2, (dx + j) // 2), so
-  im2col copies the shifted planes ``S[p, q] = xpad[p::2, q::2]`` once and takes
+  im2col copies the shifted planes ``Z[p, q] = xpad[p::2, q::2]`` once and takes
   each row of the patch matrix whole from them;
 * one matrix product (the bias through a row of ones) gives the conv output as four
   contiguous blocks, and max-pooling is three elementwise maxima of whole blocks.
@@ -102,24 +118,24 @@ def conv_geometry(H: int, W: int, kh: int, kw: int, padding: str) -> ConvGeometr
 
 
 def split_planes(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
-    """x: (H, W, N, C), any strides -> xs: (2, 2, C, Hh, Wh, N), the zero-padded input's
-    parity planes: xs[a, b, c, u, v, n] = xpad[2 u + a, 2 v + b, n, c]."""
-    H, W, N, C = x.shape
-    xs = np.zeros((2, 2, C, g.Hh, g.Wh, N), x.dtype)
-    xt = x.transpose(3, 0, 1, 2)
+    """x: (G, H, W, N, C), any strides -> xs: (G, 2, 2, C, Hh, Wh, N), the zero-padded input's
+    parity planes: xs[:, a, b, c, u, v, n] = xpad[:, 2 u + a, 2 v + b, n, c]."""
+    G, H, W, N, C = x.shape
+    xs = np.zeros((G, 2, 2, C, g.Hh, g.Wh, N), x.dtype)
+    xt = x.transpose(0, 4, 1, 2, 3)
     for a, (hi, ui) in enumerate(g.rows):
         for b, (wi, vi) in enumerate(g.cols):
-            xs[a, b, :, ui, vi] = xt[:, hi, wi]
+            xs[:, a, b, :, ui, vi] = xt[:, :, hi, wi]
     return xs
 
 
-def merge_planes(dxs: np.ndarray, x_shape: tuple[int, int, int, int], g: ConvGeometry) -> np.ndarray:
-    """Adjoint of split_planes: dxs: (2, 2, C, Hh, Wh, N) -> dx: (H, W, N, C)."""
+def merge_planes(dxs: np.ndarray, x_shape: tuple[int, ...], g: ConvGeometry) -> np.ndarray:
+    """Adjoint of split_planes: dxs: (G, 2, 2, C, Hh, Wh, N) -> dx: (G, H, W, N, C)."""
     dx = (np.empty if g.covered else np.zeros)(x_shape, dxs.dtype)
-    dt = dx.transpose(3, 0, 1, 2)
+    dt = dx.transpose(0, 4, 1, 2, 3)
     for a, (hi, ui) in enumerate(g.rows):
         for b, (wi, vi) in enumerate(g.cols):
-            dt[:, hi, wi] = dxs[a, b, :, ui, vi]
+            dt[:, :, hi, wi] = dxs[:, a, b, :, ui, vi]
     return dx
 
 
@@ -136,53 +152,55 @@ def _strided(a: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]) ->
 def im2col(xs: np.ndarray, kh: int, kw: int, g: ConvGeometry) -> np.ndarray:
     """Patches of the parity planes, one column per conv output pixel that the pool reads.
 
-    xs: (2, 2, C, Hh, Wh, N) -> cols: (kh * kw * C + 1, 4 * M) with M = H2 * W2 * N.
-    Row (i, j, c) of column (dy, dx, h2, w2, n) is xpad[2 h2 + dy + i, 2 w2 + dx + j, n, c]:
-    rows in the order of a weight (kh, kw, C, F) reshaped to (kh * kw * C, F), columns
-    window-major (see WINDOWS). The last row is ones, the input of the bias.
+    xs: (G, 2, 2, C, Hh, Wh, N) -> cols: (G, kh * kw * C + 1, 4 * M) with M = H2 * W2 * N.
+    Row (i, j, c) of column (dy, dx, h2, w2, n) of micro-batch g is
+    xpad[g, 2 h2 + dy + i, 2 w2 + dx + j, n, c]: rows in the order of a weight (kh, kw, C, F)
+    reshaped to (kh * kw * C, F), columns window-major (see WINDOWS). The last row is ones,
+    the input of the bias.
     """
-    _, _, C, _, _, N = xs.shape
+    G, _, _, C, _, _, N = xs.shape
     M = g.H2 * g.W2 * N
-    sa, sb, sc, su, sv, _ = (s // xs.itemsize for s in xs.strides)
-    # S[s, a, t, b, c, h2, w2, n] = xs[a, b, c, h2 + s, w2 + t, n]: the shifted planes
+    sg, sa, sb, sc, su, sv, _ = (s // xs.itemsize for s in xs.strides)
+    # Z[:, s, a, t, b, c, h2, w2, n] = xs[:, a, b, c, h2 + s, w2 + t, n]: the shifted planes
     # xpad[p::2, q::2] for p = 2 s + a, q = 2 t + b
-    S = np.empty((2 * g.Ps, 2 * g.Qs, C, M), xs.dtype)
-    shape: tuple[int, ...] = (g.Ps, 2, g.Qs, 2, C, g.H2, g.W2, N)
-    S.reshape(shape)[...] = _strided(xs, shape, (su, sa, sv, sb, sc, su, sv, 1))
-    # cols[i, j, c, dy, dx] = S[i + dy, j + dx, c]: each row one whole shifted plane
-    sp, sq = 2 * g.Qs * C * M, C * M
-    cols = np.empty((kh * kw * C + 1, 4 * M), xs.dtype)
-    shape = (kh, kw, C, 2, 2, M)
-    cols[:-1].reshape(shape)[...] = _strided(S, shape, (sp, sq, M, sp, sq, 1))
-    cols[-1] = 1
+    Z = np.empty((G, 2 * g.Ps, 2 * g.Qs, C, M), xs.dtype)
+    shape: tuple[int, ...] = (G, g.Ps, 2, g.Qs, 2, C, g.H2, g.W2, N)
+    Z.reshape(shape)[...] = _strided(xs, shape, (sg, su, sa, sv, sb, sc, su, sv, 1))
+    # cols[:, i, j, c, dy, dx] = Z[:, i + dy, j + dx, c]: each row one whole shifted plane
+    K, sp, sq = kh * kw * C, 2 * g.Qs * C * M, C * M
+    cols = np.empty((G, K + 1, 4 * M), xs.dtype)
+    shape = (G, kh, kw, C, 2, 2, M)
+    _strided(cols, shape, ((K + 1) * 4 * M, kw * C * 4 * M, C * 4 * M, 4 * M, 2 * M, M, 1))[...] = \
+        _strided(Z, shape, (2 * g.Ps * sp, sp, sq, M, sp, sq, 1))
+    cols[:, -1] = 1
     return cols
 
 
 def col2im(dcols, xs_shape: tuple[int, ...], kh: int, kw: int, g: ConvGeometry) -> np.ndarray:
     """Adjoint of im2col (without its row of ones): add each patch gradient back onto the planes.
 
-    dcols: the gradient of cols[:-1] as four (kh * kw * C, M) blocks, one per window position
-    (WINDOWS order): an array (4, kh * kw * C, M), or any iterable of the blocks, so that the
-    backward pass can compute one block at a time -> dxs: (2, 2, C, Hh, Wh, N)
+    dcols: the gradient of cols[:, :-1] as four (G, kh * kw * C, M) blocks, one per window
+    position (WINDOWS order): an array (4, G, kh * kw * C, M), or any iterable of the blocks,
+    so that the backward pass can compute one block at a time -> dxs: (G, 2, 2, C, Hh, Wh, N)
     """
-    _, _, C, Hh, Wh, N = xs_shape
+    G, _, _, C, Hh, Wh, N = xs_shape
     M, P, Q = g.H2 * g.W2 * N, 2 * g.Ps, 2 * g.Qs
-    dS: np.ndarray | None = None
+    dZ: np.ndarray | None = None
     for (dy, dx), block in zip(WINDOWS, dcols, strict=True):
-        if dS is None:
-            dS = np.zeros((P, Q, C * M), block.dtype)                 # the shifted planes
-        dS[dy:dy + kh, dx:dx + kw] += block.reshape(kh, kw, C * M)
-    assert dS is not None                                             # four blocks, always
+        if dZ is None:
+            dZ = np.zeros((G, P, Q, C * M), block.dtype)              # the shifted planes
+        dZ[:, dy:dy + kh, dx:dx + kw] += block.reshape(G, kh, kw, C * M)
+    assert dZ is not None                                             # four blocks, always
     # plane (p, q) = (2 s + a, 2 t + b) goes to parity plane (a, b) shifted by (s, t)
-    dS = dS.reshape(g.Ps, 2, g.Qs, 2 * C, g.H2, g.W2 * N)
-    dxs = np.zeros((2, 2 * C, Hh, Wh * N), dS.dtype)
+    dZ = dZ.reshape(G, g.Ps, 2, g.Qs, 2 * C, g.H2, g.W2 * N)
+    dxs = np.zeros((G, 2, 2 * C, Hh, Wh * N), dZ.dtype)
     for s in range(g.Ps):
         for t in range(g.Qs):
-            dst = dxs[:, :, s:s + g.H2, t * N:(t + g.W2) * N]
+            dst = dxs[:, :, :, s:s + g.H2, t * N:(t + g.W2) * N]
             if s == t == 0:
-                dst[...] = dS[0, :, 0]                                # into zeros: a copy is 3x cheaper
+                dst[...] = dZ[:, 0, :, 0]                             # into zeros: a copy is 3x cheaper
             else:
-                dst += dS[s, :, t]
+                dst += dZ[:, s, :, t]
     return dxs.reshape(xs_shape)
 
 
@@ -193,37 +211,41 @@ def col2im(dcols, xs_shape: tuple[int, ...], kh: int, kw: int, g: ConvGeometry) 
 def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, padding: str = "same"):
     """2-D convolution (cross-correlation, stride 1) plus bias, for the 2x2 max-pool that follows.
 
-    x: (H, W, N, C), any strides; w: (kh, kw, C, F); b: (F,) -> out: (4, H2, W2, N, F),
-    window-major: out[k, h2, w2, n] is the conv output at pixel (2 h2 + dy, 2 w2 + dx) with
+    x: (G, H, W, N, C), any strides; w: (kh, kw, C, F); b: (F,) -> out: (G, 4, H2, W2, N, F),
+    window-major: out[:, k, h2, w2, n] is the conv output at pixel (2 h2 + dy, 2 w2 + dx) with
     (dy, dx) = WINDOWS[k]. (H2, W2) is half the conv output's (H, W) for 'same' padding and
     (H - kh + 1, W - kw + 1) for 'valid', rounded down: the odd last row or column that the
-    pool would drop is not computed.
+    pool would drop is not computed. One (4 M, kh * kw * C + 1) @ (kh * kw * C + 1, F) product
+    per micro-batch.
     """
     kh, kw, C, F = w.shape
-    H, W, N, _ = x.shape
+    G, H, W, N, _ = x.shape
     g = conv_geometry(H, W, kh, kw, padding)
     xs = split_planes(x, g)
     cols = im2col(xs, kh, kw, g)
-    out = cols.T @ np.concatenate((w.reshape(-1, F), b[None]))     # (4 * M, F); bias: the ones row
-    return out.reshape(4, g.H2, g.W2, N, F), (cols, w, xs.shape, x.shape, g)
+    wb = np.concatenate((w.reshape(-1, F), b[None]))                # bias: the ones row
+    out = np.matmul(cols.transpose(0, 2, 1), wb)                    # (G, 4 * M, F)
+    return out.reshape(G, 4, g.H2, g.W2, N, F), (cols, w, xs.shape, x.shape, g)
 
 
 def conv_backward(dout: np.ndarray, cache, need_dx: bool = True):
-    """dout: (4, H2, W2, N, F), window-major as conv_forward's output
-    -> (dx: (H, W, N, C) or None, dw: (kh, kw, C, F), db: (F,)).
+    """dout: (G, 4, H2, W2, N, F), window-major as conv_forward's output
+    -> (dx: (G, H, W, N, C) or None, dw: (G, kh, kw, C, F), db: (G, F)), one weight and bias
+    gradient per micro-batch.
 
     need_dx=False skips the input gradient (the first layer has no use for it),
     which saves a matrix product and the col2im.
     """
     cols, w, xs_shape, x_shape, g = cache
     kh, kw, C, F = w.shape
-    d = dout.reshape(4, g.H2 * g.W2 * x_shape[2], F)
-    dwb = cols @ d.reshape(-1, F)                                   # (kh * kw * C + 1, F)
-    dw, db = dwb[:-1].reshape(w.shape), dwb[-1]
+    G = x_shape[0]
+    d = dout.reshape(G, 4, g.H2 * g.W2 * x_shape[3], F)
+    dwb = np.matmul(cols, d.reshape(G, -1, F))                      # (G, kh * kw * C + 1, F)
+    dw, db = dwb[:, :-1].reshape((G,) + w.shape), dwb[:, -1]
     if not need_dx:
         return None, dw, db
-    w2d, block = w.reshape(-1, F), np.empty((kh * kw * C, d.shape[1]), d.dtype)
-    dcols = (np.matmul(w2d, d_k.T, out=block) for d_k in d)        # one window at a time
+    w2d, block = w.reshape(-1, F), np.empty((G, kh * kw * C, d.shape[2]), d.dtype)
+    dcols = (np.matmul(w2d, d[:, k].transpose(0, 2, 1), out=block) for k in range(4))   # one window at a time
     dxs = col2im(dcols, xs_shape, kh, kw, g)
     return merge_planes(dxs, x_shape, g), dw, db
 
@@ -233,30 +255,30 @@ def conv_backward(dout: np.ndarray, cache, need_dx: bool = True):
 
 
 def maxpool_forward(x: np.ndarray):
-    """x: (4, H2, W2, N, C), the four positions a, b, c, d of each window (WINDOWS order, as
-    conv_forward gives them) -> out: (H2, W2, N, C).
+    """x: (G, 4, H2, W2, N, C), the four positions a, b, c, d of each window (WINDOWS order, as
+    conv_forward gives them) -> out: (G, H2, W2, N, C).
 
     Three elementwise maxima of whole blocks. The cache keeps three boolean maps that name
     each window's arg-max, ties going to the first of a, b, c, d, so backward routes each
     gradient to exactly one input, as a loop reference would.
     """
-    a, b, c, d = x
+    a, b, c, d = (x[:, k] for k in range(4))
     top, bot = np.maximum(a, b), np.maximum(c, d)
     masks = (b > a, d > c, bot > top)
     return np.maximum(top, bot, out=top), masks
 
 
 def maxpool_backward(dout: np.ndarray, cache) -> np.ndarray:
-    """dout: (H2, W2, N, C), any strides -> dx: (4, H2, W2, N, C), nonzero only at each
+    """dout: (G, H2, W2, N, C), any strides -> dx: (G, 4, H2, W2, N, C), nonzero only at each
     window's arg-max."""
     b_wins, d_wins, bot_wins = cache
-    dx = np.empty((4,) + b_wins.shape, dout.dtype)
+    dx = np.empty((b_wins.shape[0], 4) + b_wins.shape[1:], dout.dtype)
     dbot = dout * bot_wins
-    dtop = np.subtract(dout, dbot, out=dx[0])
-    np.multiply(dtop, b_wins, out=dx[1])
-    dtop -= dx[1]
-    np.multiply(dbot, d_wins, out=dx[3])
-    np.subtract(dbot, dx[3], out=dx[2])
+    dtop = np.subtract(dout, dbot, out=dx[:, 0])
+    np.multiply(dtop, b_wins, out=dx[:, 1])
+    dtop -= dx[:, 1]
+    np.multiply(dbot, d_wins, out=dx[:, 3])
+    np.subtract(dbot, dx[:, 3], out=dx[:, 2])
     return dx
 
 
@@ -277,45 +299,50 @@ def relu_backward(dout: np.ndarray, cache) -> np.ndarray:
 
 
 def sum_rows(d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """d: (M, F) -> (F,), the column sums (into out when given).
+    """d: (G, M, F) -> (G, F), each micro-batch's column sums (into out when given).
 
-    A product with a ones vector: for tall, narrow d this is over ten times
-    faster than d.sum(axis=0), which walks the short rows one by one.
+    A product with a ones vector, one per micro-batch: for tall, narrow d this is over ten
+    times faster than d.sum(axis=1), which walks the short rows one by one.
     """
-    return np.matmul(np.ones(d.shape[0], dtype=d.dtype), d, out=out)
+    return np.matmul(np.ones(d.shape[1], dtype=d.dtype), d, out=out)
 
 
 def flatten_forward(x: np.ndarray):
-    """x: (H, W, N, C), a conv block's output -> out: (N, H * W * C), each sample's features
-    in (h, w, c) order (the rows of the first dense layer's weight)."""
-    H, W, N, C = x.shape
-    return x.transpose(2, 0, 1, 3).reshape(N, H * W * C), x.shape
+    """x: (G, H, W, N, C), a conv block's output -> out: (G, N, H * W * C), each sample's
+    features in (h, w, c) order (the rows of the first dense layer's weight)."""
+    G, H, W, N, C = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(G, N, H * W * C), x.shape
 
 
 def flatten_backward(dout: np.ndarray, cache) -> np.ndarray:
-    """dout: (N, H * W * C) -> (H, W, N, C), a view."""
-    H, W, N, C = cache
-    return dout.reshape(N, H, W, C).transpose(1, 2, 0, 3)
+    """dout: (G, N, H * W * C) -> (G, H, W, N, C), a view."""
+    G, H, W, N, C = cache
+    return dout.reshape(G, N, H, W, C).transpose(0, 2, 3, 1, 4)
 
 
 def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
-    """x: (N, D), w: (D, F), b: (F,) -> out: (N, F)."""
-    out = x @ w
+    """x: (G, N, D), w: (D, F), b: (F,) -> out: (G, N, F); one (N, D) @ (D, F) product per
+    micro-batch."""
+    out = np.matmul(x, w)
     out += b
     return out, (x, w)
 
 
 def dense_backward(dout: np.ndarray, cache, need_dx: bool = True, out=None):
-    """dout: (N, F) -> (dx: (N, D) or None, dw: (D, F), db: (F,)).
+    """dout: (G, N, F), any strides -> (dx: (G, N, D) or None, dw: (G, D, F), db: (G, F)), one
+    weight and bias gradient per micro-batch; dx is a transposed view.
 
-    out: optionally (dw, db) arrays to write the two gradients into (the model's
-    gradient views), which saves copying a large dw.
+    out: optionally (dw, db) arrays to write the two gradients into (views of the gradient
+    vectors, any stride between micro-batches), which saves copying a large dw.
     """
     x, w = cache
     dw, db = out if out is not None else (None, None)
-    dw = np.matmul(x.T, dout, out=dw)
+    dw = np.matmul(x.transpose(0, 2, 1), dout, out=dw)
     db = sum_rows(dout, out=db)
-    dx = dout @ w.T if need_dx else None
+    if not need_dx:
+        return None, dw, db
+    # dx as (w @ dout^T)^T: OpenBLAS is 1.2-2x faster at that product than at dout @ w^T
+    dx = np.matmul(w, dout.transpose(0, 2, 1)).transpose(0, 2, 1)
     return dx, dw, db
 
 
@@ -324,30 +351,35 @@ def dense_backward(dout: np.ndarray, cache, need_dx: bool = True, out=None):
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """logits (N, K) -> probabilities (N, K), computed stably (each row's maximum subtracted)."""
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    e /= e.sum(axis=1, keepdims=True)
+    """logits (..., K) -> probabilities (..., K), computed stably (each row's maximum subtracted)."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    e /= e.sum(axis=-1, keepdims=True)
     return e
 
 
 def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray, denom: float | None = None):
     """Softmax cross-entropy, computed stably with log-sum-exp, and its fused gradient.
 
-    logits: (N, K), y: (N,) integer labels in [0, K)
-    -> (loss, dlogits: (N, K)) with loss = sum_i -log softmax(logits_i)[y_i] / denom.
+    logits: (G, N, K), y: (G, N) integer labels in [0, K)
+    -> (loss: (G,) float64, dlogits: (G, N, K)) with loss[g] = sum_i -log softmax(logits[g, i])[y[g, i]]
+    / denom, each micro-batch's sum taken in the logits' dtype over its own N samples.
+    One batch, logits (N, K) and y (N,), gives (loss as a float, dlogits (N, K)).
 
     denom defaults to N (the mean). The distributed step passes denom=1 to get
     per-sample sums, which add up exactly across ranks before one division.
     """
-    N = logits.shape[0]
+    if logits.ndim == 2:
+        loss, e = softmax_cross_entropy(logits[None], y[None], denom)
+        return float(loss[0]), e[0]
+    G, N, _ = logits.shape
     denom = N if denom is None else denom
-    z = logits - logits.max(axis=1, keepdims=True)
+    z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    s = e.sum(axis=1, keepdims=True)
-    rows = np.arange(N)
-    loss = float((np.log(s[:, 0]) - z[rows, y]).sum()) / denom
+    s = e.sum(axis=-1, keepdims=True)
+    g, rows = np.arange(G)[:, None], np.arange(N)
+    loss = (np.log(s[..., 0]) - z[g, rows, y]).sum(axis=-1).astype(np.float64) / denom
     e /= s                                  # softmax probabilities
-    e[rows, y] -= 1
+    e[g, rows, y] -= 1
     if denom != 1:
         e /= denom
     return loss, e

@@ -87,6 +87,9 @@ class CNN:
     """The network with its flat parameters. Not thread-safe: forward keeps caches for backward.
 
     forward: x (N, H, W, C) -> logits (N, classes); backward: dlogits -> fills ``grads``.
+    Both also take a stack of G micro-batches, x (G, N, H, W, C) -> logits (G, N, classes),
+    computed in one pass with the bits of G separate passes (see dpcnn.layers); the gradients
+    then go to a (G, num_params) array, one row per micro-batch.
     """
 
     def __init__(self, spec: ModelSpec | None = None, seed: int = 0, dtype=np.float32,
@@ -108,11 +111,13 @@ class CNN:
         self.init(seed, init)
 
     def unflatten(self, vec: np.ndarray) -> dict[str, np.ndarray]:
-        """A flat vector (num_params,) -> {layer name: shaped view into it}."""
+        """A flat vector (num_params,) -> {layer name: shaped view into it}; rows (G, num_params)
+        -> {layer name: (G, *shape) views}, one per row."""
         out, o = {}, 0
+        lead = vec.shape[:-1]
         for name, shape in self.shapes:
             size = math.prod(shape)
-            out[name] = vec[o:o + size].reshape(shape)
+            out[name] = vec[..., o:o + size].reshape(lead + shape)     # splits the last axis: a view
             o += size
         return out
 
@@ -150,9 +155,13 @@ class CNN:
     # -- forward / backward ---------------------------------------------------
 
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
-        """x: (N, H, W, C) -> logits: (N, classes). train=True keeps what backward needs."""
+        """x: (N, H, W, C) -> logits: (N, classes), or a stack x: (G, N, H, W, C) -> logits
+        (G, N, classes). train=True keeps what backward needs."""
+        x = np.asarray(x, dtype=self.dtype)
+        if x.ndim == 4:
+            return self.forward(x[None], train)[0]
         s, p = self.spec, self.p
-        x = np.asarray(x, dtype=self.dtype).transpose(1, 2, 0, 3)      # (H, W, N, C): see dpcnn.layers
+        x = x.transpose(0, 2, 3, 1, 4)                                  # (G, H, W, N, C): see dpcnn.layers
         caches: list = []
         for i in range(1, len(s.channels) + 1):
             # conv - ReLU - pool, computed as conv - pool - ReLU: max-pooling commutes with
@@ -173,11 +182,17 @@ class CNN:
         self._caches = caches if train else None
         return x
 
-    def backward(self, dlogits: np.ndarray) -> None:
-        """dlogits: (N, classes) -> writes every parameter gradient into ``self.grads``."""
+    def backward(self, dlogits: np.ndarray, grads: np.ndarray | None = None) -> None:
+        """dlogits: (N, classes) -> writes every parameter gradient into ``self.grads``; or
+        dlogits (G, N, classes) of a stacked forward -> row g of grads (G, num_params) gets
+        micro-batch g's gradient."""
         if self._caches is None:
             raise RuntimeError("backward() needs a forward(x, train=True) first")
-        s, g = self.spec, self.g
+        if dlogits.ndim == 2:
+            dlogits, grads = dlogits[None], self.grads[None]
+        elif grads is None or grads.shape != (len(dlogits), self.spec.num_params) or grads.dtype != self.dtype:
+            raise ValueError(f"a stacked backward needs grads of shape ({len(dlogits)}, {self.spec.num_params})")
+        s, g = self.spec, self.unflatten(grads)
         caches = self._caches
         n_conv, n_fc = len(s.channels), len(s.hidden) + 1
         d = dlogits
@@ -194,20 +209,28 @@ class CNN:
             d, g[f"conv{i}.w"][...], g[f"conv{i}.b"][...] = L.conv_backward(d, c_conv, need_dx=i > 1)
         self._caches = None
 
-    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, denom: float | None = None):
-        """One forward and backward pass on a batch.
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, denom: float | None = None,
+                      grads: np.ndarray | None = None):
+        """One forward and backward pass on a batch, or on a stack of micro-batches.
 
         x: (N, H, W, C), y: (N,) -> (loss, correct): the loss summed over the batch
         and divided by denom (default N, the mean), and the number of correct
         predictions. ``grads`` then holds the gradient of that loss.
+
+        x: (G, N, H, W, C), y: (G, N), grads: (G, num_params) -> (loss (G,) float64, correct
+        (G,) int64), per micro-batch, and row g of grads holds micro-batch g's gradient: the
+        same bits as G separate calls.
         """
-        if len(x) == 0:                          # a rank with no samples in this batch
-            self.grads[...] = 0
-            return 0.0, 0
+        if x.ndim == 4:
+            if len(x) == 0:                      # a rank with no samples in this batch
+                self.grads[...] = 0
+                return 0.0, 0
+            loss, correct = self.loss_and_grad(x[None], y[None], denom, self.grads[None])
+            return float(loss[0]), int(correct[0])
         logits = self.forward(x, train=True)
         loss, dlogits = L.softmax_cross_entropy(logits, y, denom)
-        self.backward(dlogits)
-        return loss, int((logits.argmax(axis=1) == y).sum())
+        self.backward(dlogits, grads)
+        return loss, (logits.argmax(axis=-1) == y).sum(axis=-1)
 
     def predict_logits(self, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
         """x: (N, H, W, C) -> logits (N, classes), in batches to bound memory."""
