@@ -3,10 +3,11 @@
     step = TrainStep(spec, comm, micro_batch=16, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4)
     out = step(x, y, global_batch=M, lr=0.05)   # x, y: this rank's whole micro-batches of the batch
 
-1. ``compute``: this rank's micro-batches of m samples, one forward and backward each; each
-   micro-batch's summed gradient, loss and correct count are rounded to a fixed grid and
-   added exactly (``dpcnn.exact``) into one float64 communication buffer (``StepBuffer``,
-   named views);
+1. ``compute``: this rank's micro-batches of m samples, all in one stacked forward and backward
+   pass that computes each micro-batch with the shapes (and bits) of a pass of its own
+   (``dpcnn.layers``); each micro-batch's summed gradient, loss and correct count are rounded
+   to a fixed grid and added exactly (``dpcnn.exact``) into one float64 communication buffer
+   (``StepBuffer``, named views);
 2. ``reduce``: one in-place ``Allreduce(SUM)`` of that buffer (the only collective of a step);
    sums of grid values in range never round, so the result is the same whichever rank added
    what and in whatever order;
@@ -39,9 +40,9 @@ class Diverged(ArithmeticError):
 class StepBuffer:
     """One vector [gradient (n) | loss | correct | stop | overflow], reduced in one call.
 
-    float64 holding exact sums of grid values (``dpcnn.exact``), or float32 for the plain
-    float path (``exact=False``); ``grads`` is a view of the first n entries and the counters
-    are read by name after the reduction.
+    float64 holding exact sums of integers, the gradient in units of ``exact.GRID``, or
+    float32 for the plain float path (``exact=False``); ``grads`` is a view of the first n
+    entries and the counters are read by name after the reduction.
     """
 
     def __init__(self, n: int, dtype=np.float64):
@@ -52,8 +53,8 @@ class StepBuffer:
     def clear(self) -> None:
         self.array[:] = 0
 
-    def add_counters(self, loss_fixed: int, correct: int, stop: bool, overflow: bool) -> None:
-        self._counters += (exact.from_fixed(loss_fixed), correct, int(stop), int(overflow))
+    def set_counters(self, loss_sum: float, correct: int, stop: bool, overflow: bool) -> None:
+        self._counters[:] = (loss_sum, correct, int(stop), int(overflow))
 
     @property
     def loss_sum(self) -> float:
@@ -90,44 +91,58 @@ class TrainStep:
 
     def __init__(self, spec: ModelSpec, comm: Comm, *, micro_batch: int = 16, seed: int = 0,
                  momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0, exact: bool = True,
-                 init: str = "he"):
+                 init: str = "he", dtype=np.float32):
         """exact=False: the plain float path, one pass over the rank's slice and a float32
-        allreduce; the same to float32 rounding on any rank count, not the same bits."""
+        allreduce; the same to float32 rounding on any rank count, not the same bits.
+        dtype: the model's (float64 for the PyTorch oracle test; training is float32)."""
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         self.comm, self.micro_batch, self.exact = comm, micro_batch, exact
-        self.buf = StepBuffer(spec.num_params, np.float64 if exact else np.float32)
-        self._tmp = np.empty(spec.num_params, np.float64)
+        self.buf = StepBuffer(spec.num_params, np.float64 if exact else dtype)
+        self._grad_rows = np.empty((0, spec.num_params), dtype)     # see _rows
         # the float path lets backward write its gradient straight into the buffer
-        self.model = CNN(spec, seed=seed, grads=None if exact else self.buf.grads, init=init)
+        self.model = CNN(spec, seed=seed, grads=None if exact else self.buf.grads, init=init, dtype=dtype)
         comm.bcast(self.model.params)                    # every rank starts from rank 0's weights
         self.opt = SGD(self.model.params, self.model.grads, momentum=momentum,
                        nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
 
     def compute(self, x: np.ndarray, y: np.ndarray, global_batch: int, stop: bool = False) -> None:
-        """x (k, H, W, C), y (k,): this rank's whole micro-batches (in order) of a global batch of
-        global_batch samples -> their fixed-point sums in the buffer."""
+        """x (k, H, W, C), y (k,): this rank's whole micro-batches (in order; the last one may be
+        short) of a global batch of global_batch samples -> their fixed-point sums in the buffer."""
         if not self.exact:
             return self._compute_float(x, y, stop)
         m, buf, model = self.micro_batch, self.buf, self.model
         bound = exact.limit(-(-global_batch // m) + 1)     # no sum of all micro-batches can overflow
-        buf.clear()
-        loss_fixed = correct = 0
-        overflow = False
+        full, rest = divmod(len(x), m)
+        k = full * m
+        rows = self._rows(full + (rest > 0))
+        loss, correct = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
+        # each micro-batch's summed loss and gradient in units of the grid: denom = GRID scales
+        # them by 2**32, exactly (a power of two)
         with np.errstate(over="ignore", invalid="ignore"):            # divergence is caught in update
-            for i in range(0, len(x), m):
-                loss, c = model.loss_and_grad(x[i:i + m], y[i:i + m], denom=1)
-                ok = abs(loss) <= bound and exact.accumulate(buf.grads, model.grads, bound, self._tmp)
-                overflow |= not ok
-                loss_fixed += exact.to_fixed(loss) if ok else 0
-                correct += c
-        buf.add_counters(loss_fixed, correct, stop, overflow)
+            if full:                            # all whole micro-batches in one stacked pass
+                loss[:full], correct[:full] = model.loss_and_grad(
+                    x[:k].reshape((full, m) + x.shape[1:]), y[:k].reshape(full, m), exact.GRID, rows[:full])
+            if rest:                            # the batch's short last micro-batch, a pass of its own
+                loss[full:], correct[full:] = model.loss_and_grad(x[k:][None], y[k:][None], exact.GRID, rows[full:])
+            ok = bool(np.all(np.abs(loss) <= bound * exact.SCALE)) and exact.sum_rows(rows, buf.grads, bound)
+        if not ok:
+            buf.grads[:] = 0
+        loss_fixed = sum(round(v) for v in loss.tolist()) if ok else 0         # exact: Python integers
+        buf.set_counters(exact.from_fixed(loss_fixed), int(correct.sum()), stop, not ok)
+
+    def _rows(self, g: int) -> np.ndarray:
+        """(g, n) scratch, in the model's dtype, for the micro-batches' gradients; kept from step
+        to step (grown when a step has more micro-batches)."""
+        if len(self._grad_rows) < g:
+            self._grad_rows = np.empty((g, self.buf.grads.size), self.model.dtype)
+        return self._grad_rows[:g]
 
     def _compute_float(self, x: np.ndarray, y: np.ndarray, stop: bool) -> None:
         """One float32 pass over this rank's slice, its summed gradient written into the buffer."""
         with np.errstate(over="ignore", invalid="ignore"):
             loss, correct = self.model.loss_and_grad(x, y, denom=1)
-        self.buf._counters[:] = (loss, correct, int(stop), 0 if np.isfinite(loss) else 1)
+        self.buf.set_counters(loss, correct, stop, not np.isfinite(loss))
 
     def reduce(self) -> None:
         self.comm.allreduce(self.buf.array)
@@ -139,9 +154,10 @@ class TrainStep:
         if b.overflow:
             raise Diverged("the training loss or a gradient is not finite, or too large to sum exactly")
         if self.exact:
-            np.multiply(b.grads, 1.0 / global_batch, out=self.model.grads, casting="unsafe")   # float64 -> float32
+            # units of GRID (float64) -> values (float32): GRID / M = 2**-32 * (1 / M) exactly
+            np.multiply(b.grads, exact.GRID / global_batch, out=self.model.grads, casting="unsafe")
         else:
-            self.model.grads *= np.float32(1.0 / global_batch)
+            self.model.grads *= self.model.dtype.type(1.0 / global_batch)
         self.opt.step(lr)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, global_batch: int, lr: float,
