@@ -8,9 +8,15 @@ in float64 to ~1e-10. A layout slip (conv or dense weights, the NHWC/NCHW flatte
 a wrong gradient, a wrong mean over the batch or a deviation from PyTorch's update rule
 shows up here even where the layer tests pass.
 
-The step is the trainer's (dpcnn.train.Run.train_step) on one rank: the summed loss and
-gradient (denom=1), the gradient scaled by 1/M, then opt.step(schedule(step)).
+dpcnn's side is the step the trainer runs, dpcnn.step.TrainStep on one rank, both of its
+paths: the exact one (micro-batches of 8 in one stacked pass, sums on the 2**-32 grid) and
+the float one (one pass over the batch), each given the batch and the learning rate
+schedule(step). So a wrong division by the batch size in the step itself fails here.
 """
+
+import inspect
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -18,13 +24,18 @@ from threadpoolctl import threadpool_limits
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: no oracle to compare against")
 
+import dpcnn.step  # noqa: E402
 from dpcnn import layers as L  # noqa: E402
+from dpcnn.comm import SerialComm  # noqa: E402
 from dpcnn.model import CNN, ModelSpec  # noqa: E402
-from dpcnn.optim import SGD, Schedule  # noqa: E402
+from dpcnn.optim import Schedule  # noqa: E402
+from dpcnn.step import TrainStep  # noqa: E402
 from dpcnn.torchref import torch_model  # noqa: E402
 
 STEPS = 50
 BATCH = 24        # not a power of two, so 1/M is not exact in binary and a wrong mean would show
+MICRO = 8         # the exact path's micro-batch: three a step, the last one short when the screen drops samples
+PATHS = ("exact", "float")
 
 # Tolerances after 50 steps. 'params' and 'velocity' bound max|a - b| / max|b| over the
 # whole vector (all parameters, or all momentum buffers, concatenated); 'loss' bounds
@@ -46,8 +57,12 @@ BATCH = 24        # not a power of two, so 1/M is not exact in binary and a wron
 #
 # float64: the same growth from ~1e-16 ends at ~1e-15 (observed <= 1e-14 over 20 seeds);
 # 1e-10 leaves a wide margin and is still far below any float32 contamination (~1e-7).
+# The exact path rounds each micro-batch's summed gradient and loss to the grid of 2**-32
+# (2.3e-10 absolute), which float64 resolves: observed with data seed 0 params 3.6e-11,
+# momentum 1.4e-10, loss 1.2e-10; its float64 bounds are 10x that, still 100x below float32.
 TOL = {np.float32: dict(params=2e-5, velocity=5e-5, loss=5e-5),
        np.float64: dict(params=1e-10, velocity=1e-10, loss=1e-10)}
+TOL_EXACT64 = dict(params=5e-10, velocity=2e-9, loss=2e-9)
 
 # Samples on which the PyTorch network comes this close (relative to the layer's largest
 # value) to a max-pool tie or a ReLU kink are left out of their batch; see near_kinks.
@@ -188,9 +203,16 @@ def near_kinks(net, xt, rel: float = SCREEN) -> np.ndarray:
     return bad.numpy()
 
 
+def dpcnn_step(config: dict, dtype, path: str = "exact") -> TrainStep:
+    """The trainer's step, on one rank, with the configuration's model and optimizer."""
+    return TrainStep(config["spec"], SerialComm(), micro_batch=MICRO, seed=0, exact=path == "exact", dtype=dtype,
+                     **config["opt"])
+
+
 def train_twins(config: dict, dtype, steps: int = STEPS, batch: int = BATCH, data_seed: int = 0,
-                screen: float = SCREEN, lr_scale: float = 1.0):
-    """Train dpcnn's CNN and its PyTorch twin side by side on the same batches.
+                screen: float = SCREEN, lr_scale: float = 1.0, path: str = "exact"):
+    """Train dpcnn (TrainStep, the exact or float path) and its PyTorch twin side by side on the
+    same batches.
 
     -> (model, opt, net, torch_opt, losses (steps, 2): the mean loss per step [dpcnn, torch],
     samples left out by the screen). lr_scale scales only PyTorch's learning rate (to check
@@ -198,9 +220,9 @@ def train_twins(config: dict, dtype, steps: int = STEPS, batch: int = BATCH, dat
     spec = config["spec"]
     tdtype = torch.float64 if dtype == np.float64 else torch.float32
     x_all, y_all = learnable_data(spec, steps * batch, data_seed, **config["data"])
-    model = CNN(spec, seed=0, dtype=dtype)
+    ours = dpcnn_step(config, dtype, path)
+    model = ours.model
     net = torch_from_dpcnn(model, spec)
-    opt = SGD(model.params, model.grads, **config["opt"])
     schedule = Schedule(**config["schedule"])
     topt = torch.optim.SGD(net.parameters(), lr=schedule(0), **config["opt"])
     losses, dropped = np.zeros((steps, 2)), 0
@@ -215,9 +237,7 @@ def train_twins(config: dict, dtype, steps: int = STEPS, batch: int = BATCH, dat
         M = len(x)
         lr = schedule(step)
 
-        loss_sum, _ = model.loss_and_grad(x, y, denom=1)                   # as Run.train_step
-        model.grads *= model.dtype.type(1.0 / M)
-        opt.step(lr)
+        result = ours(x, y, M, lr)                                          # as Trainer.train_step
 
         for group in topt.param_groups:
             group["lr"] = lr * lr_scale
@@ -226,8 +246,8 @@ def train_twins(config: dict, dtype, steps: int = STEPS, batch: int = BATCH, dat
         loss.backward()
         topt.step()
 
-        losses[step] = loss_sum / M, loss.item()
-    return model, opt, net, topt, losses, dropped
+        losses[step] = result.loss_sum / M, loss.item()
+    return model, ours.opt, net, topt, losses, dropped
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -299,24 +319,75 @@ def test_weight_transfer_gives_the_same_function(name, one_thread):
         assert rel_err(a, b) < 1e-12, n
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fifty_training_steps_match_pytorch(name, dtype, one_thread):
-    model, opt, net, topt, losses, dropped = train_twins(CONFIGS[name], dtype)
+def test_fifty_training_steps_match_pytorch(name, dtype, path, one_thread):
+    model, opt, net, topt, losses, dropped = train_twins(CONFIGS[name], dtype, path=path)
     assert model.params.dtype == dtype and opt.velocity.dtype == dtype
     assert all(p.dtype == (torch.float64 if dtype == np.float64 else torch.float32) for p in net.parameters())
     assert dropped < 0.3 * STEPS * BATCH, f"the tie screen left out {dropped} of {STEPS * BATCH} samples"
     # the run learned, so the weights are compared far from where they started
     assert losses[-10:, 1].mean() < 0.5 * losses[:5, 1].mean(), losses[:, 1]
     d = compare(model, opt, net, topt, losses)
-    print(f"\n{name} {np.dtype(dtype).name}: max rel diff params {d['params']:.1e}, momentum "
+    print(f"\n{name} {np.dtype(dtype).name} {path}: max rel diff params {d['params']:.1e}, momentum "
           f"{d['velocity']:.1e}; max loss diff {d['loss']:.1e}; loss {losses[0, 1]:.2f} -> "
           f"{losses[-1, 1]:.2f}; {dropped} of {STEPS * BATCH} samples screened out")
-    tol = TOL[dtype]
+    tol = TOL_EXACT64 if dtype == np.float64 and path == "exact" else TOL[dtype]
     detail = f"per layer (params, momentum): {d['per_layer']}"
     assert d["loss"] < tol["loss"], f"losses differ by up to {d['loss']:.1e}: {losses}"
     assert d["params"] < tol["params"], f"parameters differ by {d['params']:.1e} relative; {detail}"
     assert d["velocity"] < tol["velocity"], f"momentum buffers differ by {d['velocity']:.1e} relative; {detail}"
+
+
+def test_the_comparison_fails_for_a_learning_rate_off_by_a_thousandth(one_thread):
+    """The tolerances are far from what a real mistake gives: PyTorch's learning rate 0.1% off
+    moves its parameters ~1e-2 away after the 50 steps."""
+    model, opt, net, topt, losses, _ = train_twins(CONFIGS["default-nesterov-cosine"], np.float32, lr_scale=1.001)
+    assert compare(model, opt, net, topt, losses)["params"] > 100 * TOL[np.float32]["params"]
+
+
+def one_step_error(step_class, path: str) -> float:
+    """One plain SGD step (no momentum, no weight decay) in float64 from the same weights, of
+    step_class (TrainStep) and of PyTorch: max|dpcnn's parameter change - lr * PyTorch's gradient
+    of the mean loss| / max|lr * PyTorch's gradient|."""
+    config = dict(CONFIGS["default-nesterov-cosine"], opt=dict(momentum=0.0, nesterov=False, weight_decay=0.0))
+    ours = step_class(config["spec"], SerialComm(), micro_batch=MICRO, seed=0, exact=path == "exact",
+                      dtype=np.float64, **config["opt"])
+    net = torch_from_dpcnn(ours.model, config["spec"])
+    x, y = learnable_data(config["spec"], BATCH, seed=1, **config["data"])
+    keep = ~near_kinks(net, nchw(x, torch.float64))
+    x, y = x[keep], y[keep]
+    before = ours.model.params.copy()
+    result = ours(x, y, len(y), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(net(nchw(x, torch.float64)), torch.from_numpy(y))
+    loss.backward()
+    assert result.samples == len(y) > 2 * MICRO and result.loss_sum / len(y) == pytest.approx(loss.item(), rel=1e-9)
+    step = torch_layout(ours.model.unflatten(before - ours.model.params), config["spec"])
+    want = [0.5 * p.grad.numpy() for p in net.parameters()]
+    return rel_err(np.concatenate([a.ravel() for a in step]), np.concatenate([b.ravel() for b in want]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_step_moves_the_parameters_by_lr_times_the_mean_gradient(path, one_thread):
+    """The trainer's step moves every parameter by lr times PyTorch's gradient of the mean loss.
+    A step that divided by anything but the global batch size (M + 1, a rank's share) would be
+    1/M = 4% or more off; the exact path's grid (2**-32 on each micro-batch's sum) is 1e-10 of it."""
+    assert one_step_error(TrainStep, path) < 1e-9
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_step_check_catches_a_step_that_divides_by_the_batch_size_plus_one(path, one_thread, monkeypatch):
+    """The check above, on a copy of dpcnn/step.py whose update divides by global_batch + 1."""
+    source = inspect.getsource(dpcnn.step)
+    mutated = source.replace("/ global_batch,", "/ (global_batch + 1),")
+    mutated = mutated.replace("/ global_batch)", "/ (global_batch + 1))")
+    assert mutated.count("global_batch + 1") == 2, "the step's divisions by the batch size moved: update this test"
+    mutant = types.ModuleType("dpcnn.step_mutant")
+    mutant.__package__ = "dpcnn"
+    monkeypatch.setitem(sys.modules, mutant.__name__, mutant)       # dataclasses look their module up
+    exec(compile(mutated, "dpcnn/step.py (mutated)", "exec"), mutant.__dict__)
+    assert one_step_error(mutant.TrainStep, path) > 0.03
 
 
 def test_float64_stays_float64_through_every_layer(monkeypatch):
