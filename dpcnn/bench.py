@@ -2,13 +2,17 @@
 
     python -m dpcnn.bench                          # batch 64, one thread
     python -m dpcnn.bench --batch-size 128 --threads 2 --json
-    python -m dpcnn.bench --profile                # where the time goes, per function
+    python -m dpcnn.bench --profile [--exact]      # where the time goes, per function
+    python -m dpcnn.bench --clock cpu              # CPU time: steadier on a shared machine
 
 A step is forward, backward and the SGD update (momentum 0.9, Nesterov, weight
-decay 5e-4) on random inputs. When PyTorch is importable the same model, batch,
-optimizer and thread count are timed in the same run, in alternating rounds so
-that both see the same machine noise; the reported figures are medians over the
-rounds and ``ratio`` is dpcnn / PyTorch images per second.
+decay 5e-4) on random inputs. dpcnn's two steps are timed: the float step (one pass
+over the batch) and the exact step (micro-batches computed in one stacked pass, exact
+sums), with ``exact_cost`` the median over rounds of exact / float - 1. When PyTorch is
+importable the same model, batch, optimizer and thread count are timed in the same run.
+All of them in alternating rounds, so that all see the same machine noise; the reported
+figures are medians over the rounds and ``ratio`` is dpcnn's float step / PyTorch in
+images per second.
 """
 
 from __future__ import annotations
@@ -42,19 +46,29 @@ def _batch(spec: ModelSpec, batch_size: int, seed: int) -> tuple[np.ndarray, np.
     return x, rng.integers(0, spec.classes, batch_size)
 
 
+class Stepper:
+    """One dpcnn training step (the trainer's TrainStep, one process) on a fixed random batch,
+    run by calling it; ``step`` is the TrainStep."""
+
+    def __init__(self, spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0,
+                 exact: bool = True):
+        self.x, self.y = _batch(spec, batch_size, seed)
+        self.step = TrainStep(spec, SerialComm(), micro_batch=micro_batch, seed=seed, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4, exact=exact)
+
+    def __call__(self):
+        return self.step(self.x, self.y, len(self.y), 0.01)
+
+
 def numpy_stepper(spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0,
-                  exact: bool = True):
-    """A function that runs one dpcnn training step (the trainer's TrainStep, one process) on a
-    fixed random batch."""
-    x, y = _batch(spec, batch_size, seed)
-    step = TrainStep(spec, SerialComm(), micro_batch=micro_batch, seed=seed, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4, exact=exact)
-    return lambda: step(x, y, batch_size, 0.01)
+                  exact: bool = True) -> Stepper:
+    """The exact step: micro-batches of micro_batch samples in one stacked pass, exact sums."""
+    return Stepper(spec, batch_size, micro_batch, seed, exact)
 
 
-def float_stepper(spec: ModelSpec, batch_size: int, seed: int = 0):
-    """The default step: one float32 pass over the whole batch, no micro-batches or exact sums."""
-    return numpy_stepper(spec, batch_size, seed=seed, exact=False)
+def float_stepper(spec: ModelSpec, batch_size: int, seed: int = 0) -> Stepper:
+    """The float step: one float32 pass over the whole batch, no micro-batches or exact sums."""
+    return Stepper(spec, batch_size, seed=seed, exact=False)
 
 
 def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0):
@@ -80,12 +94,17 @@ def torch_stepper(spec: ModelSpec, batch_size: int, threads: int, seed: int = 0)
     return step, torch.__version__
 
 
-def time_steps(step, n: int) -> float:
-    """Seconds per step, the mean over n steps."""
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_steps(step, n: int, clock=time.perf_counter) -> float:
+    """Seconds per step, the mean over n steps, by clock (wall time, or this thread's CPU time:
+    what a step costs when other programs share the core; BLAS and torch run in this thread
+    with one thread)."""
+    t0 = clock()
     for _ in range(n):
         step()
-    return (time.perf_counter() - t0) / n
+    return (clock() - t0) / n
 
 
 def peak_step_memory_mb(step) -> float:
@@ -100,34 +119,45 @@ def peak_step_memory_mb(step) -> float:
 
 
 def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7,
-        spec: ModelSpec | None = None, use_torch: bool = True, micro_batch: int = Config.micro_batch) -> dict:
+        spec: ModelSpec | None = None, use_torch: bool = True, micro_batch: int = Config.micro_batch,
+        clock: str = "wall") -> dict:
     spec = spec or ModelSpec()
+    tick = CLOCKS[clock]
     with threadpool_limits(threads):
-        ours = float_stepper(spec, batch_size)                      # the default step
-        exact = numpy_stepper(spec, batch_size, micro_batch)        # --exact
+        floats = float_stepper(spec, batch_size)
+        exact = numpy_stepper(spec, batch_size, micro_batch)
         theirs = torch_stepper(spec, batch_size, threads) if use_torch else None
         for _ in range(5):                      # warm-up: allocator, BLAS buffers, caches
-            ours()
+            floats()
             exact()
             if theirs:
                 theirs[0]()
-        t_ours, t_exact, t_theirs = [], [], []
+        t_float, t_exact, t_theirs = [], [], []
         for _ in range(rounds):                 # alternate, so all see the same noise
-            t_ours.append(time_steps(ours, steps))
-            t_exact.append(time_steps(exact, steps))
+            t_float.append(time_steps(floats, steps, tick))
+            t_exact.append(time_steps(exact, steps, tick))
             if theirs:
-                t_theirs.append(time_steps(theirs[0], steps))
-        peak = peak_step_memory_mb(ours)
+                t_theirs.append(time_steps(theirs[0], steps, tick))
+        peak = peak_step_memory_mb(floats)
+        peak_exact = peak_step_memory_mb(exact)
+    # what the exact step costs against the float one: per-round ratios (each pair measured
+    # back to back), their median and spread
+    cost = sorted(a / b - 1 for a, b in zip(t_exact, t_float, strict=True))
+    quartiles = statistics.quantiles(cost, n=4) if len(cost) > 1 else [cost[0]] * 3
     result = {
-        "images_per_second": round(batch_size / statistics.median(t_ours), 1),
-        "ms_per_step": round(1e3 * statistics.median(t_ours), 3),
+        "images_per_second": round(batch_size / statistics.median(t_float), 1),
+        "ms_per_step": round(1e3 * statistics.median(t_float), 3),
         "batch_size": batch_size,
         "micro_batch": micro_batch,
         "threads": threads,
-        # what --exact costs: its step against the default one, median of per-round ratios
+        "clock": clock,
+        "exact_images_per_second": round(batch_size / statistics.median(t_exact), 1),
         "exact_ms_per_step": round(1e3 * statistics.median(t_exact), 3),
-        "exact_cost": round(statistics.median(a / b for a, b in zip(t_exact, t_ours, strict=True)) - 1, 3),
+        "exact_cost": round(statistics.median(cost), 3),
+        "exact_cost_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "exact_cost_range": [round(cost[0], 3), round(cost[-1], 3)],
         "peak_memory_mb": round(peak, 2),
+        "exact_peak_memory_mb": round(peak_exact, 2),
         "rounds": rounds,
         "steps_per_round": steps,
         "num_params": spec.num_params,
@@ -141,56 +171,66 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
         # the ratio of medians, and the median of per-round ratios (robust to drifting load)
         result["ratio"] = round(result["images_per_second"] / result["torch_images_per_second"], 3)
         result["ratio_median_of_rounds"] = round(
-            statistics.median(b / a for a, b in zip(t_ours, t_theirs, strict=True)), 3)
+            statistics.median(b / a for a, b in zip(t_float, t_theirs, strict=True)), 3)
+        result["exact_ratio_median_of_rounds"] = round(
+            statistics.median(b / a for a, b in zip(t_exact, t_theirs, strict=True)), 3)
     return result
 
 
-def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = None) -> list[tuple[str, float]]:
-    """Time each layer function of a training step (its own time, nested calls excluded).
+def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = None, exact: bool = False,
+            clock: str = "wall", micro_batch: int = Config.micro_batch) -> list[tuple[str, float]]:
+    """Time each layer function of a training step (its own time, nested calls excluded), the
+    exact sums (``exact.sum_rows``, exact=True) and the SGD update.
 
-    Wraps the functions of dpcnn.layers for the measurement and restores them after;
-    returns [(name, ms per step)] with the optimizer and the rest of the step last.
-    col2im's time includes the input gradient's matrix products: conv_backward hands it a
-    generator that computes one window's block at a time, as col2im adds them up.
+    Wraps the functions for the measurement and restores them after; returns [(name, ms per
+    step)] with the rest of the step (model and step glue, the buffer's conversion) and the
+    total last. col2im's time includes the input gradient's matrix products: conv_backward
+    hands it a generator that computes one window's block at a time, as col2im adds them up.
     """
+    from . import exact as exact_sums
     from . import layers
 
+    tick = CLOCKS[clock]
     names = ("split_planes", "merge_planes", "im2col", "col2im", "conv_forward", "conv_backward",
              "maxpool_forward", "maxpool_backward", "relu_forward", "relu_backward", "dense_forward",
-             "dense_backward", "softmax_cross_entropy", "sum_rows")
-    own = dict.fromkeys(names, 0.0)
+             "dense_backward", "softmax_cross_entropy", "sum_rows", "flatten_forward", "flatten_backward")
+    targets = [(layers, n, n) for n in names] + [(exact_sums, "sum_rows", "exact.sum_rows (round and add)")]
+    own: dict[str, float] = {}
     stack = []                                      # [start, time of nested calls]
-    originals = {n: getattr(layers, n) for n in names}
 
-    def timed(name, f):
+    def timed(label, f):
         def wrapper(*a, **k):
-            stack.append([time.perf_counter(), 0.0])
+            stack.append([tick(), 0.0])
             try:
                 return f(*a, **k)
             finally:
                 t0, nested = stack.pop()
-                dt = time.perf_counter() - t0
-                own[name] += dt - nested
+                dt = tick() - t0
+                own[label] = own.get(label, 0.0) + dt - nested
                 if stack:
                     stack[-1][1] += dt
         return wrapper
 
     with threadpool_limits(threads):
-        model_step = float_stepper(spec or ModelSpec(), batch_size)
+        stepper = Stepper(spec or ModelSpec(), batch_size, micro_batch, exact=exact)
         for _ in range(5):
-            model_step()
-        for n, f in originals.items():
-            setattr(layers, n, timed(n, f))
+            stepper()
+        originals = [(mod, n, getattr(mod, n)) for mod, n, _ in targets]
+        for (mod, n, label), (_, _, f) in zip(targets, originals, strict=True):
+            setattr(mod, n, timed(label, f))
+        opt = stepper.step.opt
+        opt.step = timed("SGD update", opt.step)         # type: ignore[method-assign]
         try:
-            t0 = time.perf_counter()
+            t0 = tick()
             for _ in range(steps):
-                model_step()
-            total = time.perf_counter() - t0
+                stepper()
+            total = tick() - t0
         finally:
-            for n, f in originals.items():
-                setattr(layers, n, f)
+            for mod, n, f in originals:
+                setattr(mod, n, f)
+            del opt.step
     rows = sorted(((n, 1e3 * t / steps) for n, t in own.items() if t), key=lambda r: -r[1])
-    rows.append(("everything else (model glue, SGD update)", 1e3 * total / steps - sum(ms for _, ms in rows)))
+    rows.append(("everything else (model and step glue)", 1e3 * total / steps - sum(ms for _, ms in rows)))
     rows.append(("total", 1e3 * total / steps))
     return rows
 
@@ -209,34 +249,46 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=positive_int, default=40, help="steps per timing round (default 40)")
     ap.add_argument("--rounds", type=positive_int, default=7, help="timing rounds; medians are reported (default 7)")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch even if it is installed")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time (default), or this thread's CPU time (steadier when other programs share the core)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--profile", action="store_true", help="time each layer function of dpcnn's default step instead")
+    ap.add_argument("--profile", action="store_true", help="time each layer function of dpcnn's step instead")
+    ap.add_argument("--exact", action="store_true", help="with --profile: the exact step (default: the float step)")
     args = ap.parse_args(argv)
     keep_freed_memory()                        # as the trainer does (PyTorch, in this process, gets it too)
     if args.profile:
-        rows = profile(args.batch_size, args.threads, args.steps)
+        rows = profile(args.batch_size, args.threads, args.steps, exact=args.exact, clock=args.clock,
+                       micro_batch=args.micro_batch)
+        which = (f"the exact step, micro-batches of {args.micro_batch} in one stacked pass" if args.exact
+                 else "the float step, one pass over the batch")
         if args.json:
-            print(json.dumps({"batch_size": args.batch_size, "threads": args.threads, "ms_per_step": dict(rows)}))
+            print(json.dumps({"batch_size": args.batch_size, "threads": args.threads, "exact": args.exact,
+                              "clock": args.clock, "ms_per_step": dict(rows)}))
             return 0
-        print(f"where a training step goes (the default float step, one pass over the batch): batch "
-              f"{args.batch_size}, {args.threads} thread(s), mean of "
-              f"{args.steps} steps (own time of each layer function, matrix products included)")
+        print(f"where a training step goes ({which}): batch {args.batch_size}, {args.threads} thread(s), "
+              f"{args.clock} clock, mean of {args.steps} steps (own time of each function, matrix products included)")
         for name, ms in rows:
             print(f"  {name:<42} {ms:7.3f} ms  {100 * ms / rows[-1][1]:5.1f}%")
         return 0
     r = run(args.batch_size, args.threads, args.steps, args.rounds, use_torch=not args.no_torch,
-            micro_batch=args.micro_batch)
+            micro_batch=args.micro_batch, clock=args.clock)
     if args.json:
         print(json.dumps(r))
         return 0
     print(f"dpcnn:   {r['images_per_second']:9.0f} images/s  ({r['ms_per_step']:.2f} ms/step, batch "
-          f"{r['batch_size']}, {r['threads']} thread(s), peak step memory {r['peak_memory_mb']:.1f} MB)")
-    print(f"         --exact (micro-batches of {r['micro_batch']}, exact sums): {r['exact_ms_per_step']:.2f} ms/step, "
-          f"{100 * r['exact_cost']:+.1f}%")
+          f"{r['batch_size']}, {r['threads']} thread(s), peak step memory {r['peak_memory_mb']:.1f} MB): "
+          f"the float step")
+    q, lo_hi = r["exact_cost_quartiles"], r["exact_cost_range"]
+    print(f"         {r['exact_images_per_second']:9.0f} images/s  ({r['exact_ms_per_step']:.2f} ms/step, peak step "
+          f"memory {r['exact_peak_memory_mb']:.1f} MB): the exact step (--exact, micro-batches of {r['micro_batch']})")
+    print(f"exact against float: {100 * r['exact_cost']:+.1f}% (median of {r['rounds']} rounds; quartiles "
+          f"{100 * q[0]:+.1f}% .. {100 * q[1]:+.1f}%, range {100 * lo_hi[0]:+.1f}% .. {100 * lo_hi[1]:+.1f}%; "
+          f"{r['clock']} clock)")
     if "torch_images_per_second" in r:
         print(f"PyTorch: {r['torch_images_per_second']:9.0f} images/s  ({r['torch_ms_per_step']:.2f} ms/step, "
               f"torch {r['torch']})")
-        print(f"ratio dpcnn/PyTorch: {r['ratio']:.2f} (median of per-round ratios {r['ratio_median_of_rounds']:.2f})")
+        print(f"ratio dpcnn/PyTorch: {r['ratio']:.2f} (median of per-round ratios {r['ratio_median_of_rounds']:.2f}; "
+              f"exact step {r['exact_ratio_median_of_rounds']:.2f})")
     else:
         print("PyTorch not importable: no comparison "
               "(add one: pip install torch --index-url https://download.pytorch.org/whl/cpu)")

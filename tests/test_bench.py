@@ -8,23 +8,78 @@ import pytest
 from conftest import mpiexec, run_job
 
 from dpcnn import bench
+from dpcnn.comm import SerialComm
 from dpcnn.model import ModelSpec
 from dpcnn.scaling import efficiency, summarise
+from dpcnn.step import TrainStep
 
 
-def test_bench_json_fields(capsys):
-    assert bench.main(["--batch-size", "8", "--steps", "2", "--rounds", "1", "--no-torch", "--json"]) == 0
+def fake_clock(monkeypatch, float_times, exact_times):
+    """bench.time_steps replaced: runs each stepper once and returns the next of the given times
+    for the step it drives (by its TrainStep's exact flag); returns the list of steppers timed."""
+    times = {False: iter(float_times), True: iter(exact_times)}
+    seen = []
+
+    def time_steps(stepper, n, clock=None):
+        seen.append(stepper)
+        stepper()
+        return next(times[stepper.step.exact])
+
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    return seen
+
+
+def test_bench_reports_the_float_and_exact_steps_from_their_own_timings(monkeypatch):
+    """Known timings in: images/s from the float step's median, exact_cost the median of the
+    per-round exact / float - 1 (here 1.1, 1.05, 1.2), rounds alternating float and exact."""
+    seen = fake_clock(monkeypatch, [2e-3, 4e-3, 3e-3], [2.2e-3, 4.2e-3, 3.6e-3])
+    r = bench.run(batch_size=32, steps=1, rounds=3, use_torch=False, micro_batch=8)
+    assert [s.step.exact for s in seen] == [False, True] * 3
+    assert r["images_per_second"] == round(32 / 3e-3, 1) and r["ms_per_step"] == 3.0
+    assert r["exact_ms_per_step"] == 3.6 and r["exact_images_per_second"] == round(32 / 3.6e-3, 1)
+    assert r["exact_cost"] == 0.1 and r["exact_cost_range"] == [0.05, 0.2]
+    assert r["num_params"] == ModelSpec().num_params == 103018 and "torch_images_per_second" not in r
+
+
+def test_bench_steps_are_the_trainers_float_and_exact_steps():
+    """What the bench times: TrainStep on the bench's batch, the float path (float32 buffer, one
+    pass) and the exact path (float64 buffer of exact sums, the given micro-batch); each call
+    is one training step that moves the parameters, the same as TrainStep called directly."""
+    spec = ModelSpec()
+    for exact in (False, True):
+        stepper = bench.Stepper(spec, 20, micro_batch=8, exact=exact)
+        assert stepper.step.exact is exact and stepper.step.micro_batch == 8 and len(stepper.y) == 20
+        assert stepper.step.buf.array.dtype == (np.float64 if exact else np.float32)
+        ref = TrainStep(spec, SerialComm(), micro_batch=8, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                        exact=exact)
+        before = stepper.step.model.params.copy()
+        for _ in range(2):
+            r = stepper()
+            ref(stepper.x, stepper.y, 20, 0.01)
+        assert r.samples == 20 and not np.array_equal(stepper.step.model.params, before)
+        assert np.array_equal(stepper.step.model.params, ref.model.params)
+
+
+def test_bench_command_line_reaches_the_run(monkeypatch, capsys):
+    seen = fake_clock(monkeypatch, [1e-3] * 2, [1.5e-3] * 2)
+    assert bench.main(["--batch-size", "8", "--micro-batch", "4", "--rounds", "2", "--steps", "1", "--no-torch",
+                       "--clock", "cpu", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["batch_size"] == 8 and r["threads"] == 1 and r["num_params"] == ModelSpec().num_params == 103018
-    assert r["images_per_second"] > 0 and r["peak_memory_mb"] > 0 and "torch_images_per_second" not in r
+    assert (r["batch_size"], r["micro_batch"], r["threads"], r["rounds"], r["clock"]) == (8, 4, 1, 2, "cpu")
+    assert r["exact_cost"] == 0.5 and {s.step.micro_batch for s in seen if s.step.exact} == {4}
+    fake_clock(monkeypatch, [1e-3] * 2, [1.5e-3] * 2)
+    assert bench.main(["--batch-size", "8", "--rounds", "2", "--steps", "1", "--no-torch"]) == 0
+    assert "exact against float: +50.0%" in capsys.readouterr().out
 
 
-def test_bench_profile_accounts_for_the_step():
-    rows = dict(bench.profile(batch_size=8, threads=1, steps=3))
-    assert {"im2col", "conv_backward", "maxpool_forward", "softmax_cross_entropy"} <= set(rows)
+@pytest.mark.parametrize("exact", [False, True])
+def test_bench_profile_accounts_for_the_step(exact):
+    rows = dict(bench.profile(batch_size=8, threads=1, steps=3, exact=exact, micro_batch=4))
+    assert {"im2col", "conv_backward", "maxpool_forward", "softmax_cross_entropy", "SGD update"} <= set(rows)
+    assert ("exact.sum_rows (round and add)" in rows) is exact
     # own times exclude nested calls (im2col inside conv_forward...): counted twice, the layer
     # functions would add up to more than the step, leaving "everything else" negative
-    rest = rows.pop("everything else (model glue, SGD update)")
+    rest = rows.pop("everything else (model and step glue)")
     assert 0 <= rest < rows.pop("total") and all(ms > 0 for ms in rows.values())
 
 
