@@ -75,7 +75,7 @@ class Config:
                                              # measurement: He-normal left most conv2 channels dead on MNIST
     init_from: Path | None = None            # start from this checkpoint's weights instead (a new run)
     # run directory, evaluation, checkpoints
-    out: Path = Path("runs/latest")
+    out: Path | None = None                  # run directory; None: rundir.default_run_dir (runs/<dataset>-NNN)
     eval_every: int = 0
     checkpoint_every: int = 0
     checkpoint_minutes: float = 0.0
@@ -362,7 +362,8 @@ def _model_flags(m) -> None:
 
 
 def _run_flags(r) -> None:
-    _flag(r, "out", "run directory (default runs/latest)")
+    _flag(r, "out", "run directory (default: a new runs/<dataset>-NNN, or the newest run if it stopped before its "
+                    "end and had these settings, which this command then continues; runs/latest points at it)")
     _flag(r, "eval_every", "also evaluate every N steps (default 0: at each epoch's end only)")
     _flag(r, "checkpoint_every", "also checkpoint every N steps (default 0: at epoch ends only)")
     _flag(r, "checkpoint_minutes", "also checkpoint when this many minutes passed since the last one (default 0: "

@@ -158,8 +158,9 @@ class DirLock:
 class RunDir:
     """A training run's directory (rank 0 only)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, created: bool = False):
         self.path = Path(path)
+        self.fresh = created                     # made for this run just now (default_run_dir)
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
         self.best = self.path / "best.h5"
@@ -185,7 +186,7 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise RunDirError(f"--out {p}: exists and is not a directory")
         try:
-            self._created = not p.exists()
+            self._created = self.fresh or not p.exists()
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"--out {p}: cannot create it ({e.strerror or e})") from None
@@ -383,3 +384,65 @@ class Checkpointer:
         path = self.run_dir.save_checkpoint(s, self.keep, best=(best_state or s) if best else None)
         self.saved_step, self.last = step, time.monotonic()
         log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------- the run directory of a command without --out
+
+RUNS = Path("runs")
+LATEST = "latest"
+
+
+def default_run_dir(dataset: str, same_run: Callable[[Path], bool], runs: Path = RUNS) -> tuple[Path, bool]:
+    """The run directory of a training started without --out, and whether it was made just now.
+
+    The newest run (runs/latest) is continued when it stopped before its end (no final record),
+    no training holds it, and it was started with this command's settings (same_run): so the
+    same command after a stop (Ctrl-C, SIGTERM, a requeue, a crash) resumes. Otherwise a new
+    directory runs/<dataset>-NNN (the next number) is made, so that commands with other settings,
+    or the same command after a finished run, train anew instead of refusing or finding nothing to
+    do. runs/latest then points at the run (a symbolic link; a runs/latest directory of an older
+    dpcnn is left as it is, and is continued the same way)."""
+    latest = runs / LATEST
+    if latest.is_dir() and _unfinished(latest) and not _locked(latest) and same_run(latest):
+        path = latest.resolve() if latest.is_symlink() else latest
+        log.info("continuing the stopped run in %s (%s), started with these settings; --out DIR starts another",
+                 path, latest)
+        return path, False
+    runs.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"^{re.escape(dataset)}-(\d+)$")
+    n = max((int(m.group(1)) for p in runs.iterdir() if (m := pattern.match(p.name))), default=0)
+    while True:
+        n += 1
+        path = runs / f"{dataset}-{n:03d}"
+        try:
+            path.mkdir()                               # atomic: two trainings started at once get two
+            break
+        except FileExistsError:
+            continue
+    if not latest.exists() or latest.is_symlink():
+        tmp = runs / f".{LATEST}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name)
+        os.replace(tmp, latest)
+    return path, True
+
+
+def _unfinished(d: Path) -> bool:
+    """A run started there (config.json) and did not reach its end (no final record)."""
+    if not (d / "config.json").is_file():
+        return False
+    try:
+        lines = (d / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return True
+    return not any('"final": true' in line for line in lines[-1:])
+
+
+def _locked(d: Path) -> bool:
+    lock = DirLock(d.resolve())
+    try:
+        lock.acquire()
+    except RunDirError:
+        return True
+    lock.release()
+    return False

@@ -19,6 +19,7 @@ Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a ch
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import sys
@@ -43,7 +44,7 @@ from .node import blas_summary, hostname
 from .optim import Schedule
 from .process import Process, training_process
 from .records import Board, Interval, Monitor, Progress, Record
-from .rundir import Checkpointer, RunDir
+from .rundir import Checkpointer, RunDir, default_run_dir
 from .step import Diverged, TrainStep
 from .watchdog import StopRequest, Watchdog
 
@@ -116,6 +117,25 @@ def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
 
     v = on_root(comm, check)
     return cfg if cfg.val_size is not None else cfg.replace(val_size=v)
+
+
+def choose_run_dir(cfg: Config, data_path: Path, threads: int) -> tuple[Path, bool]:
+    """Without --out: runs/<dataset>-NNN, or the stopped newest run if it had these settings (the
+    ones a resume must share, the model and the data file); see rundir.default_run_dir."""
+    with Split(data_path, "train") as s:
+        dataset = s.dataset
+
+    def same(d: Path) -> bool:
+        try:
+            saved = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        mine = cfg.to_dict()
+        return isinstance(saved, dict) and not ckpt.resume_conflicts(cfg, threads, saved) and \
+            saved.get("data") == str(data_path.absolute()) and saved.get("dataset") == dataset and \
+            all(saved.get(k) == mine[k] for k in ("channels", "kernel", "hidden"))
+
+    return default_run_dir(dataset, same)
 
 
 def model_spec(cfg: Config, train_set: Split) -> ModelSpec:
@@ -481,7 +501,11 @@ def run(cfg: Config, proc: Process) -> int:
     node_cpus = comm.node_cpus()                                     # collective on the node
     data_path = ensure_data(cfg, comm)
     cfg = settle_validation(cfg, comm, data_path)
-    run_dir = RunDir(cfg.out)
+    out, created = cfg.out, False
+    if out is None:                                                  # a new run, or the stopped one to continue
+        out, created = on_root(comm, lambda: choose_run_dir(cfg, data_path, proc.threads), "choosing the run directory")
+        cfg = cfg.replace(out=out)
+    run_dir = RunDir(out, created)
     on_root(comm, run_dir.open, "taking the run directory")          # rank 0 holds the directory's lock
     dog.status_file = run_dir.exit_status                            # where the chosen status is recorded
     logfile = run_dir.attach_log() if comm.is_root else None         # train.log: the console, with times
