@@ -14,7 +14,8 @@ and the test set are evaluated by all ranks, a slice each, and reduced. best.h5 
 validation accuracy; the test set is recorded, never used to choose.
 
 Exit status: 0 finished; 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a checkpoint
-(run the same command again to continue); 1 error; 2 bad command line.
+(run the same command again to continue); 69 a rank or node stopped responding (--timeout);
+1 error; 2 bad command line.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def ensure_data(cfg: Config, comm: Comm) -> Path:
                                 f"model of --channels/--kernel/--hidden ({e})") from None
         return path
 
-    return on_root(comm, check)
+    return on_root(comm, check, "checking the data")
 
 
 def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
@@ -115,7 +116,7 @@ def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
                                 "give a smaller --val-size (0: none)")
             return v
 
-    v = on_root(comm, check)
+    v = on_root(comm, check, "counting the training samples")
     return cfg if cfg.val_size is not None else cfg.replace(val_size=v)
 
 
@@ -274,7 +275,7 @@ class Trainer:
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.elapsed0 = 0.0
         if cfg.tensorboard:
-            on_root(comm, check_board)
+            on_root(comm, check_board, "checking TensorBoard")
         self.rec = Recorder(cfg, comm, run_dir, self.steps_per_epoch, self.spec.classes)
         self.resumed_from = self._resume()
         if self.resumed_from is None and cfg.init_from:
@@ -294,7 +295,7 @@ class Trainer:
         announce(self)
         progress = Progress(c.is_root and cfg.progress, self.end_step, self.step,
                             cfg.log_every or max(spe // 10, 1), spe) if c.is_root else None
-        self.dog.armed = True                                       # from now on a stall ends the job
+        self.dog.armed = True                                       # a stall from now on is named by its step
         while self.step < self.end_step:
             epoch, k = divmod(self.step, spe)
             stopping = self.train_step(epoch, k)
@@ -417,7 +418,8 @@ class Trainer:
         def check(state: ckpt.State, path: Path) -> None:
             ckpt.check_compatible(state, path, self.spec, self.train_set, self.loader.n, self.cfg, self.threads)
 
-        found = on_root(self.comm, lambda: self.run_dir.find_resume(self.cfg.resume, check))
+        found = on_root(self.comm, lambda: self.run_dir.find_resume(self.cfg.resume, check),
+                        "reading the checkpoint to resume from")
         if found is None:
             return None
         path, s = found
@@ -436,7 +438,8 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         """Start from the weights of the checkpoint at path (rank 0 reads it; every rank gets them):
         a new run, with zero momentum, its own schedule and step 0. A model that differs is refused."""
-        params, what = on_root(self.comm, lambda: ckpt.load_init(path, self.spec, self.train_set.fingerprint))
+        params, what = on_root(self.comm, lambda: ckpt.load_init(path, self.spec, self.train_set.fingerprint),
+                               "reading --init-from")
         for name, v in self.model.p.items():
             v[...] = params[name]
         if self.comm.is_root:

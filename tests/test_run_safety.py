@@ -253,3 +253,15 @@ def test_no_slowness_warning_from_short_noisy_intervals(tiny_h5, tmp_path, monke
     monkeypatch.setattr(TrainStep, "compute", counted)
     assert train(tiny_h5, tmp_path / "run", "--max-steps", "12", "--eval-every", "2", "-v") == 0
     assert "slower than at the start" not in capsys.readouterr().err
+
+
+def test_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
+    """A SIGINT while `python -m dpcnn.<command>` still imports its modules (numpy, h5py): one line,
+    the exit status of SIGINT, no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['-m']\nimport dpcnn, os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+            "import numpy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode in (130, -2) and r.stderr == "error: interrupted (Ctrl-C) while starting\n", r
