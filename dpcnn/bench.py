@@ -180,7 +180,7 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
 def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = None, exact: bool = False,
             clock: str = "wall", micro_batch: int = Config.micro_batch) -> list[tuple[str, float]]:
     """Time each layer function of a training step (its own time, nested calls excluded), the
-    exact sums (``exact.sum_rows``, exact=True) and the SGD update.
+    exact sums (``exact.add_rows``, exact=True) and the SGD update.
 
     Wraps the functions for the measurement and restores them after; returns [(name, ms per
     step)] with the rest of the step (model and step glue, the buffer's conversion) and the
@@ -194,7 +194,7 @@ def profile(batch_size: int, threads: int, steps: int, spec: ModelSpec | None = 
     names = ("split_planes", "merge_planes", "im2col", "col2im", "conv_forward", "conv_backward",
              "maxpool_forward", "maxpool_backward", "relu_forward", "relu_backward", "dense_forward",
              "dense_backward", "softmax_cross_entropy", "sum_rows", "flatten_forward", "flatten_backward")
-    targets = [(layers, n, n) for n in names] + [(exact_sums, "sum_rows", "exact.sum_rows (round and add)")]
+    targets = [(layers, n, n) for n in names] + [(exact_sums, "add_rows", "exact.add_rows (round and add)")]
     own: dict[str, float] = {}
     stack = []                                      # [start, time of nested calls]
 

@@ -32,6 +32,8 @@ from .comm import Comm
 from .model import CNN, ModelSpec
 from .optim import SGD
 
+MAX_STACK, MAX_STACK_SAMPLES = 16, 128     # a stacked pass: at most 16 micro-batches, 128 samples
+
 
 class Diverged(ArithmeticError):
     """The reduced training loss or gradient is not finite or out of range: nothing was applied."""
@@ -98,6 +100,9 @@ class TrainStep:
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         self.comm, self.micro_batch, self.exact = comm, micro_batch, exact
+        # micro-batches per stacked pass: all of a rank's at the usual sizes, bounded so that a
+        # large per-rank batch does not need gradient rows for all its micro-batches at once
+        self.stack = max(1, min(MAX_STACK, MAX_STACK_SAMPLES // micro_batch))
         self.buf = StepBuffer(spec.num_params, np.float64 if exact else dtype)
         self._grad_rows = np.empty((0, spec.num_params), dtype)     # see _rows
         # the float path lets backward write its gradient straight into the buffer
@@ -111,29 +116,35 @@ class TrainStep:
         short) of a global batch of global_batch samples -> their fixed-point sums in the buffer."""
         if not self.exact:
             return self._compute_float(x, y, stop)
-        m, buf, model = self.micro_batch, self.buf, self.model
+        m, buf = self.micro_batch, self.buf
         bound = exact.limit(-(-global_batch // m) + 1)     # no sum of all micro-batches can overflow
         full, rest = divmod(len(x), m)
-        k = full * m
-        rows = self._rows(full + (rest > 0))
-        loss, correct = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
-        # each micro-batch's summed loss and gradient in units of the grid: denom = GRID scales
-        # them by 2**32, exactly (a power of two)
+        # the whole micro-batches in stacked passes of up to self.stack, the short last one of a
+        # batch (--keep-last) in a pass of its own
+        passes = [(i * m, min(i + self.stack, full) - i, m) for i in range(0, full, self.stack)]
+        if rest:
+            passes.append((full * m, 1, rest))
+        loss_fixed, correct, ok = 0, 0, True
         with np.errstate(over="ignore", invalid="ignore"):            # divergence is caught in update
-            if full:                            # all whole micro-batches in one stacked pass
-                loss[:full], correct[:full] = model.loss_and_grad(
-                    x[:k].reshape((full, m) + x.shape[1:]), y[:k].reshape(full, m), exact.GRID, rows[:full])
-            if rest:                            # the batch's short last micro-batch, a pass of its own
-                loss[full:], correct[full:] = model.loss_and_grad(x[k:][None], y[k:][None], exact.GRID, rows[full:])
-            ok = bool(np.all(np.abs(loss) <= bound * exact.SCALE)) and exact.sum_rows(rows, buf.grads, bound)
-        if not ok:
+            for start, g, n in passes:
+                rows = self._rows(g)
+                # each micro-batch's summed loss and gradient in units of the grid: denom = GRID
+                # scales them by 2**32, exactly (a power of two)
+                loss, c = self.model.loss_and_grad(x[start:start + g * n].reshape((g, n) + x.shape[1:]),
+                                                   y[start:start + g * n].reshape(g, n), exact.GRID, rows)
+                ok = (bool(np.all(np.abs(loss) <= bound * exact.SCALE))
+                      and exact.add_rows(rows, buf.grads, bound, overwrite=start == 0))
+                if not ok:
+                    break
+                loss_fixed += sum(round(v) for v in loss.tolist())            # exact: Python integers
+                correct += int(c.sum())
+        if not passes or not ok:                # no micro-batches here, or a divergence to report
             buf.grads[:] = 0
-        loss_fixed = sum(round(v) for v in loss.tolist()) if ok else 0         # exact: Python integers
-        buf.set_counters(exact.from_fixed(loss_fixed), int(correct.sum()), stop, not ok)
+        buf.set_counters(exact.from_fixed(loss_fixed) if ok else 0.0, correct, stop, not ok)
 
     def _rows(self, g: int) -> np.ndarray:
         """(g, n) scratch, in the model's dtype, for the micro-batches' gradients; kept from step
-        to step (grown when a step has more micro-batches)."""
+        to step (grown when a pass has more micro-batches)."""
         if len(self._grad_rows) < g:
             self._grad_rows = np.empty((g, self.buf.grads.size), self.model.dtype)
         return self._grad_rows[:g]

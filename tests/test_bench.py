@@ -76,7 +76,7 @@ def test_bench_command_line_reaches_the_run(monkeypatch, capsys):
 def test_bench_profile_accounts_for_the_step(exact):
     rows = dict(bench.profile(batch_size=8, threads=1, steps=3, exact=exact, micro_batch=4))
     assert {"im2col", "conv_backward", "maxpool_forward", "softmax_cross_entropy", "SGD update"} <= set(rows)
-    assert ("exact.sum_rows (round and add)" in rows) is exact
+    assert ("exact.add_rows (round and add)" in rows) is exact
     # own times exclude nested calls (im2col inside conv_forward...): counted twice, the layer
     # functions would add up to more than the step, leaving "everything else" negative
     rest = rows.pop("everything else (model and step glue)")

@@ -52,7 +52,7 @@ def test_grid_sums_do_not_depend_on_grouping():
         partials = []
         for group in np.split(order, cuts):                      # "ranks", each summing its rows
             out = np.empty(5000)
-            assert exact.sum_rows(terms[group] * np.float32(exact.SCALE), out, bound)
+            assert exact.add_rows(terms[group] * np.float32(exact.SCALE), out, bound, overwrite=True)
             partials.append(out)
         total = np.zeros(5000)
         for p in partials[::-1]:                                 # the "allreduce", any order
@@ -79,30 +79,32 @@ def rounder_sum(rows: np.ndarray) -> np.ndarray:
     return acc
 
 
-def test_sum_rows_rounds_each_element_to_the_grid_as_the_reference():
+def test_add_rows_rounds_each_element_to_the_grid_as_the_reference():
     """np.rint in units of GRID rounds as the float64 ROUNDER did, ties to even included."""
     rng = np.random.default_rng(1)
     rows = (rng.standard_normal((5, 4000)) * 10.0 ** rng.uniform(-13, 2, (5, 4000))).astype(np.float32)
     ties = (np.arange(-20, 20) + 0.5).astype(np.float32) * np.float32(exact.GRID)   # exactly half a grid step
     rows[:, :40] = ties
-    out = np.empty(4000)
-    assert exact.sum_rows(rows * np.float32(exact.SCALE), out, exact.limit(5))
+    out = np.zeros(4000)
+    assert exact.add_rows(rows * np.float32(exact.SCALE), out, exact.limit(5))
     assert same(out * exact.GRID, rounder_sum(rows))
     assert np.all(out[:40] == 5 * np.round(np.arange(-20, 20) + 0.5))     # np.round: ties to even too
 
 
-def test_sum_rows_refuses_out_of_range_and_nonfinite_rows():
+def test_add_rows_refuses_out_of_range_and_nonfinite_rows():
     bound = exact.limit(4)
     for bad in ([np.nan, 0, 0], [0, np.inf, 0], [bound * 1.01, 0, 0], [-bound, bound, 0]):
         rows = np.array([[1.0, 2.0, 3.0], bad], np.float32) * np.float32(exact.SCALE)
-        out = np.full(3, 7.0)
-        assert not exact.sum_rows(rows, out, bound)
-        assert np.all(out == 7.0)                                 # left unchanged
+        for overwrite in (False, True):
+            out = np.full(3, 7.0)
+            assert not exact.add_rows(rows, out, bound, overwrite)
+            assert np.all(out == 7.0)                             # left unchanged
     out = np.full(3, 7.0)
     rows = np.array([[bound * 0.99, -1.0, 2.0**-40]], np.float32) * np.float32(exact.SCALE)
-    assert exact.sum_rows(rows, out, bound)
+    assert exact.add_rows(rows.copy(), out, bound, overwrite=True)
     assert out[2] == 0 and out[1] == -exact.SCALE                  # below half a grid step: rounds to 0
-    assert exact.sum_rows(np.zeros((0, 3), np.float32), out, bound) and not out.any()   # no rows: zeros
+    assert exact.add_rows(rows, out, bound) and out[1] == -2 * exact.SCALE and out[2] == 0
+    assert exact.add_rows(np.zeros((0, 3), np.float32), out, bound) and out[1] == -2 * exact.SCALE   # no rows
     # the bound keeps any sum of n terms (with the norm's own rounding) inside the exact range
     assert all(2 * n * exact.limit(n) <= exact.RANGE for n in (1, 2, 5, 1000))
 
@@ -312,11 +314,13 @@ def run_reference(spec, data, m, lr=0.05, P=1):
     return ref.model.params, ref.opt.velocity, losses
 
 
-def run_stacked(spec, data, m, P, lr=0.05):
+def run_stacked(spec, data, m, P, lr=0.05, stack=None):
     """TrainStep (the stacked pass) on P simulated ranks: the buffers added as the allreduce would
     (in reverse rank order), each rank updating from the sum. Returns every rank's (params,
-    velocity) and the reported (loss_sum, correct) per step."""
+    velocity) and the reported (loss_sum, correct) per step. stack: micro-batches per pass."""
     steps = [TrainStep(spec, SerialComm(), micro_batch=m, seed=1, weight_decay=5e-4) for _ in range(P)]
+    for s in steps:
+        s.stack = stack or s.stack
     losses = []
     for x, y in data:
         M = len(y)
@@ -331,19 +335,21 @@ def run_stacked(spec, data, m, P, lr=0.05):
     return [(s.model.params, s.opt.velocity) for s in steps], losses
 
 
-# (global batch sizes step by step, micro-batch): the default 64 / 16; batches that are not a
-# multiple of m, as --keep-last leaves at the end of an epoch (28 = 8 + 8 + 8 + 4, 13 = 8 + 5);
-# and a global batch with fewer micro-batches than ranks (20 = 16 + 4: on 3 ranks one has none)
-STEP_CASES = [([64, 64, 64], 16), ([28, 28, 13], 8), ([20, 20], 16)]
+# (global batch sizes step by step, micro-batch, micro-batches per stacked pass): the default
+# 64 / 16; batches that are not a multiple of m, as --keep-last leaves at the end of an epoch
+# (28 = 8 + 8 + 8 + 4, 13 = 8 + 5); a global batch with fewer micro-batches than ranks (20 =
+# 16 + 4: on 3 ranks one has none); more micro-batches on a rank than one pass stacks (passes
+# of 3 + 3 + 2 on one rank, 3 + 1 on two)
+STEP_CASES = [([64, 64, 64], 16, None), ([28, 28, 13], 8, None), ([20, 20], 16, None), ([64, 60], 8, 3)]
 
 
-@pytest.mark.parametrize("sizes,m", STEP_CASES)
-def test_stacked_step_gives_the_bits_of_one_micro_batch_at_a_time_on_1_2_3_ranks(sizes, m):
+@pytest.mark.parametrize("sizes,m,stack", STEP_CASES)
+def test_stacked_step_gives_the_bits_of_one_micro_batch_at_a_time_on_1_2_3_ranks(sizes, m, stack):
     spec = ModelSpec()
     data = batches(spec, sizes)
     params, velocity, losses = run_reference(spec, data, m)
     for P in (1, 2, 3):
-        ranks, reported = run_stacked(spec, data, m, P)
+        ranks, reported = run_stacked(spec, data, m, P, stack=stack)
         for p, v in ranks:
             assert same(p, params) and same(v, velocity), f"P = {P}"
         assert reported == losses, f"P = {P}"
@@ -414,8 +420,8 @@ def comm():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("sizes,m", STEP_CASES)
-def test_stacked_step_under_mpi_gives_the_bits_of_one_rank(comm, sizes, m):
+@pytest.mark.parametrize("sizes,m,stack", STEP_CASES)
+def test_stacked_step_under_mpi_gives_the_bits_of_one_rank(comm, sizes, m, stack):
     """Each rank steps on its micro-batches (uneven: 28 on 3 ranks is 8+8 / 8 / 4; 20 on 3 ranks
     leaves one rank without any); the parameters, momentum and reported sums equal one process
     stepping through all of them one at a time (the reference), on every rank."""
@@ -423,6 +429,7 @@ def test_stacked_step_under_mpi_gives_the_bits_of_one_rank(comm, sizes, m):
     data = batches(spec, sizes)
     params, velocity, losses = run_reference(spec, data, m)
     step = TrainStep(spec, comm, micro_batch=m, seed=1, weight_decay=5e-4)
+    step.stack = stack or step.stack
     reported = []
     for x, y in data:
         lo, hi = micro_bounds(len(y), m, comm.rank, comm.size)
