@@ -181,11 +181,12 @@ class ConfigError(UserError):
 
 def default_val_size(train_rows: int) -> int:
     """--val-size when none is given: 5000 rows (MNIST's and Fashion-MNIST's 60,000 keep 55,000
-    for training), or none for a training split under 50,000 rows."""
-    return VAL_SIZE if train_rows >= VAL_MIN_TRAIN_ROWS else 0
+    for training), or a tenth of a training split under 50,000 rows (Keras's validation_split
+    habit), so that best.h5 is chosen by validation, never by the test set, unless asked (0)."""
+    return VAL_SIZE if train_rows >= VAL_MIN_TRAIN_ROWS else train_rows // VAL_FRACTION
 
 
-VAL_SIZE, VAL_MIN_TRAIN_ROWS = 5000, 50_000
+VAL_SIZE, VAL_MIN_TRAIN_ROWS, VAL_FRACTION = 5000, 50_000, 10
 # What a run saved before a setting existed ran with, where that differs from today's default:
 # no validation hold-out, He-normal weights, float sums. (Every other setting's default is what
 # the code did before it could be set.)
@@ -317,9 +318,9 @@ def _data_flags(d) -> None:
     _flag(d, "data_source", "where to prepare a missing data file from: a directory with the IDX files or a base "
                             "URL (default: public mirrors)")
     _flag(d, "keep_last", "use the last partial global batch of each epoch (default: drop it)")
-    _flag(d, "val_size", f"training samples held out for validation, which chooses best.h5 (default {VAL_SIZE}; 0 "
-                         f"for a training split under {VAL_MIN_TRAIN_ROWS:,} samples); 0: none, best.h5 is then "
-                         "chosen by test accuracy")
+    _flag(d, "val_size", f"training samples held out for validation, which chooses best.h5 (default {VAL_SIZE}, or "
+                         f"a tenth of a training split under {VAL_MIN_TRAIN_ROWS:,} samples); 0: none, best.h5 is "
+                         "then chosen by test accuracy")
     _flag(d, "val_seed", "seed of the draw of the validation samples (default 0, whatever --seed is)")
     _flag(d, "shift", "augmentation: translate each training image by up to this many pixels on each axis "
                       "(default 0: off)")

@@ -258,7 +258,7 @@ class Watchdog:
         end = f"ending the job with status {EXIT_STALLED} (--timeout)"
         if where is not None and self.comm.size > 1:
             if idle > self.timeout + self.patience:
-                whom = (f"for {behind}): it is" if behind else "): another rank or node is")
+                whom = (f" for {behind}): it is" if behind else "): another rank or node is")
                 self._abort(EXIT_STALLED, f"{stalled} (waiting in {where} for {now - since:.0f} s{whom} stopped, "
                             f"dead or cut off; {end}")
         elif idle > self.timeout:

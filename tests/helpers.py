@@ -5,6 +5,7 @@ module imports another.
 """
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from dpcnn import checkpoint as ckpt
 from dpcnn.rundir import RunDir
 from dpcnn.train import main
 
-# 384 training samples / batch 32 = 12 steps per epoch
-BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1"]
+# 384 training samples / batch 32 = 12 steps per epoch (no validation split unless a test gives --val-size)
+BASE = ["--batch-size", "32", "--lr", "0.05", "--no-progress", "-q", "--threads", "1", "--val-size", "0"]
 TIMING_KEYS = ("images_per_second", "elapsed_seconds", "world_size", "time_data_s", "time_compute_s",
                "time_allreduce_s", "time_update_s", "time_eval_s")
 
@@ -81,3 +82,13 @@ def rank_pids(launcher_pid: int) -> list[int]:
 def leftovers(d: Path) -> list[str]:
     """The temporaries (.NAME.<pid>@<host>.tmp|.part) anywhere below d."""
     return sorted(p.name for p in Path(d).rglob(".*") if p.suffix in (".tmp", ".part"))
+
+
+def wait_for(cond, what: str, proc=None, timeout: float = 90) -> None:
+    """Poll cond() until true; AssertionError after timeout s, or as soon as the launched proc ends."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the job ended first ({proc.returncode}): {proc.communicate()}")
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.05)

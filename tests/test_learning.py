@@ -204,7 +204,8 @@ def test_validation_in_records_and_config(tiny_h5, tmp_path):
 def test_default_validation_size():
     assert Config().val_size is None and parse_args([])[0].val_size is None
     assert Config().with_val_size(60000).val_size == 5000          # MNIST: 55,000 left to train on
-    assert Config().with_val_size(384).val_size == 0               # a small data set: none
+    assert Config().with_val_size(384).val_size == 38              # a small data set: a tenth (Keras's habit)
+    assert Config().with_val_size(9).val_size == 0
     assert Config(val_size=7).with_val_size(60000).val_size == 7
 
 

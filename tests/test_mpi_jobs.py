@@ -14,17 +14,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from conftest import child_env, mpiexec
-from helpers import assert_same_state, final_state, records_without_timings
+from helpers import BASE, assert_same_state, final_state, rank_pids, records_without_timings, wait_for
 
 from dpcnn import checkpoint as ckpt
 from dpcnn.cli import EXIT_ERROR, EXIT_STALLED, EXIT_STOPPED
 from dpcnn.rundir import RunDir
-
-BASE = ["--batch-size", "32", "--no-progress", "-q", "--threads", "1"]
 
 
 def launcher() -> list[str]:
@@ -49,21 +46,6 @@ def launch(cmd: list[str], nprocs: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
 
 
-def rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the python processes below a launcher."""
-    out, todo = [], [launcher_pid]
-    while todo:
-        pid = todo.pop()
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                for c in (task / "children").read_text().split():
-                    todo.append(int(c))
-                    with contextlib.suppress(OSError):
-                        if "python" in Path(f"/proc/{c}/comm").read_text():
-                            out.append(int(c))
-    return sorted(out)
-
-
 @contextlib.contextmanager
 def ended_on_exit(p: subprocess.Popen):
     """Kill the launcher and every rank (a stopped one too) on the way out, whatever happened."""
@@ -75,15 +57,6 @@ def ended_on_exit(p: subprocess.Popen):
                 os.kill(pid, signal.SIGKILL)
         p.kill()
         p.wait()
-
-
-def wait_for(cond, what, p: subprocess.Popen, timeout=90):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if p.poll() is not None:
-            raise AssertionError(f"{what}: the job ended first ({p.returncode}): {p.communicate()}")
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.05)
 
 
 def error_lines(err: str) -> list[str]:
@@ -114,7 +87,7 @@ def test_a_rank_stopped_during_the_start_up_ends_the_job_with_69(tiny_h5, tmp_pa
     assert lines and all(line.startswith(f"error: rank {1 - stopped}: the start-up made no progress for 2 s (waiting")
                          for line in lines), err
     if stopped == 0:
-        assert "for rank 0, running ensure_data): it is stopped, dead or cut off" in lines[0], err
+        assert " s for rank 0, checking the data): it is stopped, dead or cut off" in lines[0], err
     else:
         assert "another rank or node is stopped, dead or cut off" in lines[0], err
 

@@ -1,59 +1,24 @@
 """Never lose a run: the run directory's lock, verified checkpoints, pruning that keeps the good
 ones, stop signals during start-up, torn metrics lines. (The stall watchdog's jobs: test_mpi_jobs.py.)"""
 
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from conftest import child_env, run_job
+from helpers import BASE, records, train, wait_for
 
 from dpcnn import checkpoint as ckpt
 from dpcnn import evaluate, plot
 from dpcnn.cli import EXIT_STOPPED
 from dpcnn.rundir import RunDir
-from dpcnn.train import main
-
-BASE = ["--batch-size", "32", "--no-progress", "-q", "--threads", "1"]
-
-
-def train(tiny_h5, out, *extra):
-    return main(["--data", str(tiny_h5), "--out", str(out), "--comm", "serial", *BASE, *map(str, extra)])
 
 
 def job(tiny_h5, out, *extra):
     return [sys.executable, "-m", "dpcnn.train", "--data", str(tiny_h5), "--out", str(out), *BASE, *map(str, extra)]
-
-
-def wait_for(cond, what, timeout=90, proc=None):
-    deadline = time.time() + timeout
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the job ended first: {proc.communicate()}")
-        assert time.time() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.05)
-
-
-def records(out) -> list[dict]:
-    p = Path(out, "metrics.jsonl")
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
-
-
-def rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the python processes below a launcher."""
-    out, todo = [], [launcher_pid]
-    while todo:
-        pid = todo.pop()
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            for c in (task / "children").read_text().split():
-                todo.append(int(c))
-                if "python" in Path(f"/proc/{c}/comm").read_text():
-                    out.append(int(c))
-    return sorted(out)
 
 
 # ----------------------------------------------------------------------------- one training per --out
