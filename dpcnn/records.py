@@ -235,5 +235,15 @@ class Board:
                 self.writer.add_scalar(tag, value, r.step)
         self.writer.flush()
 
+    def progress(self, step: int, iv: Interval, lr: float) -> None:
+        """The training curves between records, at the console's progress interval: the loss and
+        accuracy since the last record, the learning rate and images/s (flushed at the next record)."""
+        if iv.samples:
+            self.writer.add_scalar("loss/train", iv.loss / iv.samples, step)
+            self.writer.add_scalar("accuracy/train", iv.correct / iv.samples, step)
+        self.writer.add_scalar("learning_rate", lr, step)
+        if iv.seconds:
+            self.writer.add_scalar("images_per_second", iv.trained / iv.seconds, step)
+
     def close(self) -> None:
         self.writer.close()

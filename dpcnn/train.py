@@ -302,6 +302,8 @@ class Trainer:
             s = self.step
             if progress:
                 progress.update(s, self.rec.iv)
+                if self.rec.board and s % progress.every == 0 and not self.rec.scheduled(s) and s < self.end_step:
+                    self.rec.board.progress(s, self.rec.iv, self.schedule(s - 1))   # TensorBoard between records
             if cfg.check_every and s % cfg.check_every == 0:
                 check_in_sync(c, self.model.params, s)
             # Records and checkpoints come before acting on a stop, so a stop never skips one.

@@ -496,6 +496,10 @@ def test_run_directory_keeps_the_console_log_and_tensorboard_events(tiny_h5, tmp
             for v in e.summary.value:
                 tags.setdefault(v.tag, []).append((e.step, v.simple_value))
     assert [s for s, _ in tags["accuracy/test"]] == [6, 12, 18, 24]
+    # the training curves also between records, at the progress interval (every step here: 12 an epoch)
+    for tag in ("loss/train", "accuracy/train", "learning_rate", "images_per_second"):
+        assert [s for s, _ in tags[tag]] == list(range(1, 25)), tag
+    assert tags["loss/train"][5][1] == pytest.approx(metrics(out)[0]["train_loss"], rel=1e-6)   # step 6
     assert tags["loss/test"][-1][1] == pytest.approx(metrics(out)[-1]["test_loss"], rel=1e-6)
     # a run refused at start leaves no directory behind, log included
     assert main(["--data", str(tiny_h5), "--out", str(tmp_path / "new"), "--comm", "serial", "-q",
