@@ -123,9 +123,22 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False, rank: int = 0) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if (quiet or rank != 0) else logging.INFO
+    """The console on stderr at the level the flags ask (rank 0: INFO, -q: warnings, -v: DEBUG; other
+    ranks: warnings). The level is the console handler's: the root logger stays at INFO (DEBUG with
+    -v), so a file handler added later (train.log, ``RunDir.attach_log``) gets the INFO lines however
+    quiet the console is."""
+    console = logging.DEBUG if verbose else logging.WARNING if (quiet or rank != 0) else logging.INFO
     fmt = f"[rank {rank}] %(message)s" if rank else "%(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.basicConfig(level=min(console, logging.INFO), format=fmt, stream=sys.stderr, force=True)
+    for h in logging.getLogger().handlers:
+        h.setLevel(console)
+
+
+def console_shows(level: int, name: str = "dpcnn") -> bool:
+    """Whether a message of `level` from logger `name` reaches the console (a root handler writing to a
+    stream that is not a file): what decides whether a progress bar is drawn."""
+    return logging.getLogger(name).isEnabledFor(level) and any(
+        type(h) is logging.StreamHandler and level >= h.level for h in logging.getLogger().handlers)
 
 
 def error_line(e: BaseException) -> str:

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, console_shows
 
 try:
     from tqdm import tqdm
@@ -43,7 +43,7 @@ class _Progress:
     def __init__(self, total: int | None, desc: str):
         self.total, self.desc, self.done, self._next = total, desc, 0, 0.25
         self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
-                        disable=None if logger.isEnabledFor(logging.INFO) else True) if tqdm else None
+                        disable=None if console_shows(logging.INFO, __name__) else True) if tqdm else None
 
     def update(self, k: int):
         self.done += k

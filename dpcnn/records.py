@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .cli import console_shows
+
 log = logging.getLogger("dpcnn")
 
 SLOW = 3.0            # this many times slower than the start of the run: say why
@@ -143,7 +145,7 @@ class Progress:
 
     def __init__(self, show: bool, total: int, initial: int, every: int, steps_per_epoch: int):
         self.every, self.spe, self.bar = every, steps_per_epoch, None
-        if show and sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
+        if show and sys.stderr.isatty() and console_shows(logging.INFO):     # not with -q
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)

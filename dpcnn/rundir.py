@@ -223,7 +223,8 @@ class RunDir:
     # -- logs, config and metrics -------------------------------------------------------
 
     def attach_log(self) -> logging.Handler:
-        """Copy what the console shows (the root logger: dpcnn's messages) into train.log, with times."""
+        """Copy dpcnn's messages (the root logger's: INFO and up, DEBUG with -v) into train.log, with times,
+        however quiet the console is (-q sets the console handler's level, not the root's: cli.setup_logging)."""
         h = logging.FileHandler(self.log, encoding="utf-8")
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logging.getLogger().addHandler(h)
