@@ -67,6 +67,7 @@ class Config:
     gamma: float = 0.1
     seed: int = 0
     max_steps: int | None = None
+    patience: int = 0                        # stop when this many records in a row bring no better accuracy
     # model
     channels: tuple[int, ...] = (8, 16)
     kernel: int = 3
@@ -257,6 +258,7 @@ ACCEPTS: dict[str, tuple[Callable[[str], Any] | None, tuple | None]] = {
     "lr": (nonneg_float, None), "momentum": (unit_interval, None), "weight_decay": (nonneg_float, None),
     "schedule": (None, tuple(SCHEDULES)), "warmup_epochs": (nonneg_float, None), "milestones": (float_list, None),
     "gamma": (nonneg_float, None), "seed": (nonneg_int, None), "max_steps": (positive_int, None),
+    "patience": (nonneg_int, None),
     "channels": (int_list, None), "kernel": (positive_int, None), "hidden": (int_list, None),
     "init": (None, tuple(INITS)), "init_from": (path_arg, None),
     "out": (path_arg, None), "eval_every": (nonneg_int, None), "checkpoint_every": (nonneg_int, None),
@@ -350,6 +352,8 @@ def _training_flags(t) -> None:
     _flag(t, "gamma", "step schedule factor (default 0.1)")
     _flag(t, "seed", "seed of the initial weights and sample order (default 0)")
     _flag(t, "max_steps", "stop after this many updates (still evaluates, records and checkpoints)")
+    _flag(t, "patience", "stop early when this many evaluations in a row bring no better validation accuracy "
+                         "(the test accuracy without a validation split); best.h5 holds the best (default 0: never)")
 
 
 def _model_flags(m) -> None:

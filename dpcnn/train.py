@@ -191,6 +191,17 @@ class Recorder:
     def dicts(self) -> list[dict]:
         return [r.to_dict() for r in self.records]
 
+    def since_best(self) -> int:
+        """How many records came after the best one (0: the newest record is the best so far)."""
+        best, since = -1.0, 0
+        for r in self.records:
+            best, since = (r.selection_accuracy, 0) if r.selection_accuracy > best else (best, since + 1)
+        return since
+
+    def exhausted(self) -> bool:
+        """--patience N: the last N records brought no better validation accuracy: the run ends."""
+        return bool(self.cfg.patience and self.records) and self.since_best() >= self.cfg.patience
+
     def restore(self, s: ckpt.State, continuing: bool) -> None:
         """The records, best accuracy and training totals of a checkpoint; continuing past it, a
         --max-steps end's record is dropped: the uninterrupted run does not make it."""
@@ -231,6 +242,11 @@ class Recorder:
             time_allreduce_s=round(iv.allreduce, 4), time_update_s=round(iv.update, 4),
             time_eval_s=round(t_eval, 4), final=final)
         self.records.append(rec)
+        if self.exhausted() and not rec.final:                      # an early stop: the run's last record
+            rec.final = True
+            if self.comm.is_root:
+                log.info("stopping early: no better %s accuracy in the last %d evaluations (--patience)",
+                         "test" if rec.val_accuracy is None else "validation", self.cfg.patience)
         if self.comm.is_root:
             self.run_dir.append_metrics(rec.to_dict())
             if self.board is not None:
@@ -288,7 +304,7 @@ class Trainer:
 
     def train(self) -> int:
         cfg, c, spe = self.cfg, self.comm, self.steps_per_epoch
-        if self.step >= self.end_step:
+        if self.step >= self.end_step or self.rec.exhausted():
             return self.at_the_end()
         if self.stopped_during_start_up():
             return EXIT_STOPPED
@@ -314,6 +330,9 @@ class Trainer:
             if self.ckpts.due(s):
                 self.save_checkpoint()
             self.dog.beat(s + 1)
+            if self.rec.exhausted():                                # --patience: no better record in a row
+                self.save_checkpoint()
+                break
             if stopping and s < self.end_step:
                 if progress:
                     progress.close()
@@ -338,8 +357,13 @@ class Trainer:
         return r.stop
 
     def at_the_end(self) -> int:
-        """Resumed at or past --max-steps: record the end if no record is there yet, else nothing."""
-        if self.step == self.end_step and not self.rec.recorded(self.step):
+        """Resumed at or past --max-steps, or after an early stop: record the end if no record is
+        there yet, else nothing."""
+        if self.rec.exhausted():
+            if self.comm.is_root:
+                log.info("the run in %s stopped early at step %d (--patience %d): nothing to train", self.run_dir.path,
+                         self.step, self.cfg.patience)
+        elif self.step == self.end_step and not self.rec.recorded(self.step):
             announce(self)
             self.record_and_checkpoint(final=True, provisional=not self.rec.scheduled(self.step))
             self.rec.done(self.step, self.elapsed())

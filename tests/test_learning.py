@@ -355,3 +355,22 @@ def test_same_bits_on_1_and_3_ranks_with_validation_augmentation_and_init(tiny_h
     assert records_without_timings(runs[3]) == records_without_timings(runs[1])
     assert_same_state(final_state(runs[3]), final_state(runs[1]))
     assert all(m["val_accuracy"] is not None for m in metrics(runs[1]))
+
+
+def test_patience_stops_a_run_that_stopped_improving(tiny_h5, tmp_path, capsys):
+    """--patience 2 with a learning rate of 0: the first record is the best, the next two are no
+    better, so the run ends after the third, as its final record, and stays ended."""
+    out = tmp_path / "run"
+    args = ("--epochs", "10", "--lr", "0", "--val-size", "64", "--patience", "2", "--eval-every", "4", "-v")
+    assert train(tiny_h5, out, *args) == 0                          # 320 rows: 10 steps an epoch
+    assert [(m["step"], m["final"]) for m in metrics(out)] == [(4, False), (8, False), (10, True)]
+    assert "stopping early: no better validation accuracy in the last 2 evaluations" in capsys.readouterr().err
+    assert final_state(out).step == 10 and ckpt.load(out / "best.h5").step == 4
+    assert train(tiny_h5, out, *args) == 0                          # the same command: nothing to train
+    assert "stopped early at step 10 (--patience 2): nothing to train" in capsys.readouterr().err
+    assert len(metrics(out)) == 3
+    # a mid-epoch record that ends the run is checkpointed too, so a resume does not train past it
+    mid = tmp_path / "mid"
+    assert train(tiny_h5, mid, "--epochs", "10", "--lr", "0", "--val-size", "64", "--patience", "1",
+                 "--eval-every", "3") == 0
+    assert [m["step"] for m in metrics(mid)] == [3, 6] and final_state(mid).step == 6
