@@ -151,6 +151,8 @@ class Facts:
     data: str                       # the data file's absolute path
     dataset: str
     data_fingerprint: str           # SHA-256 of its arrays' SHA-256s
+    preprocessing: dict             # what new images need to become inputs without the data file: the recipe,
+                                    # per-channel mean and std, class names (h5format.Split.preprocessing)
     train_samples: int              # training rows (without the validation hold-out)
     drop_last: bool
     steps_per_epoch: int

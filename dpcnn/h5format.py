@@ -4,9 +4,12 @@ The file (written by ``write_h5``, from ``python -m dpcnn.data prepare``, or by 
 holds groups ``train`` and ``test``, each with ``images (N, H, W) uint8`` (or ``(N, H, W, C)``) and
 ``labels (N,) uint8``, chunked by rows. Root attributes: ``dataset``, ``class_names`` (JSON),
 ``format_version``, ``source_sha256`` (JSON, file name -> SHA-256 of the uncompressed IDX),
-``mean`` and ``std`` (of training pixels / 255, float64), ``dpcnn_version``, and ``made_from``
-(JSON: what the file was prepared from, so that a message can say how to prepare it again; see
-``made_from``; files written before it existed, or by other tools, lack it). Each of the four
+``mean`` and ``std`` (of training pixels / 255, float64), ``channel_mean`` and ``channel_std`` (the
+same per channel, (C,) float64: what inputs are standardised with; files without them use ``mean``
+and ``std`` for every channel), ``dpcnn_version``, ``made_from`` (JSON: what the file was prepared
+from, so that a message can say how to prepare it again; see ``made_from``; files written before it
+existed, or by other tools, lack it) and ``preprocess`` (JSON: how an image became a row of the
+file, so that a model trained on it can prepare new images the same way; see ``recipe_of``). Each of the four
 arrays has the attribute ``sha256``: the hex SHA-256 of its bytes in C order (``array_sha256``),
 so ``verify`` can tell the data written from the data read; a file without them (written before
 they existed, or by another tool) reads, but is "not verified". Every chunk also carries a
@@ -37,7 +40,7 @@ import numpy as np
 
 from . import __version__
 from .cli import UserError
-from .datasets import DatasetInfo
+from .datasets import DATASETS, DatasetInfo
 from .fileio import WriteError, write_h5_atomic
 
 FORMAT_VERSION: int = 1
@@ -73,7 +76,8 @@ class Split:
     """One split ("train" or "test") of a prepared HDF5 file, opened read-only.
 
     Attributes: n, image_shape (H, W), channels (1 for (N, H, W) images, else C of (N, H, W, C)),
-    num_classes, class_names, mean, std, dataset,
+    num_classes, class_names, mean, std (of all training pixels / 255), channel_mean, channel_std
+    ((C,) float64: per channel, what `standardise` uses), recipe (see `recipe_of`), dataset,
     fingerprint (hex SHA-256 of the data set name and its arrays' SHA-256s), source_sha256.
     Labels (N,) are held in memory; images are read on demand.
     """
@@ -131,7 +135,32 @@ class Split:
                        f"expected 0..{self.num_classes - 1}")
         self.n, self.image_shape = x.shape[0], tuple(x.shape[1:3])
         self.channels = x.shape[3] if x.ndim == 4 else 1
+        self.channel_mean, self.channel_std = self._channel_stats()
+        self.recipe = recipe_of(f, (*self.image_shape, self.channels))
         self.fingerprint, self.legacy_fingerprint = self._fingerprints()
+
+    def _channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``channel_mean`` and ``channel_std`` attributes, (C,) float64; a file without them
+        (an older dpcnn's, or one written by hand) has ``mean`` and ``std`` for every channel."""
+        a, C = self._f.attrs, self.channels
+        if "channel_mean" not in a and "channel_std" not in a:
+            return np.full(C, self.mean), np.full(C, self.std)
+        try:
+            m, s = (np.asarray(a[k], np.float64).reshape(-1) for k in ("channel_mean", "channel_std"))
+        except (KeyError, TypeError, ValueError) as e:
+            self._fail(f"missing or malformed attribute channel_mean or channel_std ({e})")
+        if m.shape != (C,) or s.shape != (C,) or not (np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all()):
+            self._fail(f"bad per-channel pixel statistics channel_mean={m.tolist()} channel_std={s.tolist()} "
+                       f"for {C}-channel images")
+        return m, s
+
+    @property
+    def preprocessing(self) -> dict:
+        """What a model trained on this file needs to prepare new images as its training images were
+        made (a run's facts carry it into every checkpoint): the recipe, the per-channel mean and std,
+        the class names."""
+        return {"recipe": self.recipe, "mean": self.channel_mean.tolist(), "std": self.channel_std.tolist(),
+                "class_names": list(self.class_names)}
 
     def _fingerprints(self) -> tuple[str, str]:
         """(what the file holds: the SHA-256 of its arrays' own SHA-256s, which `verify` checks
@@ -171,8 +200,8 @@ class Split:
         return remake_command(self.path, made_from(self._f))
 
     def standardise(self, u8: np.ndarray) -> np.ndarray:
-        """Images (m, H, W) or (m, H, W, C) uint8 -> (m, H, W, C) float32, (x/255 - mean) / std."""
-        return standardise(u8, self.mean, self.std, scale=255.0)
+        """Images (m, H, W) or (m, H, W, C) uint8 -> (m, H, W, C) float32, (x/255 - mean) / std per channel."""
+        return standardise(u8, self.channel_mean, self.channel_std, scale=255.0)
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous rows [lo, hi): x (m, H, W, C) float32 standardised, y (m,) int64."""
@@ -208,14 +237,20 @@ def _read_rows(ds: h5py.Dataset, idx: np.ndarray, block: int = 4 * ROW_CHUNK) ->
     return out
 
 
-def standardise(images: np.ndarray, mean: float, std: float, scale: float = 255.0) -> np.ndarray:
+def standardise(images: np.ndarray, mean, std, scale: float = 255.0) -> np.ndarray:
     """Images (m, H, W) or (m, H, W, C) with intensities in [0, scale] -> network input
-    (m, H, W, C) float32 (C = 1 for grey), (x/scale - mean) / std, where mean and std are those
-    of the training set's x/scale."""
+    (m, H, W, C) float32 (C = 1 for grey), (x/scale - mean) / std, where mean and std, floats or
+    (C,) per channel, are those of the training set's x/scale. Both are applied as float32
+    factors computed in float64, one multiply and one subtract a pixel."""
     x = images.astype(np.float32)
-    x *= np.float32(1.0 / (scale * std))
-    x -= np.float32(mean / std)
-    return x if x.ndim == 4 else x[..., None]
+    if x.ndim == 3:
+        x = x[..., None]
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if m.size == 1 and s.size == 1:              # one channel, or one value for all: scalars
+        m, s = m.reshape(()), s.reshape(())
+    x *= (1.0 / (scale * s)).astype(np.float32)
+    x -= (m / s).astype(np.float32)
+    return x
 
 
 def array_sha256(a: np.ndarray) -> str:
@@ -267,7 +302,10 @@ def info_lines(path) -> list[str]:
             if not lines:
                 lines += [f"file           {s.path}", f"dataset        {s.dataset}",
                           f"format_version {FORMAT_VERSION}", f"fingerprint    {s.fingerprint}",
-                          f"mean, std      {s.mean:.6f}, {s.std:.6f}",
+                          f"mean, std      {s.mean:.6f}, {s.std:.6f}" + (
+                              "" if s.channels == 1 else "; per channel " + ", ".join(
+                                  f"{m:.6f}/{d:.6f}" for m, d in zip(s.channel_mean, s.channel_std))),
+                          f"preprocess     {recipe_text(s.recipe)}",
                           f"classes        {', '.join(s.class_names)}",
                           f"made by        {s.remake}"]
                 lines += [f"sha256         {k} {v}" for k, v in s.source_sha256.items()]
@@ -293,7 +331,8 @@ def made_from(f: h5py.File) -> dict:
 
         {"kind": "idx", "dataset": "mnist", "source": None | "/abs/dir" | "https://..."}
         {"kind": "folder", "folder": "/abs/photos", "test_folder": None | "/abs/dir",
-         "test_fraction": 0.1 | None, "size": [H, W], "color": "grey" | "rgb"}
+         "test_fraction": 0.1 | None, "size": [H, W], "color": "grey" | "rgb"}   (what the file holds)
+        {"kind": "arrays"}                       (dpcnn.fit's file of NumPy arrays)
 
     or, for a file without it, what its ``source_sha256`` says: image folders store the digests
     of their train and test folders, IDX data sets those of their four files (folder and source
@@ -331,6 +370,8 @@ def _documented(made) -> bool:
 
     if made.get("kind") == "idx":
         return isinstance(made.get("dataset"), str) and text("source")
+    if made.get("kind") == "arrays":
+        return True
     size, fraction = made.get("size"), made.get("test_fraction")
     return (made.get("kind") == "folder" and text("folder") and text("test_folder")
             and made.get("color") in (None, "grey", "rgb")
@@ -341,6 +382,8 @@ def _documented(made) -> bool:
 def remake_command(path, made: dict) -> str:
     """The command that prepares the file at `path` again from what `made` (``made_from``) records."""
     q = shlex.quote
+    if made.get("kind") == "arrays":
+        return f"rm {q(str(path))}, then dpcnn.fit(x, y, ...) with the same arrays writes it again"
     cmd = "python -m dpcnn.data prepare"
     if made.get("kind") == "folder":
         cmd += f" --from-folder {q(made['folder']) if made.get('folder') else 'DIR'}"
@@ -349,9 +392,9 @@ def remake_command(path, made: dict) -> str:
         elif made.get("test_fraction") not in (None, 0.1):
             cmd += f" --test-fraction {made['test_fraction']:g}"
         size, color = made.get("size"), made.get("color")
-        if size and tuple(size) != (28, 28):
+        if size:                # what the file holds, whatever the defaults: the same file again
             cmd += f" --size {size[0]}x{size[1]}"
-        if color and color != "grey":
+        if color:
             cmd += f" --color {color}"
         unknown = "" if made.get("folder") else " (DIR: the image folder it was made from)"
         return cmd + f" --out {q(str(path))}{unknown}"
@@ -360,6 +403,60 @@ def remake_command(path, made: dict) -> str:
     if made.get("source"):
         cmd += f" --source {q(made['source'])}"
     return cmd + f" --out {q(str(path))} --force"
+
+
+# ----------------------------------------------------------------------------- how an image became a row
+
+def recipe_of(f: h5py.File, shape: tuple[int, int, int]) -> dict:
+    """How an image became a row of the open data file of images (H, W, C) = shape: its ``preprocess``
+    attribute, one of
+
+        {"kind": "mnist", "size": [H, W]}        grey, the digit cropped, scaled into a box and centred
+                                                  by its centre of mass, as MNIST was made (H == W)
+        {"kind": "resize", "size": [H, W], "color": "grey" | "rgb" | None}
+                                                  upright (EXIF), converted to the colour and resized
+                                                  to H x W (Lanczos), as ``prepare --from-folder``
+                                                  does; None: C channels that no image file holds
+
+    or, for a file without it (or with one not as documented), `default_recipe`."""
+    try:
+        recipe = json.loads(f.attrs["preprocess"])
+        if _recipe_ok(recipe, shape):
+            return recipe
+    except (KeyError, TypeError, ValueError):
+        pass
+    return default_recipe(str(f.attrs.get("dataset", "")), made_from(f), shape)
+
+
+def default_recipe(dataset: str, made: Mapping | None, shape: tuple[int, int, int]) -> dict:
+    """The recipe of a file that does not store one: MNIST's for grey square images of a data set
+    known by name and prepared from its IDX files (MNIST, Fashion-MNIST), else converting and resizing."""
+    H, W, C = shape
+    if dataset in DATASETS and (made or {}).get("kind", "idx") == "idx" and C == 1 and H == W:
+        return {"kind": "mnist", "size": [H, W]}
+    return {"kind": "resize", "size": [H, W], "color": COLOR_OF_CHANNELS.get(C)}
+
+
+COLOR_OF_CHANNELS = {1: "grey", 3: "rgb"}
+
+
+def _recipe_ok(recipe, shape: tuple[int, int, int]) -> bool:
+    """Whether a ``preprocess`` read from a file is as `recipe_of` documents, for images of shape (H, W, C)."""
+    H, W, C = shape
+    if not isinstance(recipe, dict) or recipe.get("size") != [H, W]:
+        return False
+    if recipe.get("kind") == "mnist":
+        return C == 1 and H == W
+    return recipe.get("kind") == "resize" and recipe.get("color") == COLOR_OF_CHANNELS.get(C)
+
+
+def recipe_text(recipe: Mapping) -> str:
+    """A recipe in words, for `info`."""
+    H, W = recipe["size"]
+    if recipe["kind"] == "mnist":
+        return f"MNIST-style: a digit cropped, scaled and centred in {H}x{W}, grey"
+    color = {"grey": "grey", "rgb": "RGB"}.get(str(recipe.get("color")), "arrays only (no image files)")
+    return f"converted to {color} and resized to {H}x{W}"
 
 
 def _what_is(path: Path) -> tuple[dict | None, str]:
@@ -380,6 +477,8 @@ def _what_is(path: Path) -> tuple[dict | None, str]:
             return None, "is an HDF5 file whose attributes cannot be read"
         if made["kind"] == "folder":
             return made, f"holds {name}, prepared from an image folder"
+        if made["kind"] == "arrays":
+            return made, f"holds {name}, written by dpcnn.fit from arrays"
         return made, f"holds {name}, prepared from its IDX files"
 
 
@@ -407,7 +506,7 @@ def check_replaceable(out: Path, made: dict, flag: str = "--out") -> None:
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     """Exact mean and standard deviation of images / 255, via a histogram of the 256 values.
 
-    images: (N, H, W) uint8 -> (mean, std) as Python floats (float64).
+    images: uint8 of any shape, e.g. (N, H, W) -> (mean, std) as Python floats (float64).
     """
     # bincount widens its input to int64: in blocks of 4 Mi values that is 32 MB, not 8 bytes a pixel
     flat, counts = images.reshape(-1), np.zeros(256, np.float64)
@@ -417,6 +516,14 @@ def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     mean = counts @ v / counts.sum()
     var = counts @ (v - mean) ** 2 / counts.sum()
     return float(mean), float(np.sqrt(var))
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """`pixel_stats` of each channel: images (N, H, W) (one channel) or (N, H, W, C) uint8 ->
+    (C means, C standard deviations). For grey images the one channel's are `pixel_stats`'s."""
+    x = images if images.ndim == 4 else images[..., None]
+    stats = [pixel_stats(x[..., c]) for c in range(x.shape[3])]
+    return [m for m, _ in stats], [s for _, s in stats]
 
 
 def check_pair(images: np.ndarray, labels: np.ndarray, num_classes: int, names: tuple[str, str]) -> None:
@@ -433,6 +540,16 @@ def check_pair(images: np.ndarray, labels: np.ndarray, num_classes: int, names: 
         raise DataError(f"{lab}: label {labels.max()} out of range 0..{num_classes - 1}")
 
 
+def test_holdout(n: int, fraction: float, seed: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of n kept for training and those held out for testing (a seeded `fraction`, at least
+    one), each sorted; DataError naming `where` when n is too small to keep any for training."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"{where}: {n} images are too few to hold out a test split")
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
 def check_writable(out: Path, flag: str = "--out") -> None:
     """WriteError unless `out` could be created: its nearest existing ancestor is a writable
     directory (checked without creating anything)."""
@@ -444,23 +561,30 @@ def check_writable(out: Path, flag: str = "--out") -> None:
 
 
 def write_h5(out: Path, info: DatasetInfo, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
-             sha: Mapping[str, str], made: Mapping | None = None) -> None:
+             sha: Mapping[str, str], made: Mapping | None = None, recipe: Mapping | None = None) -> None:
     """Write the prepared file atomically (write_h5_atomic), chunked by rows, with a Fletcher-32
     checksum on every chunk so that a damaged file is detected when read, and the SHA-256 of
     each array as its ``sha256`` attribute, which `verify` checks.
 
-    arrays: split -> (images (N, H, W) uint8, labels (N,) uint8). sha: file name -> SHA-256.
-    made: what the file is made from, stored as the ``made_from`` attribute (see `made_from`).
+    arrays: split -> (images (N, H, W) or (N, H, W, C) uint8, labels (N,) uint8). sha: file name ->
+    SHA-256. made: what the file is made from, stored as the ``made_from`` attribute (see
+    `made_from`). recipe: how an image became a row, the ``preprocess`` attribute (see `recipe_of`;
+    default: `default_recipe`).
     """
     too_few = _too_few_classes(info.class_names)
     if too_few:
         raise DataError(f"{info.name}: {too_few}")
-    mean, std = pixel_stats(arrays["train"][0])
+    x_train = arrays["train"][0]
+    mean, std = pixel_stats(x_train)
+    channel_mean, channel_std = channel_stats(x_train)
+    shape = (*x_train.shape[1:3], x_train.shape[3] if x_train.ndim == 4 else 1)
+    recipe = dict(recipe) if recipe is not None else default_recipe(info.name, made, shape)
 
     def fill(f: h5py.File) -> None:
         f.attrs.update(dataset=info.name, class_names=json.dumps(list(info.class_names)),
                        format_version=FORMAT_VERSION, source_sha256=json.dumps(dict(sha)),
-                       mean=mean, std=std, dpcnn_version=__version__)
+                       mean=mean, std=std, channel_mean=np.array(channel_mean), channel_std=np.array(channel_std),
+                       preprocess=json.dumps(recipe), dpcnn_version=__version__)
         if made is not None:
             f.attrs["made_from"] = json.dumps(dict(made))
         for split, (x, y) in arrays.items():

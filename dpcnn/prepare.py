@@ -3,7 +3,7 @@
     python -m dpcnn.data prepare                        # MNIST from the public mirrors
     python -m dpcnn.data prepare --dataset fashion-mnist
     python -m dpcnn.data prepare --source ~/datasets/mnist       # four files, .gz or raw
-    python -m dpcnn.data prepare --from-folder photos/ --size 32x32 --color rgb --out data/photos.h5
+    python -m dpcnn.data prepare --from-folder photos/ --out data/photos.h5    # their own size and colour
     python -m dpcnn.data info                           # data/mnist.h5: summary, and verified?
 
 The work is done elsewhere, one job a module: ``dpcnn.datasets`` (the data sets known by name),
@@ -44,8 +44,10 @@ examples:
   python -m dpcnn.data prepare --source ~/datasets/mnist
   python -m dpcnn.data prepare --source https://example.org/mnist/ --out /scratch/mnist.h5
   python -m dpcnn.data info                            data/mnist.h5: attributes, counts, verified
-  python -m dpcnn.data prepare --from-folder photos/ --size 32x32 --color rgb --out data/photos.h5
-                                                       your images: photos/<class>/*.png|jpg
+  python -m dpcnn.data prepare --from-folder photos/ --out data/photos.h5
+                                                       your images: photos/<class>/*.png|jpg, their
+                                                       own size and colour
+  python -m dpcnn.data prepare --from-folder photos/ --size 32x32 --color grey --out data/small.h5
   dpcnn-prepare --dataset mnist                        the same, as a console script
 
 Preparing needs only numpy and h5py (no MPI), so it runs on a cluster's login node:
@@ -80,10 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                     "same subfolders (default: hold out --test-fraction of DIR)")
     pp.add_argument("--test-fraction", type=open_unit_interval, default=0.1,
                     help="with --from-folder and no --test-folder: the seeded share held out for testing (0.1)")
-    pp.add_argument("--size", type=_size, default=(28, 28), metavar="HxW",
-                    help="with --from-folder: resize every image to H x W pixels (default 28x28)")
-    pp.add_argument("--color", choices=sorted(COLORS), default="grey",
-                    help="with --from-folder: grey (1 channel) or rgb (3 channels); default grey")
+    pp.add_argument("--size", type=_size, metavar="HxW",
+                    help="with --from-folder: resize every image to H x W pixels (default: the images' own size "
+                         "when they share one, else their most common size, said in one line)")
+    pp.add_argument("--color", choices=sorted(COLORS),
+                    help="with --from-folder: grey (1 channel) or rgb (3 channels); default: the images' own, "
+                         "grey only when every image is grey")
     pp.add_argument("--source", help="directory with the four IDX files (.gz or raw), or an "
                                      "http(s) base URL; default: the public mirrors in order")
     pp.add_argument("--out", type=Path, help="output file (default: data/<dataset>.h5)")

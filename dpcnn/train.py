@@ -155,6 +155,7 @@ def run_facts(cfg: Config, c: Comm, data_path: Path, train_set: Split, loader: S
               threads: int) -> Facts:
     """What the run is made of (config.json, checkpoints); allgathers the host names."""
     return Facts(data=str(data_path.absolute()), dataset=train_set.dataset, data_fingerprint=train_set.fingerprint,
+                 preprocessing=train_set.preprocessing,
                  train_samples=loader.n, drop_last=not cfg.keep_last, steps_per_epoch=loader.steps_per_epoch,
                  total_steps=cfg.epochs * loader.steps_per_epoch, model=spec.to_dict(), num_params=spec.num_params,
                  world_size=c.size, nodes=c.num_nodes, hosts=sorted(set(c.allgather_obj(hostname()))),

@@ -60,6 +60,67 @@ def test_grey_folder_with_a_seeded_test_share(tmp_path):
         assert np.array_equal(a["test/labels"][...], b["test/labels"][...])
 
 
+def test_a_folder_keeps_its_colour_and_size(tmp_path, caplog):
+    """Image folders became grey 28x28 silently (a set differing only in colour then could not be learned):
+    they keep their colour (grey only when every image is grey, RGB-encoded grey included) and their size
+    (resized only by --size, or to the most common size when sizes differ, said in one line)."""
+    rgb = prepare_folder(make_folder(tmp_path / "rgb", rgb=True), tmp_path / "rgb.h5")
+    grey = prepare_folder(make_folder(tmp_path / "grey"), tmp_path / "grey.h5")
+    with Split(rgb) as r, Split(grey) as g:
+        assert (r.image_shape, r.channels, g.image_shape, g.channels) == ((40, 32), 3, (40, 32), 1)
+        assert r.recipe == {"kind": "resize", "size": [40, 32], "color": "rgb"}
+        assert g.recipe == {"kind": "resize", "size": [40, 32], "color": "grey"}
+        assert r.remake.endswith(f"--size 40x32 --color rgb --out {rgb}")
+    # grey pictures stored as RGB PNGs are grey: the same arrays as the same pictures stored grey
+    for name, mode in (("L", "L"), ("as-rgb", "RGB")):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(3):
+                a = np.random.default_rng(i + 10 * (c == "b")).integers(0, 256, (20, 18), dtype=np.uint8)
+                Image.fromarray(a, "L").convert(mode).save(tmp_path / name / c / f"{i}.png")
+    x_l, *_ = read_folder(tmp_path / "L")
+    x_rgb, *_ = read_folder(tmp_path / "as-rgb")
+    assert x_l.shape == (6, 20, 18) and np.array_equal(x_l, x_rgb)
+    # sizes that differ: the most common one, in one info line; --size and --color as given
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "rgb" / "cross" / "odd.png")
+    caplog.set_level("INFO", logger="dpcnn")
+    x, *_ = read_folder(tmp_path / "rgb")
+    assert x.shape == (25, 40, 32, 3)
+    said = [r.getMessage() for r in caplog.records if "sizes" in r.getMessage()]
+    assert len(said) == 1 and "images of 2 sizes (30x30 to 40x32): all resized to 40x32, the most common (24 of 25" \
+        in said[0], said
+    x, *_ = read_folder(tmp_path / "rgb", size=(16, 12), color="grey")
+    assert x.shape == (25, 16, 12)
+
+
+def test_per_channel_mean_and_std_in_the_file_and_old_files_still_read(tmp_path, tiny_h5):
+    """The file stores each channel's mean and std and inputs are standardised per channel; for one
+    channel that is bit for bit what the single mean and std gave, and files without them still read."""
+    out = prepare_folder(make_folder(tmp_path / "rgb", rgb=True), tmp_path / "rgb.h5")
+    with h5py.File(out) as f:
+        x = f["train/images"][...]
+        assert f.attrs["channel_mean"].shape == (3,)
+        np.testing.assert_allclose(f.attrs["channel_mean"], x.mean(axis=(0, 1, 2)) / 255, rtol=1e-12)
+        np.testing.assert_allclose(f.attrs["channel_std"], (x / 255).std(axis=(0, 1, 2)), rtol=1e-9)
+    with Split(out) as s:
+        z = s.standardise(x).astype(np.float64)
+        np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+        np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1, rtol=1e-5)
+    with Split(tiny_h5) as s:
+        u8 = s.rows(np.arange(s.n))
+        before = u8.astype(np.float32) * np.float32(1.0 / (255.0 * s.std)) - np.float32(s.mean / s.std)
+        assert s.channel_mean.tolist() == [s.mean] and s.channel_std.tolist() == [s.std]
+        assert np.array_equal(s.standardise(u8), before[..., None])        # the bits of one mean and std
+    old = tmp_path / "old.h5"
+    old.write_bytes(tiny_h5.read_bytes())
+    with h5py.File(old, "r+") as f:                      # as an older dpcnn wrote it
+        for k in ("channel_mean", "channel_std", "preprocess"):
+            del f.attrs[k]
+    with Split(old) as s:
+        assert np.array_equal(s.standardise(u8), before[..., None])
+        assert s.recipe == {"kind": "resize", "size": [28, 28], "color": "grey"}
+
+
 def test_rgb_folder_and_separate_test_folder(tmp_path):
     src = make_folder(tmp_path / "train", rgb=True)
     test = make_folder(tmp_path / "test", rgb=True, per_class=3, seed=1)
@@ -158,8 +219,8 @@ def test_a_made_from_not_as_documented_counts_as_missing(tmp_path):
     with h5py.File(out, "r+") as f:
         f.attrs["made_from"] = json.dumps({"kind": "folder", "folder": ["a"], "test_fraction": "x", "size": "big"})
     with Split(out) as s:
-        assert s.remake == (f"python -m dpcnn.data prepare --from-folder DIR --out {out} "
-                            "(DIR: the image folder it was made from)")
+        assert s.remake == (f"python -m dpcnn.data prepare --from-folder DIR --size 40x32 --color grey --out {out} "
+                            "(DIR: the image folder it was made from)")     # what the file holds
 
 
 def test_folder_names_that_are_not_utf8_are_named(tmp_path, capsys):
@@ -197,30 +258,32 @@ def png_of_zeros(path, w, h):
 def test_one_pixel_limit_for_from_folder_and_predict(tmp_path, capsys):
     """--from-folder decoded a 144-megapixel PNG that predict refused: both refuse it, before
     decoding, in the same words."""
-    from dpcnn import predict
+    from dpcnn.inputs import Normalisation, Preprocess
     src = make_folder(tmp_path / "a", classes=("x", "y"), per_class=2)
     big = png_of_zeros(src / "y" / "big.png", 12000, 12000)
     said = f"{big}: 12000x12000 pixels, more than the 89478485 an image may have (PIL.Image.MAX_IMAGE_PIXELS); " \
            "scale it down first"
     assert prepare_main(["prepare", "--from-folder", str(src), "--out", str(tmp_path / "a.h5")]) == 1
     assert capsys.readouterr().err == f"error: {said}\n"
-    for read in (predict.read_image, lambda p: predict.read_resized(p, (28, 28, 1))):
+    norm = Normalisation(np.array([0.5]), np.array([0.25]), ["x", "y"], {"kind": "mnist", "size": [28, 28]}, "here")
+    for style in ("mnist", "resize"):                   # what predict and dpcnn.load(...).predict do with files
         with pytest.raises(DataError) as e:
-            read(big)
+            Preprocess((28, 28, 1), norm, style).original(big, "images")
         assert str(e.value) == said
     assert not (tmp_path / "a.h5").exists()
 
 
 @pytest.mark.timeout(120)
 def test_a_colour_folder_trains_and_predicts(tmp_path, capsys):
-    """RGB images end to end: the model's input channels come from the data file; the same bits
-    on 1 and 2 ranks; the Python API classifies colour arrays."""
+    """RGB images end to end, prepared as they are (24x24 colour): the model's input channels come from the
+    data file; the same bits on 1 and 2 ranks; with the data file gone, the Python API and the command
+    classify colour arrays and image files from what the checkpoint stores."""
     from conftest import run_job
 
     import dpcnn
     from dpcnn import checkpoint as ckpt
-    src = make_folder(tmp_path / "colours", rgb=True, per_class=40)
-    data = prepare_folder(src, tmp_path / "colours.h5", test_fraction=0.25, size=(24, 24), color="rgb")
+    src = make_folder(tmp_path / "colours", rgb=True, per_class=40, size=(24, 24))
+    data = prepare_folder(src, tmp_path / "colours.h5", test_fraction=0.25)
     states = {}
     for p in (1, 2):
         out = tmp_path / f"run{p}"
@@ -231,9 +294,10 @@ def test_a_colour_folder_trains_and_predicts(tmp_path, capsys):
         states[p] = ckpt.load(sorted(out.glob("ckpt-step*.h5"))[-1])
         assert states[p].spec["input_shape"] == [24, 24, 3]
     assert all(np.array_equal(states[1].params[k], states[2].params[k]) for k in states[1].params)
-    clf = dpcnn.load(tmp_path / "run1" / "best.h5")
     with h5py.File(data) as f:
         x, y = f["test/images"][...], f["test/labels"][...]
+    data.rename(tmp_path / "moved.h5")                    # the checkpoint carries what predicting needs
+    clf = dpcnn.load(tmp_path / "run1" / "best.h5")
     assert x.shape[1:] == (24, 24, 3) and np.mean(clf.predict(x) == y) > 0.8
     assert clf.predict(x[4]).tolist() == clf.predict(x[4:5]).tolist()       # one (H, W, C) image
     # predict on the image files prepares them as prepare did (RGB, resized to 24x24), and on .npy arrays
