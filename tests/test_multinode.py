@@ -7,9 +7,12 @@ Slurm (sbatch -N 2), and compare with the same number of ranks on one node.
 
 Starting the cluster needs root and creates namespaces, a bridge and daemons, so it runs only
 when asked: DPCNN_CLUSTER_TESTS=1 (needs the Debian packages slurmctld slurmd slurm-client munge,
-iproute2, and mpiexec). A cluster already started by hand (`scripts/cluster/cluster.sh start`)
-is used as it is and left running. Otherwise every test is skipped with one line naming what
-is missing. The cluster is stopped after the module, also after a failed test.
+iproute2, and mpiexec). Otherwise every test is skipped with one line naming what is missing.
+The tests start a cluster of their own, in a directory of this test run (DPCNN_CLUSTER_DIR, by
+default /tmp/dpcnn-cluster-<pid>), and stop it after the module, also after a failed test. They
+never use or stop a cluster they did not start: the bridge and namespaces have fixed names (one
+such cluster a machine), so while another one is up (started by hand, or by another checkout's
+tests) they are skipped with one line naming its directory.
 """
 
 import json
@@ -33,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SH = ROOT / "scripts" / "cluster" / "cluster.sh"
 NETNS_SSH = ROOT / "scripts" / "cluster" / "netns-ssh"
 TRAIN_SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
-CLUSTER_DIR = Path(os.environ.get("DPCNN_CLUSTER_DIR", "/tmp/dpcnn-cluster")).resolve()
+CLUSTER_DIR = Path(os.environ.get("DPCNN_CLUSTER_DIR") or f"/tmp/dpcnn-cluster-{os.getpid()}").resolve()
 BRIDGE = "dpcnn-br"
 NODES = ("nodeA", "nodeB")
 EXIT_STOPPED = 75
@@ -173,7 +176,6 @@ def cluster_env(**extra) -> dict:
 @dataclass
 class Cluster:
     dir: Path
-    started_here: bool                  # False: started by hand, left running
 
 
 MEASURED: list[str] = []                # figures printed at the end (pytest -s shows them)
@@ -183,31 +185,39 @@ def note(line: str) -> None:
     MEASURED.append(line)
 
 
+def other_cluster() -> str | None:
+    """The directory of a two-node cluster this test run did not start, when one is up (its bridge
+    names it), or when CLUSTER_DIR already holds one; else None."""
+    try:
+        owner = Path(f"/sys/class/net/{BRIDGE}/ifalias").read_text().strip()
+    except OSError:
+        owner = ""
+    if owner:
+        return owner
+    return str(CLUSTER_DIR) if CLUSTER_DIR.exists() else None
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The two-node cluster: used if already running, else started here (when allowed) and
-    stopped at the end of the module, also after failures."""
-    status = run([CLUSTER_SH, "status"], timeout=30, env=cluster_env()) if CLUSTER_SH.exists() else None
-    if status is not None and status.returncode == 0:
-        mpiexec()                                           # skips without mpiexec
-        yield Cluster(CLUSTER_DIR, started_here=False)
-        return
+    """The two-node cluster, started here (when allowed) and stopped at the end of the module,
+    also after failures; never one this run did not start."""
     reason = missing_requirement()
     if reason:
         pytest.skip(reason)
-    mpiexec()
+    mpiexec()                                               # skips without mpiexec
+    other = other_cluster()
+    if other:
+        pytest.skip(f"a two-node cluster this test run did not start is up ({other}): not touching it; stop it "
+                    f"(DPCNN_CLUSTER_DIR={other} scripts/cluster/cluster.sh stop) to run these tests")
     t0 = time.monotonic()
     r = run([CLUSTER_SH, "start"], timeout=120, env=cluster_env())
     start_s = time.monotonic() - t0
     if r.returncode != 0:
         run([CLUSTER_SH, "stop"], timeout=120, env=cluster_env())
         pytest.fail(f"scripts/cluster/cluster.sh start failed:\n{r.stdout}")
-    if "already running" in r.stdout:                       # another session started it meanwhile
-        yield Cluster(CLUSTER_DIR, started_here=False)
-        return
     note(f"cluster start {start_s:.2f} s")
     try:
-        yield Cluster(CLUSTER_DIR, started_here=True)
+        yield Cluster(CLUSTER_DIR)
     finally:
         logs = tmp_path_factory.mktemp("cluster-logs")
         if (CLUSTER_DIR / "log").is_dir():                  # stop removes them

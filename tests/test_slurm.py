@@ -1,9 +1,11 @@
 """scripts/slurm on a real one-node Slurm: singleton detection and the checkpoint-requeue cycle.
 
-The cluster is started by scripts/slurm/local-cluster.sh (Debian's Slurm, as root, in seconds).
-That script installs packages and links /etc/slurm/slurm.conf, so it runs only when asked:
-DPCNN_SLURM_TESTS=1 or CI=true. Otherwise these tests use a local cluster already started by
-hand (`scripts/slurm/local-cluster.sh start`) or are skipped.
+The tests start a Slurm of their own, scripts/slurm/local-cluster.sh in a fresh directory of this
+test run (its own slurm.conf, reached through SLURM_CONF, its own cluster name, ports and munged),
+and stop it at the end: they never submit to, or stop, a cluster they did not start (a site's Slurm,
+or another checkout's test cluster), and change nothing outside that directory but installing
+Debian's slurm packages when they are missing. That needs root, so they run only when asked:
+DPCNN_SLURM_TESTS=1 or CI=true; otherwise they are skipped with one line.
 """
 
 import contextlib
@@ -14,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,34 +38,51 @@ def run(cmd, timeout=60, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, **kw)
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    """A running one-node Slurm cluster (started here when allowed), or skip."""
-    script = str(SLURM / "local-cluster.sh")
-    allowed = os.environ.get("DPCNN_SLURM_TESTS") == "1" or os.environ.get("CI") == "true"
-    if shutil.which("sinfo") and run([script, "status"], timeout=30).returncode == 0:
-        yield
-        return
-    if not allowed:
-        pytest.skip("no local Slurm running; set DPCNN_SLURM_TESTS=1 to start one "
-                    "(installs Debian's slurm packages with apt-get, needs root)")
+def allowed() -> bool:
+    return os.environ.get("DPCNN_SLURM_TESTS") == "1" or os.environ.get("CI") == "true"
+
+
+def state_dir(what: str) -> Path:
+    """A directory for a cluster of this test run, not made yet: under /tmp, where the munge user can
+    reach its socket (pytest's temporary directories are open to their owner only)."""
+    return Path(tempfile.gettempdir()) / f"dpcnn-slurm-test-{os.getpid()}-{what}"
+
+
+def start_cluster(d: Path) -> Path:
+    """local-cluster.sh start in directory d; its slurm.conf. Skips when it cannot start."""
     try:
-        r = run([script, "start"], timeout=300)
+        r = run([str(SLURM / "local-cluster.sh"), "start", str(d)], timeout=300)
     except subprocess.TimeoutExpired:
         pytest.skip("local Slurm did not start within 300 s")
     if r.returncode != 0:
         pytest.skip(f"local Slurm could not be started: {r.stdout.strip().splitlines()[-1:]}")
-    yield
-    run([script, "stop"], timeout=60)
+    assert f"export SLURM_CONF={d}/slurm.conf" in r.stdout.splitlines(), r.stdout
+    return d / "slurm.conf"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """This test run's own one-node Slurm: its slurm.conf (SLURM_CONF for every client command and job)."""
+    if not allowed():
+        pytest.skip("Slurm tests are off: set DPCNN_SLURM_TESTS=1 to run them on a one-node Slurm of their own "
+                    "(root; installs Debian's slurm packages with apt-get when missing)")
+    d = state_dir("run")
+    conf = start_cluster(d)
+    try:
+        yield conf
+    finally:
+        run([str(SLURM / "local-cluster.sh"), "stop", str(d)], timeout=60)
 
 
 @pytest.fixture
-def env():
-    """The environment for Slurm commands: this Python first on PATH (jobs inherit it)."""
+def env(cluster):
+    """The environment for Slurm commands: this run's cluster (SLURM_CONF), this Python first on PATH
+    (jobs inherit both)."""
     e = dict(os.environ)
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"
     for k in [k for k in e if k.startswith(("SLURM_", "PMI_", "PMIX_", "OMPI_"))]:
         del e[k]                                # not an allocation of our own
+    e["SLURM_CONF"] = str(cluster)
     return e
 
 
@@ -80,6 +100,47 @@ def job_fields(job: str, env) -> dict:
     """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once it is gone."""
     r = run(["scontrol", "-o", "show", "job", job], timeout=30, env=env)
     return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
+
+
+# ----------------------------------------------------------------------------- the cluster itself
+
+@pytest.mark.timeout(300)
+def test_a_cluster_of_its_own_and_stop_leaves_nothing(cluster, env):
+    """A test run's cluster received another checkout's jobs through the shared /etc/slurm link, and
+    stop left its directory behind. Each cluster is reached only through its own SLURM_CONF (its own
+    name, ports and munged; /etc/slurm untouched), so two run side by side without seeing each other's
+    jobs; stop ends its daemons and removes its directory, and the other cluster runs on."""
+    etc = Path("/etc/slurm/slurm.conf")
+    before = os.readlink(etc) if etc.is_symlink() else etc.exists()
+    conf = cluster.read_text()
+    assert f"AuthInfo=socket={cluster.parent}/munge/munge.sock" in conf
+    assert "SlurmctldPort=6817" not in conf and re.search(r"^ClusterName=dpcnn-[0-9a-f]{8}$", conf, re.M)
+    other = state_dir("other")
+    other_conf = start_cluster(other)
+    other_env = dict(env, SLURM_CONF=str(other_conf))
+    assert other_conf.read_text().split("ClusterName=")[1][:14] != conf.split("ClusterName=")[1][:14]
+    r = run(["sbatch", "--parsable", "--job-name=dpcnn-other", "--hold", "--wrap", "true"], env=other_env)
+    assert r.returncode == 0, r.stdout
+    job = r.stdout.strip().split(";")[0]
+    assert job in run(["squeue", "-h", "-o", "%i"], env=other_env).stdout
+    assert job not in run(["squeue", "-h", "-o", "%i"], env=env).stdout
+    pids = [int((other / "pids" / f"{d}.pid").read_text()) for d in ("slurmctld", "slurmd", "munged")]
+    r = run([str(SLURM / "local-cluster.sh"), "stop", str(other)])
+    assert r.returncode == 0 and not other.exists(), r.stdout
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and
+                Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"], pids
+    assert run(["sinfo", "-h", "-o", "%t"], env=env).stdout.split() == ["idle"]        # ours runs on
+    assert (os.readlink(etc) if etc.is_symlink() else etc.exists()) == before
+
+
+def test_job_logs_in_the_submit_directory_are_not_committed():
+    """train.sbatch writes dpcnn-<jobid>.out where the job is submitted (the repository root, as the
+    README does it): git ignores them."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for log in ("dpcnn-1234.out", "scripts/dpcnn-99.out"):
+        assert subprocess.run(["git", "check-ignore", "-q", log], cwd=ROOT).returncode == 0, log
+    assert "#SBATCH --output=dpcnn-%j.out" in (SLURM / "train.sbatch").read_text()
 
 
 # ----------------------------------------------------------------------------- singletons
@@ -140,7 +201,7 @@ def test_batch_script_checkpoints_on_signal_requeues_and_resumes(cluster, env, t
              "--cpus-per-task=1", "--time=10", f"--output={log}",
              str(SLURM / "train.sbatch"),
              "--data", str(tiny_h5), "--epochs", "8", "--batch-size", "16", "--eval-every", "25",
-             "--no-progress"], env=env, cwd=tmp_path, timeout=30)
+             "--val-size", "0", "--no-progress"], env=env, cwd=tmp_path, timeout=30)
     assert r.returncode == 0, r.stdout
     job = r.stdout.strip().split(";")[0]
     try:
