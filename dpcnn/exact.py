@@ -9,7 +9,8 @@ order MPI's Allreduce(SUM) combines them.
 
 * Vectors (micro-batches' summed gradients): the training step computes them in units of GRID
   (the loss scaled by 2**32, ``SCALE``: a power of two, so every float32 operation of the
-  backward pass gives the same significand as unscaled), one float32 row per micro-batch, and
+  backward pass gives the significand it gives unscaled, barring underflow to subnormal numbers,
+  which the scaling only makes rarer), one float32 row per micro-batch, and
   ``add_rows`` rounds each element to an integer (``np.rint``: ties to even, a function of the
   element alone) and adds the rows in float64: integers below 2**53 add exactly, in any
   order. Two vectorised passes over the rows.

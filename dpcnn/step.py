@@ -3,11 +3,11 @@
     step = TrainStep(spec, comm, micro_batch=16, seed=0, momentum=0.9, nesterov=True, weight_decay=5e-4)
     out = step(x, y, global_batch=M, lr=0.05)   # x, y: this rank's whole micro-batches of the batch
 
-1. ``compute``: this rank's micro-batches of m samples, all in one stacked forward and backward
-   pass that computes each micro-batch with the shapes (and bits) of a pass of its own
-   (``dpcnn.layers``); each micro-batch's summed gradient, loss and correct count are rounded
-   to a fixed grid and added exactly (``dpcnn.exact``) into one float64 communication buffer
-   (``StepBuffer``, named views);
+1. ``compute``: this rank's micro-batches of m samples in one stacked forward and backward
+   pass (up to 16 micro-batches, 128 samples a pass) that computes each micro-batch with the
+   shapes, and bits, of a pass of its own (``dpcnn.layers``); each micro-batch's summed
+   gradient, loss and correct count are rounded to a fixed grid and added exactly
+   (``dpcnn.exact``) into one float64 communication buffer (``StepBuffer``, named views);
 2. ``reduce``: one in-place ``Allreduce(SUM)`` of that buffer (the only collective of a step);
    sums of grid values in range never round, so the result is the same whichever rank added
    what and in whatever order;
