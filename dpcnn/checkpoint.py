@@ -214,9 +214,9 @@ def _check_contents(s: State) -> None:
 # schedule (epochs sets the schedule's length), how the run started (init, init_from), so that
 # config.json keeps describing it, and whether its sums are exact. With exact sums, also what
 # sets the bits of every micro-batch: its size and the BLAS threads per rank.
-RESUME_FIELDS = ("seed", "batch_size", "keep_last", "val_size", "val_seed", "shift", "rotate", "scale", "epochs",
-                 "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "init", "init_from",
-                 "exact")
+RESUME_FIELDS = ("seed", "batch_size", "keep_last", "val_size", "val_seed", "shift", "rotate", "scale", "elastic",
+                 "elastic_sigma", "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay",
+                 "init", "init_from", "exact")
 RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 RESUME_FIELDS_EXACT = ("micro_batch", "threads_per_rank")
 

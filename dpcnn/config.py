@@ -52,6 +52,8 @@ class Config:
     shift: int = 0                           # augmentation: random translations of up to this many pixels
     rotate: float = 0.0                      # augmentation: random rotations of up to this many degrees
     scale: float = 0.0                       # augmentation: random zooms by a factor in [1 - scale, 1 + scale]
+    elastic: float = 0.0                     # augmentation: elastic distortions of this strength (alpha, pixels)
+    elastic_sigma: float = 4.0               # ... smoothed by a Gaussian of this standard deviation (pixels)
     # training
     epochs: int = 8
     batch_size: int = 64                     # GLOBAL batch, split across ranks
@@ -255,7 +257,8 @@ def path_arg(s: str) -> Path:
 ACCEPTS: dict[str, tuple[Callable[[str], Any] | None, tuple | None]] = {
     "data": (path_arg, None), "dataset": (None, tuple(sorted(DATASETS))), "data_source": (None, None),
     "val_size": (nonneg_int, None), "val_seed": (nonneg_int, None), "shift": (nonneg_int, None),
-    "rotate": (degrees, None), "scale": (zoom_range, None),
+    "rotate": (degrees, None), "scale": (zoom_range, None), "elastic": (nonneg_float, None),
+    "elastic_sigma": (positive_float, None),
     "epochs": (positive_int, None), "batch_size": (positive_int, None), "micro_batch": (positive_int, None),
     "lr": (nonneg_float, None), "momentum": (unit_interval, None), "weight_decay": (nonneg_float, None),
     "schedule": (None, tuple(SCHEDULES)), "warmup_epochs": (nonneg_float, None), "milestones": (float_list, None),
@@ -332,6 +335,10 @@ def _data_flags(d) -> None:
                        "slower: bilinear resampling)")
     _flag(d, "scale", "augmentation: magnify each training image by a factor drawn from [1 - SCALE, 1 + SCALE] "
                       "(default 0: off; e.g. 0.1; slower: bilinear resampling)")
+    _flag(d, "elastic", "augmentation: elastic distortions (Simard et al. 2003): each pixel is displaced by a "
+                        "random smooth field, uniform noise in [-1, 1] smoothed by a Gaussian of --elastic-sigma "
+                        "and scaled by ELASTIC pixels (default 0: off; 34 suits MNIST)")
+    _flag(d, "elastic_sigma", "with --elastic: the smoothing Gaussian's standard deviation in pixels (default 4)")
 
 
 def _training_flags(t) -> None:

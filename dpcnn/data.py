@@ -10,9 +10,10 @@ NHWC ``(m, H, W, C)``.
 
 Validation and augmentation: ``holdout(N, V, seed)`` draws the V training rows held out for
 validation; the loader then orders only the others (``subset``). ``Augment`` translates (and
-rotates) each training image at random, with draws made from (seed, epoch, global batch,
-position in the batch) alone. Every random draw here depends only on such numbers, never on
-the rank or the rank count, so P ranks see exactly the samples one process would.
+rotates, zooms and elastically distorts) each training image at random, with draws made from
+(seed, epoch, global batch, position in the batch) alone. Every random draw here depends only
+on such numbers, never on the rank or the rank count, so P ranks see exactly the samples one
+process would.
 
 ``python -m dpcnn.data prepare|info`` is the data command; it lives in ``dpcnn.prepare``, and
 this module runs it only when run as a program. This module never imports mpi4py.
@@ -166,35 +167,53 @@ class ShardedLoader:
 
 
 class Augment:
-    """Random translations, and optionally small rotations and zooms, of training images (as Keras's
-    RandomTranslation/RandomRotation/RandomZoom or torchvision's RandomAffine do), filled with 0 (black).
+    """Random translations, and optionally small rotations, zooms and elastic distortions, of training
+    images (as Keras's RandomTranslation/RandomRotation/RandomZoom or torchvision's RandomAffine and
+    ElasticTransform do), filled with 0 (black).
 
     shift: each image moves by an integer number of pixels drawn uniformly from
     [-shift, shift] on each axis; rotate: and turns about its centre by an angle drawn
     uniformly from [-rotate, rotate] degrees; scale: and is magnified about its centre by a
-    factor drawn uniformly from [1 - scale, 1 + scale] (with a rotation or a zoom it is
-    resampled bilinearly, as floats). The draws of global batch k of epoch e come from
-    stream_rng(AUGMENT_STREAM, seed, e, k), one per position in the global batch of M samples,
-    so an image gets the same transform whichever rank reads it and whatever the rank count.
+    factor drawn uniformly from [1 - scale, 1 + scale]; elastic: and each pixel is displaced by a
+    random smooth field (Simard, Steinkraus and Platt 2003): uniform noise in [-1, 1] on each
+    axis, smoothed by a Gaussian of standard deviation `sigma` pixels (``smooth``), times `elastic`
+    pixels. With a rotation, zoom or distortion the image is resampled bilinearly, as floats.
+    The draws of global batch k of epoch e come from stream_rng(AUGMENT_STREAM, seed, e, k), one
+    per position in the global batch of M samples, so an image gets the same transform whichever
+    rank reads it and whatever the rank count; the noise is drawn after the other draws, so
+    turning it on leaves the shifts, angles and zooms as they were.
 
-        aug = Augment(shift=2, rotate=10, scale=0.1, seed=0)
+        aug = Augment(shift=2, rotate=10, scale=0.1, elastic=34, sigma=4, seed=0)
         out = aug(images, epoch, k, M, start)     # images: positions [start, start + m) of batch k
     """
 
-    def __init__(self, shift: int = 0, rotate: float = 0.0, seed: int = 0, scale: float = 0.0):
-        if shift < 0 or not 0 <= rotate <= 180 or not 0 <= scale <= 0.5:
-            raise ValueError(f"shift must be >= 0, rotate in [0, 180] and scale in [0, 0.5], "
-                             f"got {shift}, {rotate}, {scale}")
+    def __init__(self, shift: int = 0, rotate: float = 0.0, seed: int = 0, scale: float = 0.0,
+                 elastic: float = 0.0, sigma: float = 4.0):
+        if shift < 0 or not 0 <= rotate <= 180 or not 0 <= scale <= 0.5 or elastic < 0 or sigma <= 0:
+            raise ValueError(f"shift must be >= 0, rotate in [0, 180], scale in [0, 0.5], elastic >= 0 and "
+                             f"sigma > 0, got {shift}, {rotate}, {scale}, {elastic}, {sigma}")
         self.shift, self.rotate, self.scale, self.seed = int(shift), float(rotate), float(scale), int(seed)
+        self.elastic, self.sigma = float(elastic), float(sigma)
 
     def draws(self, epoch: int, k: int, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(dy, dx, angle, zoom) of the M positions of global batch k: (M,) int64 pixels, (M,) radians,
         (M,) magnifications."""
+        return self._draws(epoch, k, M)[1:]
+
+    def _draws(self, epoch: int, k: int, M: int):
+        """(the Generator, left where the elastic noise is drawn next, dy, dx, angle, zoom)."""
         rng = stream_rng(AUGMENT_STREAM, self.seed, epoch, k)
         dy, dx = rng.integers(-self.shift, self.shift + 1, size=(2, M))
         angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate, M)) if self.rotate else np.zeros(M)
         zoom = rng.uniform(1 - self.scale, 1 + self.scale, M) if self.scale else np.ones(M)
-        return dy, dx, angle, zoom
+        return rng, dy, dx, angle, zoom
+
+    def field(self, epoch: int, k: int, M: int, H: int, W: int, mine: slice = slice(None)) -> np.ndarray:
+        """The displacement fields of positions `mine` of global batch k: (m, 2, H, W) float32 pixels,
+        rows then columns. The noise of all M positions is drawn, (M, 2, H, W), then only mine smoothed."""
+        rng = self._draws(epoch, k, M)[0]
+        noise = rng.uniform(-1, 1, (M, 2, H, W))[mine]
+        return (self.elastic * smooth(noise, self.sigma)).astype(np.float32)
 
     def __call__(self, images: np.ndarray, epoch: int, k: int, M: int, start: int) -> np.ndarray:
         """images (m, H, W) or (m, H, W, C) uint8 at positions [start, start + m) of global batch k
@@ -204,17 +223,36 @@ class Augment:
         # the source's step per output pixel, whole batch then sliced: the same bits on every rank
         c, s = (np.cos(angle) / zoom).astype(np.float32), (np.sin(angle) / zoom).astype(np.float32)
         draws = [a[mine] for a in (dy, dx, c, s)]
+        if self.elastic:
+            draws.append(self.field(epoch, k, M, images.shape[1], images.shape[2], mine))
         if images.ndim == 4:                  # (m, H, W, C): every channel of an image moves alike
             m, H, W, C = images.shape
             planes = np.moveaxis(images, 3, 1).reshape(m * C, H, W)
-            out = self._apply(planes, *(np.repeat(a, C) for a in draws))
+            out = self._apply(planes, *(np.repeat(a, C, axis=0) for a in draws))
             return np.moveaxis(out.reshape(m, C, H, W), 1, 3)
         return self._apply(images, *draws)
 
-    def _apply(self, images: np.ndarray, dy, dx, c, s) -> np.ndarray:
-        if not (self.rotate or self.scale):
+    def _apply(self, images: np.ndarray, dy, dx, c, s, field=None) -> np.ndarray:
+        if not (self.rotate or self.scale or self.elastic):
             return translate(images, dy, dx)
-        return affine(images, dy, dx, c, s)
+        return affine(images, dy, dx, c, s, field)
+
+
+def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) float64 G with G[i, j] = exp(-(i - j)^2 / (2 sigma^2)) / Z, Z the sum of the kernel over
+    all integer offsets: G @ x is x convolved with a normalised Gaussian, 0 outside [0, n)."""
+    d = np.arange(-4 * n, 4 * n + 1)
+    z = np.exp(-d ** 2 / (2 * sigma ** 2)).sum()
+    i = np.arange(n)
+    return np.exp(-(i[:, None] - i[None, :]) ** 2 / (2 * sigma ** 2)) / z
+
+
+def smooth(noise: np.ndarray, sigma: float) -> np.ndarray:
+    """noise (..., H, W) -> (..., H, W) float64: each plane convolved with a 2-D Gaussian of standard
+    deviation sigma, as the separable product G_H @ plane @ G_W^T (a stack of small matrix products,
+    one per plane, so a plane's result does not depend on how many are stacked)."""
+    H, W = noise.shape[-2:]
+    return np.matmul(np.matmul(gaussian_matrix(H, sigma), noise), gaussian_matrix(W, sigma).T)
 
 
 def translate(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -228,10 +266,13 @@ def translate(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     return padded.ravel()[first[:, None, None] + (np.arange(H) * Wp)[:, None] + np.arange(W)]
 
 
-def affine(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def affine(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+           field: np.ndarray | None = None) -> np.ndarray:
     """images (m, H, W) rotated about their centre by the angles whose cosine and sine are
     cos, sin (m,) float32, then shifted by dy, dx (m,) pixels -> (m, H, W) float32, sampled
-    bilinearly, 0 outside; cos and sin divided by z also magnify the image z times. Elementwise
+    bilinearly, 0 outside; cos and sin divided by z also magnify the image z times. field
+    (m, 2, H, W) float32, if given: then each output pixel (i, j) takes the value of that image
+    at (i + field[n, 0, i, j], j + field[n, 1, i, j]) (an elastic distortion). Elementwise
     float32 arithmetic only, so each output value depends on its own image and draw alone, not on m."""
     m, H, W = images.shape
     f = np.float32
@@ -239,6 +280,8 @@ def affine(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, cos: np.ndarray, 
     # each output pixel's offset from the centre, less the shift: (m, H, 1) and (m, 1, W)
     u = np.arange(H, dtype=f)[None, :, None] - cy - dy.astype(f)[:, None, None]
     v = np.arange(W, dtype=f)[None, None, :] - cx - dx.astype(f)[:, None, None]
+    if field is not None:                              # displaced: (m, H, W) each
+        u, v = u + field[:, 0], v + field[:, 1]
     c, s = cos[:, None, None], sin[:, None, None]
     ys = c * u + s * v + cy                            # the source pixel: rotated back by the angle
     xs = c * v - s * u + cx

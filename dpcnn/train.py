@@ -274,8 +274,8 @@ class Trainer:
         self.unit = cfg.micro_batch if cfg.exact else 1     # what a rank computes whole: a micro-batch, or a sample
         # the validation rows, held out of the training split; training orders only the others
         train_rows, self.val_rows = holdout(self.train_set.n, cfg.val_size or 0, cfg.val_seed)
-        augment = Augment(cfg.shift, cfg.rotate, cfg.seed, cfg.scale) if cfg.shift or cfg.rotate or cfg.scale \
-            else None
+        augment = Augment(cfg.shift, cfg.rotate, cfg.seed, cfg.scale, cfg.elastic, cfg.elastic_sigma) \
+            if cfg.shift or cfg.rotate or cfg.scale or cfg.elastic else None
         self.loader = ShardedLoader(self.train_set, batch_size=cfg.batch_size, rank=comm.rank, size=comm.size,
                                     seed=cfg.seed, drop_last=not cfg.keep_last, micro_batch=self.unit,
                                     subset=train_rows if cfg.val_size else None, augment=augment)
@@ -497,9 +497,11 @@ def log_start(t: Trainer) -> None:
              t.run_dir.path)
     if cfg.exact:
         log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
-    if cfg.shift or cfg.rotate or cfg.scale:
+    if cfg.shift or cfg.rotate or cfg.scale or cfg.elastic:
         log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees, "
-                 "zooms of up to %g%%", cfg.shift, cfg.rotate, 100 * cfg.scale)
+                 "zooms of up to %g%%%s", cfg.shift, cfg.rotate, 100 * cfg.scale,
+                 f", elastic distortions of {cfg.elastic:g} pixels (sigma {cfg.elastic_sigma:g})" if cfg.elastic
+                 else "")
     if min(sizes) == 0:
         log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
                     "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B, -(-B // m), m)
