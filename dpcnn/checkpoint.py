@@ -215,8 +215,8 @@ def _check_contents(s: State) -> None:
 # config.json keeps describing it, and whether its sums are exact. With exact sums, also what
 # sets the bits of every micro-batch: its size and the BLAS threads per rank.
 RESUME_FIELDS = ("seed", "batch_size", "keep_last", "val_size", "val_seed", "shift", "rotate", "scale", "elastic",
-                 "elastic_sigma", "epochs", "lr", "schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay",
-                 "init", "init_from", "exact")
+                 "elastic_sigma", "epochs", "lr", "lr_scaling", "large_batch", "optimizer", "trust", "schedule",
+                 "warmup_epochs", "momentum", "nesterov", "weight_decay", "init", "init_from", "exact")
 RESUME_FIELDS_STEP = ("milestones", "gamma")          # only for --schedule step
 RESUME_FIELDS_EXACT = ("micro_batch", "threads_per_rank")
 

@@ -35,7 +35,7 @@ from .cli import (
 from .data import default_data_path
 from .datasets import DATASETS
 from .model import INITS
-from .optim import SCHEDULES
+from .optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class Config:
     micro_batch: int = 16                    # unit of computation: same bits on any number of ranks
     exact: bool = False                      # exact sums: the same bits on any rank count (costs 20-40%)
     lr: float = 0.05
+    lr_scaling: str = "none"                 # --lr is for batch 64; scaled to --batch-size: none, linear, sqrt
+    large_batch: bool = False                # the large-batch recipe (train.large_batch_recipe)
+    optimizer: str = "sgd"                   # sgd or lars (layer-wise trust ratio)
+    trust: float = 0.12                      # LARS trust coefficient (measured: README, "Learning at scale")
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -260,7 +264,8 @@ ACCEPTS: dict[str, tuple[Callable[[str], Any] | None, tuple | None]] = {
     "rotate": (degrees, None), "scale": (zoom_range, None), "elastic": (nonneg_float, None),
     "elastic_sigma": (positive_float, None),
     "epochs": (positive_int, None), "batch_size": (positive_int, None), "micro_batch": (positive_int, None),
-    "lr": (nonneg_float, None), "momentum": (unit_interval, None), "weight_decay": (nonneg_float, None),
+    "lr": (nonneg_float, None), "lr_scaling": (None, LR_SCALINGS), "optimizer": (None, OPTIMIZERS),
+    "trust": (positive_float, None), "momentum": (unit_interval, None), "weight_decay": (nonneg_float, None),
     "schedule": (None, tuple(SCHEDULES)), "warmup_epochs": (nonneg_float, None), "milestones": (float_list, None),
     "gamma": (nonneg_float, None), "seed": (nonneg_int, None), "max_steps": (positive_int, None),
     "patience": (nonneg_int, None),
@@ -350,7 +355,16 @@ def _training_flags(t) -> None:
     _flag(t, "micro_batch", "with --exact: samples per forward/backward pass; each rank computes whole "
                             "micro-batches, so the result is bit-identical on any number of ranks up to "
                             "batch-size / micro-batch (default 16)")
-    _flag(t, "lr", "peak learning rate (default 0.05)")
+    _flag(t, "lr", "peak learning rate (default 0.05); with --lr-scaling, the rate at a global batch of 64")
+    _flag(t, "lr_scaling", "scale --lr from a global batch of 64 to --batch-size: none, linear (times B/64) or "
+                           "sqrt (times sqrt(B/64)) (default none)")
+    _flag(t, "large_batch", "the large-batch recipe, measured on MNIST up to a global batch of 4,096: "
+                            "--lr-scaling sqrt --optimizer lars --warmup-epochs 2, each unless given otherwise "
+                            "(default off)")
+    _flag(t, "optimizer", "sgd, or lars: SGD with a layer-wise trust ratio (You et al. 2017) for large batches "
+                          "(default sgd)")
+    _flag(t, "trust", "with --optimizer lars: the trust coefficient, a layer's step as a fraction of its "
+                      "weights' norm per unit of learning rate (default 0.12)")
     _flag(t, "momentum", "SGD momentum, 0 <= m < 1 (default 0.9)")
     _flag(t, "nesterov", "Nesterov momentum (default on)")
     _flag(t, "weight_decay", "L2 weight decay (default 5e-4)")

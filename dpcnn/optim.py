@@ -1,8 +1,8 @@
-"""SGD with momentum, Nesterov and weight decay on flat vectors, and learning-rate schedules.
+"""SGD with momentum, Nesterov and weight decay on flat vectors, LARS, and learning-rate schedules.
 
-The optimizer sees only the flat parameter and gradient vectors of the model; its
-state (the velocity) lives here, not in the layers. Averaging gradients across
-ranks happens before ``step`` is called, so nothing here knows about MPI.
+The optimizer sees only the flat parameter and gradient vectors of the model (LARS also the
+slices that are its layers); its state (the velocity) lives here, not in the layers. Averaging
+gradients across ranks happens before ``step`` is called, so nothing here knows about MPI.
 """
 
 from __future__ import annotations
@@ -33,10 +33,19 @@ class SGD:
         self._g = np.empty_like(params)
 
     def step(self, lr: float) -> None:
-        w, g, v, mu = self.params, self._g, self.velocity, self.momentum
+        self._descend(self._decayed(), lr)
+
+    def _decayed(self) -> np.ndarray:
+        """g = grad + weight_decay * w, in scratch space."""
+        g = self._g
         np.copyto(g, self.grads)
         if self.weight_decay:
-            g += self.weight_decay * w
+            g += self.weight_decay * self.params
+        return g
+
+    def _descend(self, g: np.ndarray, lr: float) -> None:
+        """The momentum (and Nesterov) update of the weights along g (which it may overwrite)."""
+        w, v, mu = self.params, self.velocity, self.momentum
         if mu:
             v *= mu
             v += g
@@ -45,6 +54,67 @@ class SGD:
             else:
                 g = v
         w -= np.asarray(lr, dtype=w.dtype) * g
+
+
+class LARS(SGD):
+    """SGD with a layer-wise trust ratio (LARS: You, Gitman and Ginsburg, "Large batch training of
+    convolutional networks", 2017): each layer's step is scaled to a fixed fraction of its own
+    weights' size, so that a learning rate large enough for one layer does not blow up another.
+
+        for each layer l (a slice of the flat vectors):
+            ratio_l = trust * ||w_l|| / (||grad_l|| + weight_decay * ||w_l||)   (1 if a norm is 0)
+            g_l = ratio_l * (grad_l + weight_decay * w_l)
+        v = momentum * v + g
+        w -= lr * (g + momentum * v   if nesterov   else v)
+
+    layers: the slices of the flat vectors that are layers (each weight array and each bias
+    vector is one). The state is the velocity alone, as SGD's: the ratios are computed afresh
+    from w and grad at every step (norms in float64), so a resumed run continues bit for bit.
+    """
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, layers: list[slice], momentum: float = 0.9,
+                 nesterov: bool = False, weight_decay: float = 0.0, trust: float = 0.001):
+        super().__init__(params, grads, momentum, nesterov, weight_decay)
+        if trust <= 0:
+            raise ValueError(f"LARS needs trust > 0, got {trust}")
+        self.layers, self.trust = list(layers), trust
+
+    def ratios(self) -> list[float]:
+        """ratio_l of every layer, for the current weights and gradient."""
+        out = []
+        for s in self.layers:
+            w_norm, g_norm = norm(self.params[s]), norm(self.grads[s])
+            ok = w_norm > 0 and g_norm > 0
+            out.append(self.trust * w_norm / (g_norm + self.weight_decay * w_norm) if ok else 1.0)
+        return out
+
+    def step(self, lr: float) -> None:
+        ratios = self.ratios()
+        g = self._decayed()
+        for s, ratio in zip(self.layers, ratios, strict=True):
+            g[s] *= ratio
+        self._descend(g, lr)
+
+
+def norm(x: np.ndarray) -> float:
+    """The Euclidean norm of a vector, summed in float64."""
+    x = x.astype(np.float64)
+    return math.sqrt(float(np.dot(x, x)))
+
+
+OPTIMIZERS = ("sgd", "lars")
+REFERENCE_BATCH = 64                    # --lr is the learning rate at this global batch
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def scaled_lr(lr: float, batch: int, scaling: str) -> float:
+    """The learning rate for a global batch of `batch`, given `lr` at REFERENCE_BATCH: the same
+    ('none'), times batch / 64 ('linear', Goyal et al. 2017) or times sqrt(batch / 64) ('sqrt',
+    Krizhevsky 2014; Hoffer et al. 2017)."""
+    if scaling not in LR_SCALINGS:
+        raise ValueError(f"scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+    k = batch / REFERENCE_BATCH
+    return lr * {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}[scaling]
 
 
 SCHEDULES = ("constant", "step", "cosine")

@@ -22,6 +22,8 @@ from .cli import console_shows
 log = logging.getLogger("dpcnn")
 
 SLOW = 3.0            # this many times slower than the start of the run: say why
+COLLAPSED = 0.02      # a training loss within this fraction of ln(classes) at two records in a row after the
+                      # warm-up: a collapsed run
 MIN_RATE_S = 0.5      # ... comparing only intervals with this many seconds of steps (shorter ones are noise)
 
 
@@ -167,12 +169,19 @@ class Progress:
 
 
 class Monitor:
-    """Rank 0's console line for each record, and the warnings a record can give (once each)."""
+    """Rank 0's console line for each record, and the warnings a record can give (once each).
 
-    def __init__(self, lr: float, classes: int):
-        self.lr, self.classes = lr, classes
+    lr: the --lr flag's value; peak_lr: the rate it gives at the global batch `batch` (--lr-scaling);
+    settled: the step from which a loss that stays at the level of guessing means a collapsed run (the
+    end of the warm-up, and of the first epoch: a healthy run starts there)."""
+
+    def __init__(self, lr: float, classes: int, batch: int | None = None, peak_lr: float | None = None,
+                 settled: int = 0):
+        self.lr, self.classes, self.batch, self.settled = lr, classes, batch, settled
+        self.peak_lr = lr if peak_lr is None else peak_lr
         self.first_rate: float | None = None          # images/s of the first long enough interval
-        self.warned_slow = self.warned_loss = False
+        self.warned_slow = self.warned_loss = self.warned_collapse = False
+        self.guessing = False                         # the last record after `settled` was at chance level
 
     def show(self, r: Record, train_seconds: float) -> None:
         line = ""
@@ -185,6 +194,7 @@ class Monitor:
                  else "-", r.elapsed_seconds)
         self.check_speed(r.images_per_second if train_seconds >= MIN_RATE_S else None)
         self.check_loss(r.train_loss)
+        self.check_collapse(r.train_loss, r.step)
 
     def check_speed(self, rate: float | None) -> None:
         """Warn (once) when training runs far slower than this process's own first interval."""
@@ -207,6 +217,23 @@ class Monitor:
             log.warning("warning: training loss %.3g, more than twice that of guessing (ln %d = %.2f): the "
                         "learning rate is probably too high for this data; try a smaller --lr (now %g)",
                         loss, self.classes, chance, self.lr)
+
+    def check_collapse(self, loss: float | None, step: int) -> None:
+        """Warn (once) when the training loss sits at chance level, ln(classes), at two records in a row
+        after the warm-up: the network predicts the same for every image (often all its ReLUs died in a
+        too large early step) and will not recover; the run only looks alive."""
+        chance = math.log(self.classes)
+        if loss is None or step < self.settled:
+            return
+        was, self.guessing = self.guessing, abs(loss - chance) <= COLLAPSED * chance
+        if not (was and self.guessing) or self.warned_collapse:
+            return
+        self.warned_collapse = True
+        batch = f" at a global batch of {self.batch}" if self.batch else ""
+        log.warning("warning: training loss %.4f at step %d, the level of guessing (ln %d = %.2f): the run has "
+                    "collapsed and learns nothing; a learning rate of %g%s is probably too high: try a smaller --lr "
+                    "(now %g), a longer --warmup-epochs, or --large-batch", loss, step, self.classes, chance,
+                    self.peak_lr, batch, self.lr)
 
 
 class Board:

@@ -42,7 +42,7 @@ from .malloc import keep_freed_memory
 from .metrics import Evaluator
 from .model import ModelSpec
 from .node import blas_summary, hostname
-from .optim import Schedule
+from .optim import LARS, SGD, Schedule, scaled_lr
 from .process import Process, training_process
 from .records import Board, Interval, Monitor, Progress, Record
 from .rundir import Checkpointer, RunDir, default_run_dir
@@ -145,10 +145,38 @@ def model_spec(cfg: Config, train_set: Split) -> ModelSpec:
                      kernel=cfg.kernel, hidden=cfg.hidden, classes=train_set.num_classes)
 
 
+# The large-batch recipe (--large-batch), chosen by measurement on MNIST at global batches 64 to 4,096
+# (README, "Learning at scale"): --lr scaled from batch 64 by sqrt(B / 64), LARS (trust 0.12, its
+# default), and a warm-up of 2 epochs. Linear scaling at the same trust collapsed at 4,096.
+LARGE_BATCH = {"lr_scaling": "sqrt", "optimizer": "lars", "warmup_epochs": 2.0}
+
+
+def large_batch_recipe(cfg: Config) -> Config:
+    """cfg with --large-batch spelt out, so that config.json and the resume rules see what runs: each
+    setting of LARGE_BATCH that the run left at its default takes the recipe's value."""
+    if not cfg.large_batch:
+        return cfg
+    default = Config()
+    return cfg.replace(**{k: v for k, v in LARGE_BATCH.items() if getattr(cfg, k) == getattr(default, k)})
+
+
 def make_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Schedule:
+    """The learning rate of every step: --lr (scaled to the global batch by --lr-scaling), the warm-up and
+    the schedule."""
     milestones = tuple(int(round((m * cfg.epochs if m < 1 else m) * steps_per_epoch)) for m in cfg.milestones)
-    return Schedule(cfg.schedule, cfg.lr, total_steps, warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    return Schedule(cfg.schedule, lr, total_steps, warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
                     milestones=milestones, gamma=cfg.gamma)
+
+
+def make_optimizer(cfg: Config, model) -> SGD:
+    """The optimizer of --optimizer for the model's flat vectors; LARS gets each weight and bias as a layer."""
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    if cfg.optimizer == "sgd":
+        return SGD(model.params, model.grads, cfg.momentum, nesterov, cfg.weight_decay)
+    ends = np.cumsum([0] + [int(np.prod(shape)) for _, shape in model.shapes])
+    layers = [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    return LARS(model.params, model.grads, layers, cfg.momentum, nesterov, cfg.weight_decay, cfg.trust)
 
 
 def run_facts(cfg: Config, c: Comm, data_path: Path, train_set: Split, loader: ShardedLoader, spec: ModelSpec,
@@ -179,7 +207,8 @@ class Recorder:
         self.best_accuracy = -1.0
         self.iv = Interval()
         self.evaluator: Evaluator | None = None          # set once the weights are in place
-        self.monitor = Monitor(cfg.lr, classes)
+        self.monitor = Monitor(cfg.lr, classes, cfg.batch_size, scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling),
+                               settled=max(int(round(cfg.warmup_epochs * steps_per_epoch)), steps_per_epoch))
         self.board = Board(run_dir.tensorboard) if cfg.tensorboard and comm.is_root else None
 
     def scheduled(self, step: int) -> bool:
@@ -288,6 +317,7 @@ class Trainer:
                                  momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                  init=cfg.init)
         self.model = self.step_fn.model
+        self.step_fn.opt = make_optimizer(cfg, self.model)          # TrainStep's SGD, or LARS on the same vectors
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
         self.step = 0                            # updates done; the next batch is divmod(step, steps_per_epoch)
         self.elapsed0 = 0.0
@@ -532,7 +562,7 @@ def run(cfg: Config, proc: Process) -> int:
     comm, dog = proc.comm, proc.dog
     node_cpus = comm.node_cpus()                                     # collective on the node
     data_path = ensure_data(cfg, comm)
-    cfg = settle_validation(cfg, comm, data_path)
+    cfg = large_batch_recipe(settle_validation(cfg, comm, data_path))
     out, created = cfg.out, False
     if out is None:                                                  # a new run, or the stopped one to continue
         out, created = on_root(comm, lambda: choose_run_dir(cfg, data_path, proc.threads), "choosing the run directory")
