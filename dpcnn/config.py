@@ -358,9 +358,9 @@ def _training_flags(t) -> None:
     _flag(t, "lr", "peak learning rate (default 0.05); with --lr-scaling, the rate at a global batch of 64")
     _flag(t, "lr_scaling", "scale --lr from a global batch of 64 to --batch-size: none, linear (times B/64) or "
                            "sqrt (times sqrt(B/64)) (default none)")
-    _flag(t, "large_batch", "the large-batch recipe, measured on MNIST up to a global batch of 4,096: "
-                            "--lr-scaling sqrt --optimizer lars --warmup-epochs 2, each unless given otherwise "
-                            "(default off)")
+    _flag(t, "large_batch", "the learning-rate recipe for any global batch, measured on MNIST from 16 to 4,096: "
+                            "above 64, --lr-scaling sqrt --optimizer lars --warmup-epochs 2; at 64 or below, "
+                            "--lr-scaling linear; each unless given otherwise (default off)")
     _flag(t, "optimizer", "sgd, or lars: SGD with a layer-wise trust ratio (You et al. 2017) for large batches "
                           "(default sgd)")
     _flag(t, "trust", "with --optimizer lars: the trust coefficient, a layer's step as a fraction of its "

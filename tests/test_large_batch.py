@@ -101,7 +101,7 @@ def test_learning_rate_scales_from_batch_64():
         Config(trust=0.0).check()
 
 
-def test_the_large_batch_flag_spells_out_the_recipe():
+def test_the_large_batch_flag_spells_out_the_recipe(tiny_h5, tmp_path):
     cfg, _ = parse_args(["--large-batch", "--batch-size", "1024"])
     r = large_batch_recipe(cfg)
     assert (r.lr_scaling, r.optimizer, r.warmup_epochs, r.large_batch) == ("sqrt", "lars", 2.0, True)
@@ -109,6 +109,17 @@ def test_the_large_batch_flag_spells_out_the_recipe():
     assert large_batch_recipe(cfg.replace(warmup_epochs=0.5)).warmup_epochs == 0.5   # a given warm-up stays
     plain, _ = parse_args(["--batch-size", "1024"])
     assert large_batch_recipe(plain) == plain
+    # at the reference batch or below: SGD at the rate per sample of batch 64, no warm-up
+    for B, lr in ((64, 0.05), (16, 0.0125)):
+        small = large_batch_recipe(parse_args(["--large-batch", "--batch-size", str(B)])[0])
+        assert (small.lr_scaling, small.optimizer, small.warmup_epochs) == ("linear", "sgd", 0.0)
+        assert make_schedule(small, 10, 80).lr == lr
+    # a run says in config.json what the recipe made of it
+    assert train(tiny_h5, tmp_path / "run", "--large-batch", "--batch-size", "128", "--max-steps", "2") == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["large_batch"], saved["lr_scaling"], saved["optimizer"], saved["warmup_epochs"]) == \
+        (True, "sqrt", "lars", 2.0)
+    assert metrics(tmp_path / "run")[-1]["lr"] == pytest.approx(0.05 * math.sqrt(2) * 2 / 6)   # step 2 of 6 warm-up
 
 
 # ------------------------------------------------------------------------- same bits, resume
@@ -119,7 +130,7 @@ def test_lars_gives_the_same_bits_on_1_and_3_ranks(tiny_h5, tmp_path):
     """LARS's ratios come from the reduced gradient and the weights, the same on every rank: 1 and 3
     ranks (batch 28 in micro-batches of 4: 3/2/2) end with equal weights, momentum and records."""
     flags = ("--max-steps", "20", "--batch-size", "28", "--micro-batch", "4", "--eval-every", "7", "--exact",
-             "--large-batch", "--lr", "0.05")
+             "--optimizer", "lars", "--lr-scaling", "sqrt", "--warmup-epochs", "0.5")
     runs = {}
     for p in (1, 3):
         runs[p] = tmp_path / f"p{p}"
@@ -127,8 +138,7 @@ def test_lars_gives_the_same_bits_on_1_and_3_ranks(tiny_h5, tmp_path):
         assert r.returncode == 0, r.stderr
     assert records_without_timings(runs[3]) == records_without_timings(runs[1])
     assert_same_state(final_state(runs[3]), final_state(runs[1]))
-    cfg = json.loads((runs[1] / "config.json").read_text())
-    assert (cfg["optimizer"], cfg["large_batch"]) == ("lars", True)
+    assert json.loads((runs[1] / "config.json").read_text())["optimizer"] == "lars"
 
 
 def test_lars_resumes_bit_identical_and_refuses_another_optimizer(tiny_h5, tmp_path, capsys):
