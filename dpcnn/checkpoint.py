@@ -73,6 +73,12 @@ class State:
     version: str = __version__
     world_size: int = 1
     interval: dict = field(default_factory=dict)   # training loss/correct/samples summed since the last record
+    second: dict[str, np.ndarray] | None = None    # layer name -> array: AdamW's second moment (else None)
+
+    def groups(self) -> list[tuple[str, dict[str, np.ndarray]]]:
+        """The arrays by HDF5 group: params, velocity, and second (AdamW) when there is one."""
+        return [("params", self.params), ("velocity", self.velocity)] + \
+            ([("second", self.second)] if self.second is not None else [])
 
     @property
     def settings(self) -> Config:
@@ -102,32 +108,34 @@ def save(path: Path, s: State) -> Path:
         a["best_accuracy"], a["world_size"], a["elapsed"] = s.best_accuracy, s.world_size, s.elapsed
         a["written_at"], a["interval"] = time.time(), json.dumps(s.interval)
         a["sample_order_version"] = SAMPLE_ORDER
-        for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+        for group, arrays in s.groups():
             g = f.create_group(group)
             for name, v in arrays.items():       # Fletcher-32 on each chunk: damage is found on read
                 g.create_dataset(name, data=v, chunks=v.shape or None, fletcher32=v.size > 0)
-        a[DIGEST] = file_digest(a, s.params, s.velocity)     # of the attributes as stored, read back
+        a[DIGEST] = file_digest(a, s.groups())          # of the attributes as stored, read back
 
     return write_h5_atomic(path, fill)
+
+
+Groups = list[tuple[str, dict[str, np.ndarray]]]      # the arrays by HDF5 group (State.groups)
 
 
 def arrays_digest_of(params: dict[str, np.ndarray], velocity: dict[str, np.ndarray]) -> str:
     """SHA-256 over the parameters and the velocity, by group and name (format 1's digest)."""
     h = hashlib.sha256()
-    _hash_arrays(h, params, velocity)
+    _hash_arrays(h, [("params", params), ("velocity", velocity)])
     return h.hexdigest()
 
 
-def _hash_arrays(h, params: dict[str, np.ndarray], velocity: dict[str, np.ndarray]) -> None:
-    for group, arrays in (("params", params), ("velocity", velocity)):
+def _hash_arrays(h, groups: Groups) -> None:
+    for group, arrays in groups:
         for name in sorted(arrays):
             v = np.ascontiguousarray(arrays[name])
             h.update(f"{group}/{name}:{v.dtype.str}:{v.shape}".encode())
             h.update(v.tobytes())
 
 
-def file_digest(attrs: h5py.AttributeManager, params: dict[str, np.ndarray],
-                velocity: dict[str, np.ndarray]) -> str:
+def file_digest(attrs: h5py.AttributeManager, groups: Groups) -> str:
     """SHA-256 of every attribute but the digest itself (by name, type and stored bytes) and of
     the arrays: what format 2 stores as ``sha256`` and checks on every load."""
     h = hashlib.sha256()
@@ -142,7 +150,7 @@ def file_digest(attrs: h5py.AttributeManager, params: dict[str, np.ndarray],
             kind, data = arr.dtype.str, arr.tobytes()
         h.update(f"{name}\0{kind}\0{len(data)}\0".encode())
         h.update(data)
-    _hash_arrays(h, params, velocity)
+    _hash_arrays(h, groups)
     return h.hexdigest()
 
 
@@ -163,9 +171,11 @@ def load(path: Path) -> State:
                 raise CheckpointError(f"{path}: checkpoint format {version}, this dpcnn reads 1 and {VERSION}")
             params = {k: v[...] for k, v in f["params"].items()}
             velocity = {k: v[...] for k, v in f["velocity"].items()}
+            second = {k: v[...] for k, v in f["second"].items()} if "second" in f else None
+            groups = [("params", params), ("velocity", velocity)] + ([("second", second)] if second is not None else [])
             stored = a.get(DIGEST if version > 1 else "arrays_sha256")
             if version > 1:
-                if stored is None or str(stored) != file_digest(a, params, velocity):
+                if stored is None or str(stored) != file_digest(a, groups):
                     raise CheckpointError(f"{path}: damaged: what it holds differs from what was written "
                                           "(SHA-256 mismatch)")
             elif stored is not None and str(stored) != arrays_digest_of(params, velocity):
@@ -178,14 +188,14 @@ def load(path: Path) -> State:
                       data_fingerprint=str(a["data_fingerprint"]), metrics=json.loads(a["metrics"]),
                       best_accuracy=float(a["best_accuracy"]), elapsed=float(a["elapsed"]),
                       version=str(a["dpcnn_version"]),
-                      world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")))
+                      world_size=int(a["world_size"]), interval=json.loads(a.get("interval", "{}")),
+                      second=second)
         if order != SAMPLE_ORDER:
             raise CheckpointError(f"{path}: its samples were drawn by sampling scheme {order}, this dpcnn draws "
                                   f"them by {SAMPLE_ORDER}; continue it with the dpcnn that wrote it "
                                   f"({s.version})")
         _check_contents(s)
-        bad = [f"{g}/{k}" for g, arrays in (("params", s.params), ("velocity", s.velocity))
-               for k, v in arrays.items() if not np.isfinite(v).all()]
+        bad = [f"{g}/{k}" for g, arrays in s.groups() for k, v in arrays.items() if not np.isfinite(v).all()]
         if bad:
             raise CheckpointError(f"{path}: holds non-finite values (in {', '.join(bad[:3])}); it is not a "
                                   "usable state")
@@ -200,7 +210,7 @@ def load(path: Path) -> State:
 def _check_contents(s: State) -> None:
     """ValueError unless the arrays are exactly the spec's parameters and the records are lists."""
     shapes = dict(ModelSpec.from_dict(s.spec).param_shapes())
-    for group, arrays in (("params", s.params), ("velocity", s.velocity)):
+    for group, arrays in s.groups():
         got = {k: tuple(v.shape) for k, v in arrays.items()}
         if got != shapes:
             raise ValueError(f"{group} {got} do not match the saved model spec's {shapes}")

@@ -361,8 +361,9 @@ def _training_flags(t) -> None:
     _flag(t, "large_batch", "the learning-rate recipe for any global batch, measured on MNIST from 16 to 4,096: "
                             "above 64, --lr-scaling sqrt --optimizer lars --warmup-epochs 2; at 64 or below, "
                             "--lr-scaling linear; each unless given otherwise (default off)")
-    _flag(t, "optimizer", "sgd, or lars: SGD with a layer-wise trust ratio (You et al. 2017) for large batches "
-                          "(default sgd)")
+    _flag(t, "optimizer", "sgd; lars: SGD with a layer-wise trust ratio (You et al. 2017) for large batches; "
+                          "adamw: Adam with decoupled weight decay, PyTorch's AdamW rule (betas 0.9, 0.999, eps "
+                          "1e-8; --weight-decay is its decay; give it a small --lr, e.g. 0.001) (default sgd)")
     _flag(t, "trust", "with --optimizer lars: the trust coefficient, a layer's step as a fraction of its "
                       "weights' norm per unit of learning rate (default 0.12)")
     _flag(t, "momentum", "SGD momentum, 0 <= m < 1 (default 0.9)")

@@ -1,4 +1,4 @@
-"""SGD with momentum, Nesterov and weight decay on flat vectors, LARS, and learning-rate schedules.
+"""SGD with momentum, Nesterov and weight decay on flat vectors, LARS, AdamW, and learning-rate schedules.
 
 The optimizer sees only the flat parameter and gradient vectors of the model (LARS also the
 slices that are its layers); its state (the velocity) lives here, not in the layers. Averaging
@@ -8,8 +8,20 @@ gradients across ranks happens before ``step`` is called, so nothing here knows 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
+
+
+class Optimizer(Protocol):
+    """What the step needs of an optimizer: the flat vectors it updates and reads, its first state
+    vector (``velocity``: momentum, or Adam's first moment), and one update."""
+
+    params: np.ndarray
+    grads: np.ndarray
+    velocity: np.ndarray
+
+    def step(self, lr: float) -> None: ...
 
 
 class SGD:
@@ -96,13 +108,57 @@ class LARS(SGD):
         self._descend(g, lr)
 
 
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov and Hutter 2019), the update rule of PyTorch's
+    AdamW, on the flat vectors:
+
+        w *= 1 - lr * weight_decay
+        m = beta1 * m + (1 - beta1) * g                  (``velocity``, as SGD's momentum)
+        s = beta2 * s + (1 - beta2) * g * g              (``second``)
+        w -= lr / (1 - beta1^t) * m / (sqrt(s) / sqrt(1 - beta2^t) + eps)
+
+    t is the number of updates so far (1 at the first): its state is m, s and t, all three in a
+    checkpoint (t as the run's step), so a resumed run continues bit for bit. Elementwise on the
+    reduced gradient, so every rank makes the same update.
+    """
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        self.params, self.grads = params, grads
+        self.beta1, self.beta2, self.eps, self.weight_decay = betas[0], betas[1], eps, weight_decay
+        self.velocity = np.zeros_like(params)           # first moment
+        self.second = np.zeros_like(params)             # second moment
+        self.t = 0                                      # updates so far
+        self._a, self._b = np.empty_like(params), np.empty_like(params)
+
+    def step(self, lr: float) -> None:
+        w, g, m, s, a, b = self.params, self.grads, self.velocity, self.second, self._a, self._b
+        f = w.dtype.type
+        self.t += 1
+        if self.weight_decay:
+            w *= f(1 - lr * self.weight_decay)
+        m *= f(self.beta1)                              # m = beta1 * m + (1 - beta1) * g
+        np.multiply(g, f(1 - self.beta1), out=a)
+        m += a
+        s *= f(self.beta2)                              # s = beta2 * s + (1 - beta2) * g * g
+        np.multiply(g, g, out=a)
+        a *= f(1 - self.beta2)
+        s += a
+        np.sqrt(s, out=b)                               # the denominator, bias-corrected
+        b *= f(1 / math.sqrt(1 - self.beta2 ** self.t))
+        b += f(self.eps)
+        np.divide(m, b, out=a)
+        a *= f(lr / (1 - self.beta1 ** self.t))
+        w -= a
+
+
 def norm(x: np.ndarray) -> float:
     """The Euclidean norm of a vector, summed in float64."""
     x = x.astype(np.float64)
     return math.sqrt(float(np.dot(x, x)))
 
 
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 REFERENCE_BATCH = 64                    # --lr is the learning rate at this global batch
 LR_SCALINGS = ("none", "linear", "sqrt")
 

@@ -30,7 +30,7 @@ import numpy as np
 from . import exact
 from .comm import Comm
 from .model import CNN, ModelSpec
-from .optim import SGD
+from .optim import SGD, Optimizer
 
 MAX_STACK, MAX_STACK_SAMPLES = 16, 128     # a stacked pass: at most 16 micro-batches, 128 samples
 
@@ -108,7 +108,7 @@ class TrainStep:
         # the float path lets backward write its gradient straight into the buffer
         self.model = CNN(spec, seed=seed, grads=None if exact else self.buf.grads, init=init, dtype=dtype)
         comm.bcast(self.model.params)                    # every rank starts from rank 0's weights
-        self.opt = SGD(self.model.params, self.model.grads, momentum=momentum,
+        self.opt: Optimizer = SGD(self.model.params, self.model.grads, momentum=momentum,
                        nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
 
     def compute(self, x: np.ndarray, y: np.ndarray, global_batch: int, stop: bool = False) -> None:

@@ -42,7 +42,7 @@ from .malloc import keep_freed_memory
 from .metrics import Evaluator
 from .model import ModelSpec
 from .node import blas_summary, hostname
-from .optim import LARS, REFERENCE_BATCH, SGD, Schedule, scaled_lr
+from .optim import LARS, REFERENCE_BATCH, SGD, AdamW, Optimizer, Schedule, scaled_lr
 from .process import Process, training_process
 from .records import Board, Interval, Monitor, Progress, Record
 from .rundir import Checkpointer, RunDir, default_run_dir
@@ -174,9 +174,11 @@ def make_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> Schedu
                     milestones=milestones, gamma=cfg.gamma)
 
 
-def make_optimizer(cfg: Config, model) -> SGD:
+def make_optimizer(cfg: Config, model) -> Optimizer:
     """The optimizer of --optimizer for the model's flat vectors; LARS gets each weight and bias as a layer."""
     nesterov = cfg.nesterov and cfg.momentum > 0
+    if cfg.optimizer == "adamw":
+        return AdamW(model.params, model.grads, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return SGD(model.params, model.grads, cfg.momentum, nesterov, cfg.weight_decay)
     ends = np.cumsum([0] + [int(np.prod(shape)) for _, shape in model.shapes])
@@ -463,6 +465,8 @@ class Trainer:
         return ckpt.State(
             params={k: v.copy() for k, v in m.p.items()},
             velocity={k: v.copy() for k, v in m.unflatten(self.step_fn.opt.velocity).items()},
+            second=({k: v.copy() for k, v in m.unflatten(opt.second).items()}
+                    if isinstance(opt := self.step_fn.opt, AdamW) else None),
             epoch=epoch, next_batch=next_batch, step=self.step, spec=self.spec.to_dict(),
             config={**self.cfg.to_dict(), **asdict(self.facts)}, data_fingerprint=self.train_set.fingerprint,
             metrics=self.rec.dicts(), best_accuracy=self.rec.best_accuracy, elapsed=self.elapsed(),
@@ -485,6 +489,13 @@ class Trainer:
         if found is None:
             return None
         path, s = found
+        opt = self.step_fn.opt
+        if isinstance(opt, AdamW):                      # its second moment and update count
+            if s.second is None:
+                raise ckpt.CheckpointError(f"{path}: holds no second moment for --optimizer adamw")
+            opt.t = s.step
+            for name, v in self.model.unflatten(opt.second).items():
+                v[...] = s.second[name]
         for vec, saved in ((self.model.params, s.params), (self.step_fn.opt.velocity, s.velocity)):
             for name, v in self.model.unflatten(vec).items():
                 v[...] = saved[name]
