@@ -58,7 +58,7 @@ class Config:
     epochs: int = 8
     batch_size: int = 64                     # GLOBAL batch, split across ranks
     micro_batch: int = 16                    # unit of computation: same bits on any number of ranks
-    exact: bool = False                      # exact sums: the same bits on any rank count (costs 20-40%)
+    exact: bool = False                      # exact sums: the same bits on any rank count (costs 10-16%)
     lr: float = 0.05
     lr_scaling: str = "none"                 # --lr is for batch 64; scaled to --batch-size: none, linear, sqrt
     large_batch: bool = False                # the large-batch recipe (train.large_batch_recipe)
@@ -350,7 +350,7 @@ def _training_flags(t) -> None:
     _flag(t, "epochs", "epochs (default 8)")
     _flag(t, "batch_size", "GLOBAL batch size, split across ranks (default 64)")
     _flag(t, "exact", "exact, order-independent sums over micro-batches: the same bits on any number of ranks "
-                      "and across a resume on another rank count, at 20-40%% more time per step on one rank "
+                      "and across a resume on another rank count, at 10-16%% more time per step on one rank "
                       "(default off: one float32 pass per rank; rank counts then agree to float32 rounding)")
     _flag(t, "micro_batch", "with --exact: samples per forward/backward pass; each rank computes whole "
                             "micro-batches, so the result is bit-identical on any number of ranks up to "
