@@ -3,7 +3,8 @@
 ``get_comm()`` returns a ``SerialComm`` for a plain ``python -m dpcnn.train`` and an
 ``MPIComm`` under ``mpirun``/``mpiexec``/``srun``. mpi4py is imported only inside
 ``MPIComm``, so a single process needs no MPI library, and the math never imports it.
-Method names follow MPI: ``allreduce`` (in-place sum of a NumPy buffer), ``bcast``,
+Method names follow MPI: ``allreduce`` (in-place sum of a NumPy buffer), ``iallreduce`` (the same,
+started now and finished by the returned ``Request``'s ``wait``), ``bcast``,
 ``bcast_obj``, ``allgather_obj``, ``barrier``, ``abort``; ``Comm`` is their abstract base, and
 each communicator implements every one of them itself (a method it lacks is a TypeError when it
 is made, never a collective that silently does nothing).
@@ -67,6 +68,40 @@ class SharedError(UserError):
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")      # MPI_THREAD_SINGLE ... MULTIPLE
 
 
+class Request(ABC):
+    """A started collective (``Comm.iallreduce``): ``test`` lets it progress and says whether it is
+    done; ``wait`` finishes it (every rank must wait on what it started, in the same order)."""
+
+    @abstractmethod
+    def test(self) -> bool: ...
+
+    @abstractmethod
+    def wait(self) -> None: ...
+
+
+class DoneRequest(Request):
+    """A collective that finished when it started (one process)."""
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
+
+class MPIRequest(Request):
+    """An mpi4py request; keeps the buffer alive until the collective is done."""
+
+    def __init__(self, req: Any, buf: np.ndarray):
+        self._req, self._buf = req, buf
+
+    def test(self) -> bool:
+        return bool(self._req.Test())
+
+    def wait(self) -> None:
+        self._req.Wait()
+
+
 class Comm(ABC):
     """What dpcnn needs of a communicator (``SerialComm``, ``MPIComm``, the watchdog's wrapper).
 
@@ -84,6 +119,11 @@ class Comm(ABC):
     @abstractmethod
     def allreduce(self, buf: np.ndarray) -> None:
         """Sum buf over all ranks, in place."""
+
+    @abstractmethod
+    def iallreduce(self, buf: np.ndarray) -> Request:
+        """Start summing buf over all ranks, in place (non-blocking); buf is the sum after the
+        request's ``wait`` and must not be touched before it."""
 
     @abstractmethod
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
@@ -128,6 +168,9 @@ class SerialComm(Comm):
 
     def allreduce(self, buf: np.ndarray) -> None:
         pass
+
+    def iallreduce(self, buf: np.ndarray) -> Request:
+        return DoneRequest()
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         pass
@@ -178,6 +221,9 @@ class MPIComm(Comm):
 
     def allreduce(self, buf: np.ndarray) -> None:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def iallreduce(self, buf: np.ndarray) -> Request:
+        return MPIRequest(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf)
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,10 +183,15 @@ class CNN:
         self._caches = caches if train else None
         return x
 
-    def backward(self, dlogits: np.ndarray, grads: np.ndarray | None = None) -> None:
+    def backward(self, dlogits: np.ndarray, grads: np.ndarray | None = None,
+                 dense_done: Callable[[], None] | None = None, poll: Callable[[], None] | None = None) -> None:
         """dlogits: (N, classes) -> writes every parameter gradient into ``self.grads``; or
         dlogits (G, N, classes) of a stacked forward -> row g of grads (G, num_params) gets
-        micro-batch g's gradient."""
+        micro-batch g's gradient.
+
+        Hooks for overlapping communication with the rest of the pass: dense_done() is called
+        once the dense layers' gradients (the tail of the vector, from ``dense_offset``) are
+        final, poll() after each step of the convolution blocks' backward."""
         if self._caches is None:
             raise RuntimeError("backward() needs a forward(x, train=True) first")
         if dlogits.ndim == 2:
@@ -201,16 +207,32 @@ class CNN:
             if c_relu is not None:
                 d = L.relu_backward(d, c_relu)
             d, _, _ = L.dense_backward(d, c_fc, out=(g[f"fc{i}.w"], g[f"fc{i}.b"]))
+        if dense_done is not None:
+            dense_done()
+        poll = poll or _nothing
         d = L.flatten_backward(d, caches[n_conv])
         for i in range(n_conv, 0, -1):
             c_conv, c_pool, c_relu = caches[i - 1]
             d = L.relu_backward(d, c_relu)
             d = L.maxpool_backward(d, c_pool)
+            poll()
             d, g[f"conv{i}.w"][...], g[f"conv{i}.b"][...] = L.conv_backward(d, c_conv, need_dx=i > 1)
+            poll()
         self._caches = None
 
+    @property
+    def dense_offset(self) -> int:
+        """Where the dense layers' parameters start in the flat vectors (they run to the end)."""
+        o = 0
+        for name, shape in self.shapes:
+            if name.startswith("fc"):
+                return o
+            o += math.prod(shape)
+        return o
+
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, denom: float | None = None,
-                      grads: np.ndarray | None = None):
+                      grads: np.ndarray | None = None, dense_done: Callable[[], None] | None = None,
+                      poll: Callable[[], None] | None = None):
         """One forward and backward pass on a batch, or on a stack of micro-batches.
 
         x: (N, H, W, C), y: (N,) -> (loss, correct): the loss summed over the batch
@@ -219,20 +241,24 @@ class CNN:
 
         x: (G, N, H, W, C), y: (G, N), grads: (G, num_params) -> (loss (G,) float64, correct
         (G,) int64), per micro-batch, and row g of grads holds micro-batch g's gradient: the
-        same bits as G separate calls.
+        same bits as G separate calls. dense_done, poll: see ``backward``.
         """
         if x.ndim == 4:
             if len(x) == 0:                      # a rank with no samples in this batch
                 self.grads[...] = 0
                 return 0.0, 0
-            loss, correct = self.loss_and_grad(x[None], y[None], denom, self.grads[None])
+            loss, correct = self.loss_and_grad(x[None], y[None], denom, self.grads[None], dense_done, poll)
             return float(loss[0]), int(correct[0])
         logits = self.forward(x, train=True)
         loss, dlogits = L.softmax_cross_entropy(logits, y, denom)
-        self.backward(dlogits, grads)
+        self.backward(dlogits, grads, dense_done, poll)
         return loss, (logits.argmax(axis=-1) == y).sum(axis=-1)
 
     def predict_logits(self, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
         """x: (N, H, W, C) -> logits (N, classes), in batches to bound memory."""
         out = [self.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.spec.classes), self.dtype)
+
+
+def _nothing() -> None:
+    pass

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from .cli import EXIT_STALLED, EXIT_STOPPED
-from .comm import Comm
+from .comm import Comm, Request
 from .fileio import WriteError, temp_name, write_atomic
 
 # Signals this close together are one request: scancel under Slurm reaches a rank twice when
@@ -309,6 +309,9 @@ class _Watched(Comm):
         with self._dog.waiting("the allreduce"):
             self._comm.allreduce(buf)
 
+    def iallreduce(self, buf: np.ndarray) -> Request:
+        return _WatchedRequest(self._comm.iallreduce(buf), self._dog)
+
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         with self._dog.waiting("a broadcast"):
             self._comm.bcast(buf, root)
@@ -339,6 +342,20 @@ class _Watched(Comm):
         if self.size == 1 or self.is_root:
             return self._dog.busy(what)
         return self._dog.waiting_for(f"rank 0, {what}")
+
+
+class _WatchedRequest(Request):
+    """A started allreduce: its wait is a collective this rank waits in (a test returns at once)."""
+
+    def __init__(self, req: Request, dog: Watchdog):
+        self._req, self._dog = req, dog
+
+    def test(self) -> bool:
+        return self._req.test()
+
+    def wait(self) -> None:
+        with self._dog.waiting("the allreduce"):
+            self._req.wait()
 
 
 def watched(comm: Comm, dog: Watchdog) -> Comm:
