@@ -59,6 +59,7 @@ class Config:
     batch_size: int = 64                     # GLOBAL batch, split across ranks
     micro_batch: int = 16                    # unit of computation: same bits on any number of ranks
     exact: bool = False                      # exact sums: the same bits on any rank count (costs 10-16%)
+    overlap: bool = False                    # allreduce the dense gradient during the conv backward
     lr: float = 0.05
     lr_scaling: str = "none"                 # --lr is for batch 64; scaled to --batch-size: none, linear, sqrt
     large_batch: bool = False                # the large-batch recipe (train.large_batch_recipe)
@@ -406,6 +407,8 @@ def _parallel_flags(s) -> None:
     _flag(s, "threads", "BLAS threads per rank (default 1, or $SLURM_CPUS_PER_TASK); threads change float32 "
                         "rounding, so keep one value to get the same bits on any number of ranks")
     _flag(s, "comm", "communicator (default auto: MPI when started by an MPI launcher)")
+    _flag(s, "overlap", "reduce the dense layers' gradient while the convolution backward runs (MPI "
+                        "Iallreduce); the same bits as without (float sums: overlapped on 2 ranks only)")
     _flag(s, "check_every", "verify every N steps that all ranks hold identical parameters (default 500)")
     _flag(s, "timeout", "end the job (status 69) when a step or collective makes no progress for this many "
                         "seconds: a stopped, dead or cut-off rank or node (default 600)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: int, exact: bool) -> dict | None:
+def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: int, exact: bool,
+                 overlap: bool = False, barrier: bool = True) -> dict | None:
     """One rank of the dpcnn measurement (the trainer's TrainStep); returns the summary on rank 0."""
     threadpool_limits(1)
     keep_freed_memory()
@@ -55,14 +57,15 @@ def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: i
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
     step = TrainStep(ModelSpec(), comm, micro_batch=micro_batch, exact=exact, seed=0, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4)
-    times = np.zeros((steps, 3))                      # per timed step: compute, wait, transfer
+                     weight_decay=5e-4, overlap=overlap)
+    times = np.zeros((steps, 4))               # per timed step: compute, wait, transfer, of it the dense wait
     start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         step.compute(x, y, batch * comm.size)
         t1 = time.perf_counter()
-        comm.barrier()                                # waiting for the slowest rank
+        if barrier:
+            comm.barrier()                            # waiting for the slowest rank
         t2 = time.perf_counter()
         step.reduce()                                 # the transfer itself
         t3 = time.perf_counter()
@@ -71,14 +74,16 @@ def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: i
             comm.barrier()
             start = time.perf_counter()
         elif i >= warmup:
-            times[i - warmup] = (t1 - t0, t2 - t1, t3 - t2)
+            times[i - warmup] = (t1 - t0, t2 - t1, t3 - t2, step.t_dense_wait)
     comm.barrier()
     wall = time.perf_counter() - start
-    every = np.array(comm.allgather_obj(times.tolist()))   # (ranks, steps, 3)
+    every = np.array(comm.allgather_obj(times.tolist()))   # (ranks, steps, 4)
     if not comm.is_root:
         return None
     return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
-            **summarise(every, wall, batch), "allreduce_bytes": step.buf.array.nbytes}
+            **summarise(every[:, :, :3], wall, batch), "allreduce_bytes": step.buf.array.nbytes,
+            "overlap": step.overlap, "barrier": barrier,
+            "dense_wait_ms": round(1e3 * every[:, :, 3].mean(), 3)}
 
 
 def summarise(times: np.ndarray, wall: float, batch: int) -> dict:
@@ -152,9 +157,11 @@ def launch(framework: str, P: int, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     bind = ["-bind-to", args.bind_to] if args.bind_to != "none" else []      # MPICH hydra's syntax
-    cmd = [mpiexec, "-n", str(P), *bind, sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
+    cmd = [mpiexec, *shlex.split(args.mpiexec_args), "-n", str(P), *bind,
+           sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
            "--per-rank-batch", str(args.per_rank_batch), "--micro-batch", str(args.micro_batch),
-           *(["--exact"] if args.exact else []),
+           *(["--exact"] if args.exact else []), *(["--overlap"] if args.overlap else []),
+           *(["--no-barrier"] if args.no_barrier else []),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -176,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ranks", type=int_list, default=(1, 2), help="comma-separated rank counts (default 1,2)")
     ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
     ap.add_argument("--exact", action="store_true", help="dpcnn's --exact step (micro-batches, exact sums)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="reduce the dense layers' gradient during the conv backward (TrainStep overlap)")
+    ap.add_argument("--no-barrier", action="store_true",
+                    help="no barrier before the allreduce: 'xfer' then includes waiting for the slowest rank")
     ap.add_argument("--micro-batch", type=positive_int, default=Config.micro_batch,
                     help=f"with --exact: dpcnn's micro-batch, as in training (default {Config.micro_batch})")
     ap.add_argument("--steps", type=positive_int, default=200, help="timed steps (default 200)")
@@ -188,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=positive_float, default=600, help="seconds allowed per launch (default 600)")
     ap.add_argument("--bind-to", choices=("none", "core"), default="none",
                     help="pin each rank to a core (mpiexec -bind-to core, MPICH hydra); default none")
+    ap.add_argument("--mpiexec-args", default="", metavar="ARGS",
+                    help="more mpiexec options, e.g. across nodes: \"-launcher ssh -launcher-exec "
+                         "scripts/cluster/netns-ssh -iface dpcnn-br -hosts nodeA,nodeB -ppn 1\"")
     ap.add_argument("--worker", choices=("dpcnn", "torch"), help=argparse.SUPPRESS)
     return ap
 
@@ -202,7 +216,8 @@ def run_worker(args: argparse.Namespace) -> int:
     comm = get_comm("mpi") if args.worker == "dpcnn" else None
     try:
         if comm is not None:
-            res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch, args.exact)
+            res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch, args.exact,
+                               args.overlap, not args.no_barrier)
         else:
             res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
     except BaseException:                   # end the launch now rather than leave ranks waiting
@@ -232,10 +247,11 @@ def measure(args: argparse.Namespace) -> int:
     if not args.json:
         buf = StepBuffer(ModelSpec().num_params, np.float64 if args.exact else np.float32)
         mode = f"--exact, micro-batches of {args.micro_batch}" if args.exact else "float32 sums"
+        mode += ", overlapped" if args.overlap else ""
         print(f"per-rank batch {args.per_rank_batch} ({mode}), 1 thread per rank, {args.steps} steps, median of "
               f"{args.repeat} launch(es), bind-to {args.bind_to}; allreduce of {buf.array.nbytes / 1e3:.0f} KB a step")
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} "
-              f"{'wait':>7} {'xfer':>7}"
+              f"{'wait':>7} {'xfer':>7} {'dense':>6}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))
     for P in ranks:
         runs, truns = [], []
@@ -260,7 +276,7 @@ def measure(args: argparse.Namespace) -> int:
             eff = f"{100 * r['efficiency']:5.1f}%" if "efficiency" in r else "     -"
             line = (f"{P:>3} {r['images_per_second']:>9.0f} {eff} {r['ms_per_step']:>8.2f} "
                     f"{r['compute_ms']:>8.2f} {r['compute_p99_ms']:>6.2f} {r['imbalance_ms']:>6.2f} "
-                    f"{r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f}")
+                    f"{r['allreduce_wait_ms']:>7.2f} {r['allreduce_transfer_ms']:>7.2f} {r['dense_wait_ms']:>6.2f}")
             if t:
                 line += f" {t['images_per_second']:>10.0f} {r['ratio_vs_torch_ddp']:>6.2f}"
             print(line, flush=True)

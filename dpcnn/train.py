@@ -45,7 +45,7 @@ from .node import blas_summary, hostname
 from .optim import LARS, REFERENCE_BATCH, SGD, AdamW, Optimizer, Schedule, scaled_lr
 from .process import Process, training_process
 from .records import Board, Interval, Monitor, Progress, Record
-from .rundir import Checkpointer, RunDir, default_run_dir
+from .rundir import Checkpointer, RunDir, default_run_dir, point_latest
 from .step import Diverged, TrainStep
 from .watchdog import StopRequest, Watchdog
 
@@ -107,9 +107,10 @@ def settle_validation(cfg: Config, comm: Comm, path: Path) -> Config:
         with Split(path, "train") as tr:
             v = cfg.with_val_size(tr.n).val_size or 0
             need = 1 if cfg.keep_last else cfg.batch_size
-            if tr.n < need:
-                raise DataError(f"--batch-size {need}: the training split of {path} has {tr.n} samples, fewer than "
-                                "one global batch; give a smaller --batch-size (or --keep-last)")
+            if tr.n < need or (tr.n - v < need and cfg.val_size is None):
+                left = f" ({tr.n - v} once {v} are held out for validation)" if v else ""
+                raise DataError(f"--batch-size {need}: the training split of {path} has {tr.n} samples{left}, fewer "
+                                "than one global batch; give a smaller --batch-size (or --keep-last)")
             if tr.n - v < need:
                 raise DataError(f"--val-size {v} leaves {max(tr.n - v, 0)} of the {tr.n} training samples of "
                                 f"{path}, fewer than {'one' if cfg.keep_last else f'a batch of {need}'}; "
@@ -322,7 +323,7 @@ class Trainer:
         check_same(comm, self.facts.shared(cfg))                     # distributed: before any other collective
         self.step_fn = TrainStep(self.spec, comm, micro_batch=cfg.micro_batch, exact=cfg.exact, seed=cfg.seed,
                                  momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                                 init=cfg.init)
+                                 init=cfg.init, overlap=cfg.overlap)
         self.model = self.step_fn.model
         self.step_fn.opt = make_optimizer(cfg, self.model)          # TrainStep's SGD, or LARS on the same vectors
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.total_steps)
@@ -543,11 +544,12 @@ def log_start(t: Trainer) -> None:
              t.run_dir.path)
     if cfg.exact:
         log.info("--exact: micro-batches of %d, exact sums: the same bits on any number of ranks", m)
-    if cfg.shift or cfg.rotate or cfg.scale or cfg.elastic:
-        log.info("augmentation: random shifts of up to %d pixel(s), rotations of up to %g degrees, "
-                 "zooms of up to %g%%%s", cfg.shift, cfg.rotate, 100 * cfg.scale,
-                 f", elastic distortions of {cfg.elastic:g} pixels (sigma {cfg.elastic_sigma:g})" if cfg.elastic
-                 else "")
+    parts = [f"shifts of up to {cfg.shift} pixel(s)" if cfg.shift else "",
+             f"rotations of up to {cfg.rotate:g} degrees" if cfg.rotate else "",
+             f"zooms of up to {100 * cfg.scale:g}%" if cfg.scale else "",
+             f"elastic distortions of {cfg.elastic:g} pixels (sigma {cfg.elastic_sigma:g})" if cfg.elastic else ""]
+    if any(parts):
+        log.info("augmentation: random %s", ", ".join(p for p in parts if p))
     if min(sizes) == 0:
         log.warning("warning: %d of %d rank(s) get no samples: a global batch of %d holds %d micro-batch(es) "
                     "of %d; raise --batch-size or lower --micro-batch", sizes.count(0), c.size, B, -(-B // m), m)
@@ -585,6 +587,8 @@ def run(cfg: Config, proc: Process) -> int:
         cfg = cfg.replace(out=out)
     run_dir = RunDir(out, created)
     on_root(comm, run_dir.open, "taking the run directory")          # rank 0 holds the directory's lock
+    if comm.is_root:
+        point_latest(run_dir.path)                                   # runs/latest: the newest run in runs/
     dog.status_file = run_dir.exit_status                            # where the chosen status is recorded
     logfile = run_dir.attach_log() if comm.is_root else None         # train.log: the console, with times
     try:
