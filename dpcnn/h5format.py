@@ -69,6 +69,9 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as e:
+        if "locking flag values don't match" in str(e):
+            raise DataError(f"{path}: open elsewhere in this process (an h5py.File with file locking): close it "
+                            "first") from None
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
 
 

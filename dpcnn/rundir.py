@@ -404,7 +404,8 @@ def default_run_dir(dataset: str, same_run: Callable[[Path], bool], runs: Path =
     do. runs/latest then points at the run (a symbolic link; a runs/latest directory of an older
     dpcnn is left as it is, and is continued the same way)."""
     latest = runs / LATEST
-    if latest.is_dir() and _unfinished(latest) and not _locked(latest) and same_run(latest):
+    stopped = latest.is_dir() and _unfinished(latest) and not _locked(latest)
+    if stopped and same_run(latest):
         path = latest.resolve() if latest.is_symlink() else latest
         log.info("continuing the stopped run in %s (%s), started with these settings; --out DIR starts another",
                  path, latest)
@@ -420,12 +421,24 @@ def default_run_dir(dataset: str, same_run: Callable[[Path], bool], runs: Path =
             break
         except FileExistsError:
             continue
-    if not latest.exists() or latest.is_symlink():
-        tmp = runs / f".{LATEST}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(path.name)
-        os.replace(tmp, latest)
+    if stopped:
+        log.info("the newest run, %s, stopped before its end with other settings: a new run in %s (continue that "
+                 "one with --out %s)", latest.resolve(), path, latest.resolve())
+    point_latest(path, runs)
     return path, True
+
+
+def point_latest(path: Path, runs: Path = RUNS) -> None:
+    """Make runs/latest a symbolic link to the run directory `path` when that is in runs/ (a
+    runs/latest directory of an older dpcnn is left as it is)."""
+    latest = runs / LATEST
+    if Path(path).absolute().parent != runs.absolute() or path.name == LATEST or \
+            (latest.exists() and not latest.is_symlink()):
+        return
+    tmp = runs / f".{LATEST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(path.name)
+    os.replace(tmp, latest)
 
 
 def _unfinished(d: Path) -> bool:

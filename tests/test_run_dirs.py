@@ -71,3 +71,16 @@ def test_a_stopped_newest_run_is_continued_by_the_same_command(tiny_h5, tmp_path
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "tiny-blobs-001"]
     assert final_state(runs / "tiny-blobs-001").step == 12
     assert "resumed_from" in json.loads((runs / "latest" / "config.json").read_text())
+
+
+def test_latest_follows_out_runs_in_runs_and_a_small_set_names_its_batch(tiny_h5, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run(tiny_h5, "--epochs", "1") == 0
+    assert run(tiny_h5, "--epochs", "1", "--out", "runs/photos") == 0
+    assert os.readlink(tmp_path / "runs" / "latest") == "photos"
+    assert run(tiny_h5, "--epochs", "1", "--out", str(tmp_path / "elsewhere")) == 0
+    assert os.readlink(tmp_path / "runs" / "latest") == "photos"           # outside runs/: not followed
+    capsys.readouterr()
+    assert main(["--data", str(tiny_h5), "--comm", "serial", "-q", "--batch-size", "360"]) == 1   # 384 rows
+    err = capsys.readouterr().err
+    assert "--batch-size 360: the training split of" in err and "(346 once 38 are held out for validation)" in err
