@@ -101,7 +101,7 @@ def test_distributed_step_equals_single_process_step(comm, tiny, batch):
 def test_training_keeps_parameters_identical_on_every_rank(comm, tiny, mpi_tmp_path):
     """A whole run; train() ends with check_in_sync, which raises if any rank's parameters differ."""
     out = mpi_tmp_path / "run"
-    cfg = Config(data=tiny, out=out, epochs=2, batch_size=20, threads=1, progress=False, check_every=7,
+    cfg = Config(data=tiny, out=out, epochs=2, batch_size=20, threads=1, progress=False, check_every=7, val_size=0,
                  resume="none")
     assert train(cfg, comm) == 0
     if comm.is_root:
