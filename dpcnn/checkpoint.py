@@ -167,6 +167,8 @@ def load(path: Path) -> State:
             if a.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a dpcnn checkpoint")
             version = int(a["format_version"])
+            if version == 1 and (DIGEST in a or "sample_order_version" in a):
+                version = VERSION                    # format 2's attributes: checked as format 2 (a downgrade)
             if version not in (1, VERSION):
                 raise CheckpointError(f"{path}: checkpoint format {version}, this dpcnn reads 1 and {VERSION}")
             params = {k: v[...] for k, v in f["params"].items()}
@@ -178,7 +180,10 @@ def load(path: Path) -> State:
                 if stored is None or str(stored) != file_digest(a, groups):
                     raise CheckpointError(f"{path}: damaged: what it holds differs from what was written "
                                           "(SHA-256 mismatch)")
-            elif stored is not None and str(stored) != arrays_digest_of(params, velocity):
+            elif stored is None:
+                raise CheckpointError(f"{path}: a format-1 checkpoint without the digest of its arrays "
+                                      "(arrays_sha256): it cannot be verified")
+            elif str(stored) != arrays_digest_of(params, velocity):
                 raise CheckpointError(f"{path}: damaged: its weights or momentum differ from what was written "
                                       "(SHA-256 mismatch)")
             order = int(a.get("sample_order_version", 1))

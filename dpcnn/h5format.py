@@ -45,6 +45,8 @@ from .fileio import WriteError, write_h5_atomic
 
 FORMAT_VERSION: int = 1
 SPLITS = ("train", "test")
+# Root attributes that change what a model sees or says: part of the file's fingerprint.
+INPUT_ATTRS = ("class_names", "mean", "std", "channel_mean", "channel_std", "preprocess")
 ROW_CHUNK = 1024  # HDF5 chunk: (ROW_CHUNK, H, W) images
 
 
@@ -167,13 +169,16 @@ class Split:
 
     def _fingerprints(self) -> tuple[str, str]:
         """(what the file holds: the SHA-256 of its arrays' own SHA-256s, which `verify` checks
-        against the arrays; the name-and-source fingerprint of dpcnn's format 1 checkpoints).
-        A file without array digests (made by an older dpcnn) is told apart by its arrays' shapes."""
+        against the arrays, and of the attributes that shape a model's inputs and outputs (class
+        names, pixel statistics, preprocessing); the name-and-source fingerprint of dpcnn's format 1
+        checkpoints). A file without array digests (made by an older dpcnn) is told apart by its
+        arrays' shapes."""
         f = self._f
         arrays = {f"{s}/{k}": f[s][k] for s in SPLITS if s in f for k in ("images", "labels") if k in f[s]}
         digests = {name: str(ds.attrs.get("sha256", "")) for name, ds in arrays.items()}
-        what = {"dataset": self.dataset, "arrays": digests} if all(digests.values()) else \
-            {"dataset": self.dataset, "source_sha256": self.source_sha256,
+        shaping = {k: np.asarray(f.attrs[k]).tolist() for k in INPUT_ATTRS if k in f.attrs}
+        what = {"dataset": self.dataset, "arrays": digests, "attrs": shaping} if all(digests.values()) else \
+            {"dataset": self.dataset, "source_sha256": self.source_sha256, "attrs": shaping,
              "shapes": {name: list(ds.shape) for name, ds in arrays.items()}}
         legacy = {"dataset": self.dataset, "source_sha256": self.source_sha256}
         def digest(key: dict) -> str:

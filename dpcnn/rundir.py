@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,12 @@ def step_of(path: Path) -> int:
     if m is None:
         raise ValueError(f"{path}: not a step checkpoint name")
     return int(m.group(1))
+
+
+def _check_named(p: Path, s: ckpt.State) -> None:
+    """CheckpointError unless the step in a step checkpoint's name is the step it holds."""
+    if step_of(p) != s.step:
+        raise ckpt.CheckpointError(f"{p}: holds step {s.step}, not the step of its name")
 
 
 def _signature(p: Path) -> tuple | None:
@@ -116,23 +123,30 @@ class DirLock:
         self.check()
 
     def check(self) -> None:
-        """RunDirError when this process's lock file is no longer the one at its name (removed or
-        replaced: another training may be writing here). Nothing to check for a directory lock."""
-        if self.ino is None:
+        """RunDirError when what this process locked is no longer what the path names: the directory
+        moved or replaced (a link repointed), or the lock file removed or replaced; another training
+        may be writing there."""
+        if self.fd is None:
             return
         try:
-            same = os.lstat(self.path / LOCK_INFO).st_ino == self.ino
+            if self.ino is None:
+                a, b = os.stat(self.path), os.fstat(self.fd)
+                same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            else:
+                same = os.lstat(self.path / LOCK_INFO).st_ino == self.ino
         except OSError:
             same = False
         if not same:
-            raise RunDirError(f"--out {self.path}: its lock file {LOCK_INFO} was removed or replaced while this "
-                              "training held it; another training may be writing there: stopping")
+            what = "the directory" if self.ino is None else f"its lock file {LOCK_INFO}"
+            raise RunDirError(f"--out {self.path}: {what} was moved, removed or replaced while this training held "
+                              "it; another training may be writing there: stopping")
 
     def _refuse_held(self) -> NoReturn:
         try:
-            fd = os.open(self.path / LOCK_INFO, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.path / LOCK_INFO, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             try:
-                holder = os.read(fd, 200).decode(errors="replace").strip()
+                holder = os.read(fd, 200).decode(errors="replace").strip() if stat.S_ISREG(os.fstat(fd).st_mode) \
+                    else ""
             finally:
                 os.close(fd)
         except OSError:
@@ -159,7 +173,9 @@ class RunDir:
     """A training run's directory (rank 0 only)."""
 
     def __init__(self, path: Path, created: bool = False):
-        self.path = Path(path)
+        path = Path(path)
+        # a link (runs/latest) is followed once: the run writes to the directory it named at the start
+        self.path = path.resolve() if path.is_symlink() and path.is_dir() else path
         self.fresh = created                     # made for this run just now (default_run_dir)
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
@@ -238,6 +254,7 @@ class RunDir:
         write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
     def append_metrics(self, record: dict) -> None:
+        self.lock.check()
         append_line(self.metrics, json.dumps(record))
 
     # -- checkpoints -----------------------------------------------------------------
@@ -255,6 +272,7 @@ class RunDir:
         for p in self.checkpoints():
             try:
                 state = ckpt.load(p)
+                _check_named(p, state)
             except ckpt.CheckpointError as e:
                 log.warning("skipping checkpoint: %s", e)
                 damaged.append(str(e))
@@ -301,7 +319,7 @@ class RunDir:
                 kept += 1
                 continue
             try:
-                ckpt.load(p)
+                _check_named(p, ckpt.load(p))
                 self._verified[p.name] = sig
                 kept += 1
             except ckpt.CheckpointError as e:
@@ -349,7 +367,8 @@ class RunDir:
             raise RunDirError(f"--out {self.path} already holds checkpoints at or after step {start_step} "
                               f"({later[-1].name}{more}) that would mix with this run; give another --out, "
                               "delete them, or continue their run with --resume auto")
-        results = self.results() if resumed is None else []
+        inside = resumed is not None and resumed.absolute().parent == self.path.absolute()
+        results = [] if inside else self.results()
         if results:
             cont = (f"continue from its best.h5 with --resume {self.best}, or " if self.best.name in results
                     else "")
@@ -411,6 +430,7 @@ def default_run_dir(dataset: str, same_run: Callable[[Path], bool], runs: Path =
                  path, latest)
         return path, False
     runs.mkdir(parents=True, exist_ok=True)
+    dataset = re.sub(r"[^A-Za-z0-9._-]", "_", dataset).lstrip(".") or "run"     # a name, never a path
     pattern = re.compile(rf"^{re.escape(dataset)}-(\d+)$")
     n = max((int(m.group(1)) for p in runs.iterdir() if (m := pattern.match(p.name))), default=0)
     while True:
@@ -424,7 +444,6 @@ def default_run_dir(dataset: str, same_run: Callable[[Path], bool], runs: Path =
     if stopped:
         log.info("the newest run, %s, stopped before its end with other settings: a new run in %s (continue that "
                  "one with --out %s)", latest.resolve(), path, latest.resolve())
-    point_latest(path, runs)
     return path, True
 
 

@@ -246,6 +246,8 @@ class Recorder:
         self.records = [Record.from_dict(m) for m in s.metrics]
         if continuing and self.recorded(s.step) and not self.scheduled(s.step):
             self.records.pop()
+        if continuing and self.records and self.records[-1].final:   # the end of a part, not of the run
+            self.records[-1].final = False
         self.best_accuracy, self.iv = s.best_accuracy, Interval.from_carried(s.interval)
 
     def done(self, step: int, elapsed: float) -> None:
@@ -451,9 +453,9 @@ class Trainer:
         rec = r.record(self.model, self.step, self.schedule(max(self.step - 1, 0)), self.elapsed(), final)
         best = rec.selection_accuracy > r.best_accuracy
         r.best_accuracy = max(r.best_accuracy, rec.selection_accuracy)
-        if provisional:
-            best_state = self.state() if best and self.comm.is_root else None
+        if provisional:                         # best.h5 too keeps the totals and best from before the record
             r.best_accuracy, r.iv = before
+            best_state = self.state() if best and self.comm.is_root else None
             self.save_checkpoint(best=best, best_state=best_state)
         elif best or not only_if_best:
             self.save_checkpoint(best=best)
@@ -525,6 +527,7 @@ def announce(t: Trainer) -> None:
     if t.comm.is_root:
         t.run_dir.write_metrics(t.rec.dicts())                          # what its checkpoint knew
         t.run_dir.write_config(config_json(t.cfg, t.facts, t.resumed_from))
+        point_latest(t.run_dir.path)                                    # runs/latest: the newest run in runs/
         log_start(t)
     t.comm.barrier()
 
@@ -587,8 +590,6 @@ def run(cfg: Config, proc: Process) -> int:
         cfg = cfg.replace(out=out)
     run_dir = RunDir(out, created)
     on_root(comm, run_dir.open, "taking the run directory")          # rank 0 holds the directory's lock
-    if comm.is_root:
-        point_latest(run_dir.path)                                   # runs/latest: the newest run in runs/
     dog.status_file = run_dir.exit_status                            # where the chosen status is recorded
     logfile = run_dir.attach_log() if comm.is_root else None         # train.log: the console, with times
     try:

@@ -94,7 +94,7 @@ def test_where_a_directory_cannot_be_locked_the_lock_file_is_checked(tmp_path, m
         with pytest.raises(RunDirError, match="another training is using it"):
             RunDir(out).open()
         (out / ".lock").unlink()
-        with pytest.raises(RunDirError, match=r"lock file \.lock was removed or replaced"):
+        with pytest.raises(RunDirError, match=r"lock file \.lock was moved, removed or replaced"):
             first.lock.check()
     finally:
         first.close()
@@ -265,3 +265,108 @@ def test_ctrl_c_while_a_command_starts_is_one_line(tmp_path):
             "import numpy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode in (130, -2) and r.stderr == "error: interrupted (Ctrl-C) while starting\n", r
+
+
+# ----------------------------------------------------------------------------- the second adversarial pass
+
+
+def test_a_run_whose_directory_is_replaced_or_relinked_stops(tiny_h5, tmp_path):
+    """The training holds the directory it locked: moved away and replaced (or a link repointed),
+    the next write stops the run instead of two trainings writing into one directory."""
+    out = tmp_path / "run"
+    rd = RunDir(out)
+    rd.open()
+    try:
+        out.rename(tmp_path / "run.old")
+        out.mkdir()
+        with pytest.raises(RunDirError, match="the directory was moved, removed or replaced"):
+            rd.append_metrics({"step": 1})
+    finally:
+        rd.close()
+    link = tmp_path / "latest"
+    link.symlink_to(tmp_path / "run.old")
+    assert RunDir(link).path == (tmp_path / "run.old").resolve()            # a link is followed once, at the start
+
+
+def test_resume_from_another_directory_never_lands_on_results(tiny_h5, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(tiny_h5, a, "--max-steps", "12") == 0
+    assert train(tiny_h5, b, "--max-steps", "12", "--seed", "1") == 0
+    for p in RunDir(b).checkpoints():
+        p.unlink()
+    kept = (b / "metrics.jsonl").read_bytes(), (b / "best.h5").read_bytes()
+    capsys.readouterr()
+    assert train(tiny_h5, b, "--max-steps", "24", "--resume", RunDir(a).checkpoints()[0]) == 1
+    assert "holds the results of an earlier run" in capsys.readouterr().err
+    assert ((b / "metrics.jsonl").read_bytes(), (b / "best.h5").read_bytes()) == kept
+
+
+def test_a_checkpoint_downgraded_to_format_1_is_still_checked(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "5") == 0
+    path = RunDir(out).checkpoints()[0]
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["step"] = 3
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 mismatch"):
+        ckpt.load(path)
+    with h5py.File(path, "r+") as f:                      # the format-2 attributes gone too: no digest at all
+        del f.attrs["sha256"], f.attrs["sample_order_version"]
+    with pytest.raises(ckpt.CheckpointError, match="without the digest of its arrays"):
+        ckpt.load(path)
+
+
+def test_a_data_file_whose_pixel_statistics_changed_is_another_data_set(tiny_h5, tmp_path, capsys):
+    data, out = tmp_path / "d.h5", tmp_path / "run"
+    data.write_bytes(tiny_h5.read_bytes())
+    assert train(data, out, "--max-steps", "5") == 0
+    with h5py.File(data, "r+") as f:
+        f.attrs["std"] = float(f.attrs["std"]) * 2
+    capsys.readouterr()
+    assert train(data, out, "--max-steps", "10") == 1
+    assert "saved for another data set" in capsys.readouterr().err
+
+
+def test_records_of_a_part_ending_at_a_record_point_or_continued_from_best(tiny_h5, tmp_path):
+    ref, part, best = tmp_path / "ref", tmp_path / "part", tmp_path / "best"
+    args = ("--epochs", "2", "--eval-every", "5")
+    assert train(tiny_h5, ref, *args) == 0
+    assert train(tiny_h5, part, *args, "--max-steps", "10") == 0           # ends at an --eval-every record
+    assert train(tiny_h5, part, *args) == 0
+    assert records_without_timings(part) == records_without_timings(ref)    # no stale "final": true
+    assert train(tiny_h5, best, *args, "--max-steps", "7") == 0            # a provisional record, best.h5
+    for p in RunDir(best).checkpoints():
+        p.unlink()
+    assert train(tiny_h5, best, *args, "--resume", best / "best.h5") == 0
+    assert records_without_timings(best) == records_without_timings(ref)
+
+
+def test_a_checkpoint_not_holding_the_step_of_its_name_is_skipped(tiny_h5, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_h5, out, "--max-steps", "8", "--checkpoint-every", "4") == 0
+    early = ckpt.load(RunDir(out).step_path(4))
+    ckpt.save(RunDir(out).step_path(50), early)                              # step 4 under step 50's name
+    capsys.readouterr()
+    assert train(tiny_h5, out, "--max-steps", "12", "-v") == 0
+    err = capsys.readouterr().err
+    assert "holds step 4, not the step of its name" in err and "resuming from" in err and "step000000008" in err
+    assert final_state(out).step == 12
+
+
+def test_a_fifo_at_the_lock_does_not_hang_the_refusal(tmp_path):
+    out = tmp_path / "run"
+    first = RunDir(out)
+    first.open()
+    try:
+        (out / ".lock").unlink()
+        os.mkfifo(out / ".lock")
+        with pytest.raises(RunDirError, match="another training is using it"):
+            RunDir(out).open()
+    finally:
+        first.close()
+
+
+def test_a_data_set_name_is_never_a_path(tmp_path):
+    from dpcnn.rundir import default_run_dir
+    path, created = default_run_dir("../../escaped/a", lambda d: False, runs=tmp_path / "runs")
+    assert created and path.parent == tmp_path / "runs" and path.name == "_.._escaped_a-001"
