@@ -362,7 +362,15 @@ def made_from(f: h5py.File) -> dict:
         if isinstance(x, h5py.Dataset) and x.ndim in (3, 4):
             made.update(size=list(x.shape[1:3]), color="rgb" if x.ndim == 4 else "grey")
         return made
-    return {"kind": "idx", "dataset": str(a.get("dataset", "mnist")), "source": None}
+    dataset = str(a.get("dataset", "mnist"))
+    info = DATASETS.get(dataset)
+    try:
+        sources = dict(json.loads(a["source_sha256"]))
+    except (KeyError, TypeError, ValueError):
+        sources = {}
+    if info is not None and sources == dict(info.sha256):      # that data set's pinned IDX files
+        return {"kind": "idx", "dataset": dataset, "source": None}
+    return {"kind": "unknown", "dataset": dataset}             # written by hand or another tool
 
 
 def _documented(made) -> bool:
@@ -390,6 +398,8 @@ def _documented(made) -> bool:
 def remake_command(path, made: dict) -> str:
     """The command that prepares the file at `path` again from what `made` (``made_from``) records."""
     q = shlex.quote
+    if made.get("kind") == "unknown":
+        return f"(not made by prepare: make {q(str(path))} again as it was made)"
     if made.get("kind") == "arrays":
         return f"rm {q(str(path))}, then dpcnn.fit(x, y, ...) with the same arrays writes it again"
     cmd = "python -m dpcnn.data prepare"
@@ -487,6 +497,8 @@ def _what_is(path: Path) -> tuple[dict | None, str]:
             return made, f"holds {name}, prepared from an image folder"
         if made["kind"] == "arrays":
             return made, f"holds {name}, written by dpcnn.fit from arrays"
+        if made["kind"] == "unknown":
+            return made, f"holds data named {name} that prepare did not make from its IDX files"
         return made, f"holds {name}, prepared from its IDX files"
 
 

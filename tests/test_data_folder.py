@@ -163,7 +163,7 @@ def test_from_folder_replaces_only_a_file_made_from_a_folder(tmp_path, capsys):
         f["params"] = np.arange(10.0)
     idx_made = write_tiny(tmp_path / "tiny.h5", n_train=20, n_test=10)   # IDX-style, no made_from
     for path, what in ((checkpoint, "is a dpcnn checkpoint, not a data file"),
-                       (idx_made, "holds tiny-blobs, prepared from its IDX files")):
+                       (idx_made, "holds data named tiny-blobs that prepare did not make from its IDX files")):
         before = path.read_bytes()
         assert prepare_main(["prepare", "--from-folder", str(src), "--out", str(path)]) == 1
         err = capsys.readouterr().err

@@ -370,3 +370,22 @@ def test_a_data_set_name_is_never_a_path(tmp_path):
     from dpcnn.rundir import default_run_dir
     path, created = default_run_dir("../../escaped/a", lambda d: False, runs=tmp_path / "runs")
     assert created and path.parent == tmp_path / "runs" and path.name == "_.._escaped_a-001"
+
+
+def test_prepare_never_replaces_a_hand_written_file_named_like_a_data_set(tmp_path, capsys):
+    """A file written by hand (or by write_h5) under the name 'mnist', without made_from and without
+    MNIST's pinned IDX checksums, is not prepare's to replace."""
+    from conftest import blob_arrays
+
+    from dpcnn.datasets import DatasetInfo
+    from dpcnn.h5format import write_h5
+    from dpcnn.prepare import main as prepare_main
+    mine = tmp_path / "mine.h5"
+    write_h5(mine, DatasetInfo(name="mnist", class_names=tuple("0123456789")), blob_arrays(), {"mine": "0" * 64})
+    with h5py.File(mine, "r+") as f:
+        f.attrs.pop("made_from", None)
+    before = mine.read_bytes()
+    assert prepare_main(["prepare", "--source", str(tmp_path / "nowhere"), "--out", str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert "that prepare did not make from its IDX files; not replaced" in err and err.count("\n") == 1, err
+    assert mine.read_bytes() == before
