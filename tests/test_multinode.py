@@ -301,7 +301,7 @@ def speed(run_dir: Path) -> str:
 
 
 def train_args(data: Path, out: Path, *extra) -> list:
-    return ["-m", "dpcnn.train", "--data", data, "--out", out, "--no-progress", *extra]
+    return ["-m", "dpcnn.train", "--data", data, "--out", out, "--no-progress", "--val-size", "0", *extra]
 
 
 # ----------------------------------------------------------------------------- mpiexec across nodes
@@ -406,7 +406,7 @@ def sbatch_train(data: Path, run_dir: Path, log: Path, cpus_per_task=1, *train, 
         env["LAUNCHER"] = launcher
     r = run(["sbatch", "--parsable", "--job-name=dpcnn-2n", "--nodes=2", "--ntasks-per-node=1",
              f"--cpus-per-task={cpus_per_task}", "--time=10", f"--output={log}", TRAIN_SBATCH,
-             "--data", data, "--no-progress", *train],
+             "--data", data, "--no-progress", "--val-size", "0", *train],
             timeout=30, env=env, cwd=log.parent)
     assert r.returncode == 0, r.stdout
     return r.stdout.strip().split(";")[0]
@@ -521,10 +521,10 @@ def test_sbatch_checkpoint_requeue_resume_on_two_nodes(cluster, data_4000, unint
     the job, and the next run resumes on two nodes and ends with the uninterrupted run's records."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     t0 = time.monotonic()
-    job, log, records = sbatch_past_init(data_4000, run_dir, log, lambda: records(run_dir), 120)
+    job, log, first_records = sbatch_past_init(data_4000, run_dir, log, lambda: records(run_dir), 120)
     try:
-        assert records, job_failed(job_fields(job), log, job)
-        first = records[0]
+        assert first_records, job_failed(job_fields(job), log, job)
+        first = first_records[0]
         assert first["world_size"] == 2 and first["step"] == 25, first
 
         assert run(["scancel", "--signal=USR1", job], timeout=30, env=cluster_env()).returncode == 0
