@@ -183,12 +183,12 @@ class Augment:
     rank reads it and whatever the rank count; the noise is drawn after the other draws, so
     turning it on leaves the shifts, angles and zooms as they were.
 
-        aug = Augment(shift=2, rotate=10, scale=0.1, elastic=34, sigma=4, seed=0)
+        aug = Augment(shift=2, rotate=10, scale=0.1, elastic=34, sigma=6, seed=0)
         out = aug(images, epoch, k, M, start)     # images: positions [start, start + m) of batch k
     """
 
     def __init__(self, shift: int = 0, rotate: float = 0.0, seed: int = 0, scale: float = 0.0,
-                 elastic: float = 0.0, sigma: float = 4.0):
+                 elastic: float = 0.0, sigma: float = 6.0):
         if shift < 0 or not 0 <= rotate <= 180 or not 0 <= scale <= 0.5 or elastic < 0 or sigma <= 0:
             raise ValueError(f"shift must be >= 0, rotate in [0, 180], scale in [0, 0.5], elastic >= 0 and "
                              f"sigma > 0, got {shift}, {rotate}, {scale}, {elastic}, {sigma}")
