@@ -2,9 +2,11 @@
 bit-identical on any rank count and across a resume), the --large-batch recipe, and the warning
 that a run has collapsed to guessing."""
 
+import importlib
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +186,21 @@ def test_the_collapse_warning_waits_for_the_warm_up_and_the_first_epoch(caplog):
     assert len(caplog.records) == 1
     text = caplog.records[0].getMessage()
     assert "step 265" in text and "a learning rate of 0.8 at a global batch of 1024" in text and "(now 0.05)" in text
+
+
+# ------------------------------------------------------------------------- the time-to-accuracy model
+
+
+def test_the_ring_allreduce_model_and_epochs_to_target(monkeypatch):
+    """scripts/large_batch.py's paper table: the ring allreduce's cost and the first epoch at 99.2%."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    lb = importlib.import_module("large_batch")
+    assert lb.ring_ms(1, 824_176, 1e9, 5e-6) == 0
+    # 2 ranks: each sends and receives half the buffer twice (reduce-scatter, all-gather): bytes / bandwidth
+    assert lb.ring_ms(2, 1_000_000, 1e9, 5e-6) == pytest.approx(1.0 + 2 * 5e-3)
+    # many ranks: the bandwidth term tends to twice the buffer's time, the latency term grows with P
+    assert lb.ring_ms(256, 1_000_000, 1e9, 0) == pytest.approx(2 * 255 / 256)
+    assert lb.ring_ms(256, 0, 1e9, 1e-6) == pytest.approx(2 * 255 * 1e-3)
+    rows = [{"epoch": e, "test_accuracy": a} for e, a in ((1, 0.98), (2, 0.9921), (3, 0.991), (4, 0.993))]
+    assert lb.epochs_to(rows) == 2 and lb.epochs_to(rows, 0.995) is None
+    assert lb.reach([6, 6, 7]) == "6.3 (6, 6, 7)" and lb.reach([5, None, 6]) == "2 of 3 (5, -, 6)"
