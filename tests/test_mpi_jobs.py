@@ -235,13 +235,16 @@ def test_a_stop_signal_while_stuck_in_a_collective_ends_the_rank_at_once(tiny_h5
 def test_mpi_is_initialised_at_the_thread_level_the_watchdog_needs(tmp_path):
     """The watchdog's thread calls MPI_Abort while the main thread may be blocked in a collective:
     MPI_THREAD_MULTIPLE (it was MPI_THREAD_SINGLE)."""
+    # Rank 0 prints every rank's line: two ranks printing at once can interleave mid-line.
     probe = ("from dpcnn.comm import MPIComm\nfrom mpi4py import MPI\nc = MPIComm()\n"
-             "print(c.rank, MPI.Query_thread() == MPI.THREAD_MULTIPLE, c.thread_level,\n"
-             "      c.versions()['mpi_thread_level'])")
+             "line = f\"{c.rank} {MPI.Query_thread() == MPI.THREAD_MULTIPLE} {c.thread_level} \"\n"
+             "line += c.versions()['mpi_thread_level']\n"
+             "lines = MPI.COMM_WORLD.gather(line)\n"
+             "if c.rank == 0: print('\\n'.join(lines), flush=True)\n")
     with ended_on_exit(launch([sys.executable, "-c", probe], 2)) as p:
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
-    assert sorted(out.split("\n")[:2]) == ["0 True multiple multiple", "1 True multiple multiple"], out
+    assert out.split("\n")[:2] == ["0 True multiple multiple", "1 True multiple multiple"], out
 
 
 @pytest.mark.timeout(120)
