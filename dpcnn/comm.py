@@ -92,7 +92,7 @@ class DoneRequest(Request):
 class MPIRequest(Request):
     """An mpi4py request; keeps the buffer alive until the collective is done."""
 
-    def __init__(self, req: Any, buf: np.ndarray):
+    def __init__(self, req: Any, buf: Any):
         self._req, self._buf = req, buf
 
     def test(self) -> bool:
@@ -124,6 +124,12 @@ class Comm(ABC):
     def iallreduce(self, buf: np.ndarray) -> Request:
         """Start summing buf over all ranks, in place (non-blocking); buf is the sum after the
         request's ``wait`` and must not be touched before it."""
+
+    @abstractmethod
+    def iallgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        """Start gathering every rank's send (all of one size) into recv (size * send.size, the
+        ranks' blocks in rank order) on every rank (non-blocking); neither buffer may be touched
+        before the request's ``wait``."""
 
     @abstractmethod
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
@@ -170,6 +176,10 @@ class SerialComm(Comm):
         pass
 
     def iallreduce(self, buf: np.ndarray) -> Request:
+        return DoneRequest()
+
+    def iallgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        np.copyto(recv.reshape(send.shape), send)
         return DoneRequest()
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
@@ -224,6 +234,9 @@ class MPIComm(Comm):
 
     def iallreduce(self, buf: np.ndarray) -> Request:
         return MPIRequest(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf)
+
+    def iallgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        return MPIRequest(self.comm.Iallgather(send, recv), (send, recv))
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)

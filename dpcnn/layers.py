@@ -328,16 +328,18 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
     return out, (x, w)
 
 
-def dense_backward(dout: np.ndarray, cache, need_dx: bool = True, out=None):
+def dense_backward(dout: np.ndarray, cache, need_dx: bool = True, out=None, need_dw: bool = True):
     """dout: (G, N, F), any strides -> (dx: (G, N, D) or None, dw: (G, D, F), db: (G, F)), one
     weight and bias gradient per micro-batch; dx is a transposed view.
 
     out: optionally (dw, db) arrays to write the two gradients into (views of the gradient
     vectors, any stride between micro-batches), which saves copying a large dw.
+    need_dw=False: no weight gradient (dw is None); the caller computes it from the layer's
+    input x (the cache's first item) and dout, over more samples than one micro-batch.
     """
     x, w = cache
     dw, db = out if out is not None else (None, None)
-    dw = np.matmul(x.transpose(0, 2, 1), dout, out=dw)
+    dw = np.matmul(x.transpose(0, 2, 1), dout, out=dw) if need_dw else None
     db = sum_rows(dout, out=db)
     if not need_dx:
         return None, dw, db

@@ -109,6 +109,7 @@ class CNN:
         self.grads = grads
         self.p, self.g = self.unflatten(self.params), self.unflatten(self.grads)
         self._caches: list | None = None
+        self.factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}     # see backward's factored
         self.init(seed, init)
 
     def unflatten(self, vec: np.ndarray) -> dict[str, np.ndarray]:
@@ -184,10 +185,16 @@ class CNN:
         return x
 
     def backward(self, dlogits: np.ndarray, grads: np.ndarray | None = None,
-                 dense_done: Callable[[], None] | None = None, poll: Callable[[], None] | None = None) -> None:
+                 dense_done: Callable[[], None] | None = None, poll: Callable[[], None] | None = None,
+                 factored: tuple[int, ...] = ()) -> None:
         """dlogits: (N, classes) -> writes every parameter gradient into ``self.grads``; or
         dlogits (G, N, classes) of a stacked forward -> row g of grads (G, num_params) gets
         micro-batch g's gradient.
+
+        factored: dense layers (1 = fc1) whose weight gradient is not computed (its entries of
+        grads are left as they were); ``self.factors[i]`` then holds the two factors of that
+        gradient, the layer's input (G, N, D) and the gradient at its output (G, N, F), whose
+        product summed over samples (x^T @ dout) is the weight gradient.
 
         Hooks for overlapping communication with the rest of the pass: dense_done() is called
         once the dense layers' gradients (the tail of the vector, from ``dense_offset``) are
@@ -199,14 +206,16 @@ class CNN:
         elif grads is None or grads.shape != (len(dlogits), self.spec.num_params) or grads.dtype != self.dtype:
             raise ValueError(f"a stacked backward needs grads of shape ({len(dlogits)}, {self.spec.num_params})")
         s, g = self.spec, self.unflatten(grads)
-        caches = self._caches
+        caches, self.factors = self._caches, {}
         n_conv, n_fc = len(s.channels), len(s.hidden) + 1
         d = dlogits
         for i in range(n_fc, 0, -1):
             c_fc, c_relu = caches[n_conv + i]
             if c_relu is not None:
                 d = L.relu_backward(d, c_relu)
-            d, _, _ = L.dense_backward(d, c_fc, out=(g[f"fc{i}.w"], g[f"fc{i}.b"]))
+            if i in factored:
+                self.factors[i] = (c_fc[0], d)
+            d, _, _ = L.dense_backward(d, c_fc, out=(g[f"fc{i}.w"], g[f"fc{i}.b"]), need_dw=i not in factored)
         if dense_done is not None:
             dense_done()
         poll = poll or _nothing
@@ -232,7 +241,7 @@ class CNN:
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, denom: float | None = None,
                       grads: np.ndarray | None = None, dense_done: Callable[[], None] | None = None,
-                      poll: Callable[[], None] | None = None):
+                      poll: Callable[[], None] | None = None, factored: tuple[int, ...] = ()):
         """One forward and backward pass on a batch, or on a stack of micro-batches.
 
         x: (N, H, W, C), y: (N,) -> (loss, correct): the loss summed over the batch
@@ -241,17 +250,17 @@ class CNN:
 
         x: (G, N, H, W, C), y: (G, N), grads: (G, num_params) -> (loss (G,) float64, correct
         (G,) int64), per micro-batch, and row g of grads holds micro-batch g's gradient: the
-        same bits as G separate calls. dense_done, poll: see ``backward``.
+        same bits as G separate calls. dense_done, poll, factored: see ``backward``.
         """
         if x.ndim == 4:
             if len(x) == 0:                      # a rank with no samples in this batch
                 self.grads[...] = 0
                 return 0.0, 0
-            loss, correct = self.loss_and_grad(x[None], y[None], denom, self.grads[None], dense_done, poll)
+            loss, correct = self.loss_and_grad(x[None], y[None], denom, self.grads[None], dense_done, poll, factored)
             return float(loss[0]), int(correct[0])
         logits = self.forward(x, train=True)
         loss, dlogits = L.softmax_cross_entropy(logits, y, denom)
-        self.backward(dlogits, grads, dense_done, poll)
+        self.backward(dlogits, grads, dense_done, poll, factored)
         return loss, (logits.argmax(axis=-1) == y).sum(axis=-1)
 
     def predict_logits(self, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:

@@ -81,7 +81,7 @@ def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: i
     if not comm.is_root:
         return None
     return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
-            **summarise(every[:, :, :3], wall, batch), "allreduce_bytes": step.buf.array.nbytes,
+            **summarise(every[:, :, :3], wall, batch), "allreduce_bytes": step.message_bytes(batch * comm.size),
             "overlap": step.overlap, "barrier": barrier,
             "dense_wait_ms": round(1e3 * every[:, :, 3].mean(), 3)}
 
@@ -249,7 +249,9 @@ def measure(args: argparse.Namespace) -> int:
         mode = f"--exact, micro-batches of {args.micro_batch}" if args.exact else "float32 sums"
         mode += ", overlapped" if args.overlap else ""
         print(f"per-rank batch {args.per_rank_batch} ({mode}), 1 thread per rank, {args.steps} steps, median of "
-              f"{args.repeat} launch(es), bind-to {args.bind_to}; allreduce of {buf.array.nbytes / 1e3:.0f} KB a step")
+              f"{args.repeat} launch(es), bind-to {args.bind_to}; allreduce of {buf.array.nbytes / 1e3:.0f} KB a step"
+              + (" (or, at global batches up to 110, a gather of fc1's factors: allreduce_bytes in --json)"
+                 if args.exact else ""))
         print(f"{'P':>3} {'img/s':>9} {'eff':>6} {'ms/step':>8} {'compute':>8} {'p99':>6} {'imbal':>6} "
               f"{'wait':>7} {'xfer':>7} {'dense':>6}"
               + (f" {'DDP img/s':>10} {'ratio':>6}" if use_torch else ""))

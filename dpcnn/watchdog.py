@@ -312,6 +312,9 @@ class _Watched(Comm):
     def iallreduce(self, buf: np.ndarray) -> Request:
         return _WatchedRequest(self._comm.iallreduce(buf), self._dog)
 
+    def iallgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        return _WatchedRequest(self._comm.iallgather(send, recv), self._dog, "the allgather")
+
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         with self._dog.waiting("a broadcast"):
             self._comm.bcast(buf, root)
@@ -345,16 +348,16 @@ class _Watched(Comm):
 
 
 class _WatchedRequest(Request):
-    """A started allreduce: its wait is a collective this rank waits in (a test returns at once)."""
+    """A started collective: its wait is a collective this rank waits in (a test returns at once)."""
 
-    def __init__(self, req: Request, dog: Watchdog):
-        self._req, self._dog = req, dog
+    def __init__(self, req: Request, dog: Watchdog, what: str = "the allreduce"):
+        self._req, self._dog, self._what = req, dog, what
 
     def test(self) -> bool:
         return self._req.test()
 
     def wait(self) -> None:
-        with self._dog.waiting("the allreduce"):
+        with self._dog.waiting(self._what):
             self._req.wait()
 
 

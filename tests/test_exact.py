@@ -276,22 +276,39 @@ class OneAtATime:
     """The exact step before the stacked pass, as the reference: one forward and backward per
     micro-batch, each float32 gradient rounded to the grid and added to a float64 sum."""
 
-    def __init__(self, spec, seed, momentum=0.9, weight_decay=5e-4):
-        self.model = CNN(spec, seed=seed)
+    def __init__(self, spec, seed, momentum=0.9, weight_decay=5e-4, gather=True):
+        self.model, self.gather = CNN(spec, seed=seed), gather
         self.opt = SGD(self.model.params, self.model.grads, momentum=momentum, nesterov=momentum > 0,
                        weight_decay=weight_decay)
 
-    def compute(self, x, y, m):
-        """This rank's micro-batches -> (gradient sum, loss sum as an integer of GRIDs, correct)."""
+    def factored(self, M):
+        """The dense layers whose weight gradient the step takes from gathered factors at a global
+        batch of M: those whose factors (M rows of D + F) are no more values than the weights."""
+        return tuple(i for i in range(1, len(self.model.spec.hidden) + 2)
+                     if self.gather and M * sum(self.model.p[f"fc{i}.w"].shape) <= self.model.p[f"fc{i}.w"].size)
+
+    def compute(self, x, y, m, M):
+        """This rank's micro-batches -> (gradient sum, loss sum as an integer of GRIDs, correct,
+        {factored layer: [(x, dout) of each micro-batch]})."""
         acc, loss_fixed, correct = np.zeros(self.model.grads.size), 0, 0
+        layers, factors = self.factored(M), {}
         for i in range(0, len(x), m):
-            loss, c = self.model.loss_and_grad(x[i:i + m], y[i:i + m], denom=1)
+            self.model.grads[:] = 0
+            loss, c = self.model.loss_and_grad(x[i:i + m], y[i:i + m], denom=1, factored=layers)
             acc += rounder_sum(self.model.grads[None])
             loss_fixed, correct = loss_fixed + exact.to_fixed(loss), correct + c
-        return acc, loss_fixed, correct
+            for j, (a, d) in self.model.factors.items():
+                factors.setdefault(j, []).append((a[0].copy(), d[0].copy()))
+        return acc, loss_fixed, correct, factors
 
-    def update(self, grad_sum, M, lr):
+    def update(self, grad_sum, M, lr, factors):
+        """factors: every micro-batch's, in the order of the global batch."""
         np.multiply(grad_sum, 1.0 / M, out=self.model.grads, casting="unsafe")
+        for j, parts in factors.items():       # x^T @ dout over the whole batch, dout in units of the grid
+            a = np.concatenate([p[0] for p in parts])
+            d = np.concatenate([p[1] for p in parts]) * np.float32(exact.SCALE)
+            w = np.ascontiguousarray(a).T @ np.ascontiguousarray(d)
+            self.model.g[f"fc{j}.w"][...] = w * np.float32(exact.GRID / M)
         self.opt.step(lr)
 
 
@@ -301,24 +318,34 @@ def batches(spec, sizes, seed=5):
     return [(normal(rng, (M,) + spec.input_shape), rng.integers(0, spec.classes, M)) for M in sizes]
 
 
-def run_reference(spec, data, m, lr=0.05, P=1):
+def run_reference(spec, data, m, lr=0.05, P=1, gather=True):
     """The reference on P simulated ranks: each rank's micro-batches one at a time, the ranks'
     sums added in reverse rank order."""
-    ref = OneAtATime(spec, seed=1)
+    ref = OneAtATime(spec, seed=1, gather=gather)
     losses = []
     for x, y in data:
-        parts = [ref.compute(x[lo:hi], y[lo:hi], m) for lo, hi in (micro_bounds(len(y), m, r, P) for r in range(P))]
+        M = len(y)
+        parts = [ref.compute(x[lo:hi], y[lo:hi], m, M) for lo, hi in (micro_bounds(M, m, r, P) for r in range(P))]
         total = sum((p[0] for p in parts[::-1]), np.zeros_like(parts[0][0]))
         losses.append((exact.from_fixed(sum(p[1] for p in parts)), sum(p[2] for p in parts)))
-        ref.update(total, len(y), lr)
+        factors = {j: [f for p in parts for f in p[3].get(j, [])] for j in ref.factored(M)}
+        ref.update(total, M, lr, factors)
     return ref.model.params, ref.opt.velocity, losses
 
 
-def run_stacked(spec, data, m, P, lr=0.05, stack=None):
+class SimRank(SerialComm):
+    """Rank `rank` of `size` simulated in one process: the test does the collectives itself."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+def run_stacked(spec, data, m, P, lr=0.05, stack=None, gather=True):
     """TrainStep (the stacked pass) on P simulated ranks: the buffers added as the allreduce would
     (in reverse rank order), each rank updating from the sum. Returns every rank's (params,
     velocity) and the reported (loss_sum, correct) per step. stack: micro-batches per pass."""
-    steps = [TrainStep(spec, SerialComm(), micro_batch=m, seed=1, weight_decay=5e-4) for _ in range(P)]
+    steps = [TrainStep(spec, SimRank(r, P), micro_batch=m, seed=1, weight_decay=5e-4, gather=gather)
+             for r in range(P)]
     for s in steps:
         s.stack = stack or s.stack
     losses = []
@@ -330,6 +357,8 @@ def run_stacked(spec, data, m, P, lr=0.05, stack=None):
         total = sum((s.buf.array for s in steps[::-1]), np.zeros_like(steps[0].buf.array))
         for s in steps:
             s.buf.array[:] = total
+            if s.plan(M) is not None:                               # what the allgather gives
+                s.plan(M).recv[:] = np.stack([t.plan(M).send for t in steps])
             s.update(M, lr)
         losses.append((steps[0].buf.loss_sum, steps[0].buf.correct))
     return [(s.model.params, s.opt.velocity) for s in steps], losses
@@ -341,27 +370,39 @@ def run_stacked(spec, data, m, P, lr=0.05, stack=None):
 # 16 + 4: on 3 ranks one has none); more micro-batches on a rank than one pass stacks (passes
 # of 3 + 3 + 2 on one rank, 3 + 1 on two)
 STEP_CASES = [([64, 64, 64], 16, None), ([28, 28, 13], 8, None), ([20, 20], 16, None), ([64, 60], 8, 3)]
+# and by which sums: fc1's weight gradient from gathered factors up to a global batch of 110, then
+# a grid sum (128); fc2's too at 9 or fewer samples (8, 9)
+GATHER_CASES = [([128, 112], 16, None), ([8, 9], 4, None)]
 
 
-@pytest.mark.parametrize("sizes,m,stack", STEP_CASES)
-def test_stacked_step_gives_the_bits_of_one_micro_batch_at_a_time_on_1_2_3_ranks(sizes, m, stack):
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("sizes,m,stack", STEP_CASES + GATHER_CASES)
+def test_stacked_step_gives_the_bits_of_one_micro_batch_at_a_time_on_1_2_3_ranks(sizes, m, stack, gather):
     spec = ModelSpec()
     data = batches(spec, sizes)
-    params, velocity, losses = run_reference(spec, data, m)
+    params, velocity, losses = run_reference(spec, data, m, gather=gather)
     for P in (1, 2, 3):
-        ranks, reported = run_stacked(spec, data, m, P, stack=stack)
+        ranks, reported = run_stacked(spec, data, m, P, stack=stack, gather=gather)
         for p, v in ranks:
             assert same(p, params) and same(v, velocity), f"P = {P}"
         assert reported == losses, f"P = {P}"
     # and the reference itself gives the same bits on 3 ranks: the sum does not depend on grouping
-    assert same(run_reference(spec, data, m, P=3)[0], params)
+    assert same(run_reference(spec, data, m, P=3, gather=gather)[0], params)
 
 
-def test_a_rank_without_micro_batches_contributes_nothing_and_reports_no_overflow():
-    step = TrainStep(ModelSpec(), SerialComm(), micro_batch=16, seed=1)
+@pytest.mark.parametrize("gather", [True, False])
+def test_a_rank_without_micro_batches_contributes_nothing_and_reports_no_overflow(gather):
+    step = TrainStep(ModelSpec(), SimRank(2, 3), micro_batch=16, seed=1, gather=gather)
     step.buf.array[:] = 3.0                                       # left over from an earlier step
+    if gather:
+        step.plan(20).send[:] = 3.0
     step.compute(np.zeros((0, 28, 28, 1), np.float32), np.zeros(0, np.int64), 20, stop=True)
-    assert not step.buf.grads.any() and step.buf.loss_sum == 0 and step.buf.correct == 0
+    k = step.model.dense_offset
+    # what this rank sends: the Allreduce's part, and with gather the allgather's block
+    assert not step.buf.grads[:k if gather else None].any()
+    assert step.buf.loss_sum == 0 and step.buf.correct == 0
+    if gather:
+        assert step.plan(20).counts == [16, 4, 0] and not step.plan(20).partials.any()
     assert step.buf.stop and not step.buf.overflow
 
 
@@ -437,3 +478,15 @@ def test_stacked_step_under_mpi_gives_the_bits_of_one_rank(comm, sizes, m, stack
         reported.append((r.loss_sum, r.correct))
     assert same(step.model.params, params) and same(step.opt.velocity, velocity) and reported == losses
     assert comm.allgather_obj(step.model.params.tobytes()) == [step.model.params.tobytes()] * comm.size
+
+
+def test_which_dense_layers_gather_depends_on_the_batch_and_model_only():
+    """fc1 (784 x 128) gathers while its factors, M rows of 784 + 128, are no more values than
+    its weights (M <= 110); fc2 (128 x 10) at M <= 9; the same on any rank count."""
+    for P in (1, 2, 5):
+        step = TrainStep(ModelSpec(), SimRank(0, P), micro_batch=4)
+        assert step.plan(110).layers == (1,) and step.plan(111) is None
+        assert step.plan(9).layers == (1, 2) and step.plan(10).layers == (1,)
+        assert sum(step.plan(64).counts) == 64
+    assert TrainStep(ModelSpec(), SerialComm(), gather=False).plan(64) is None
+    assert TrainStep(ModelSpec(), SerialComm(), exact=False).plan(64) is None
