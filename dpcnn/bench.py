@@ -51,19 +51,20 @@ class Stepper:
     run by calling it; ``step`` is the TrainStep."""
 
     def __init__(self, spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0,
-                 exact: bool = True):
+                 exact: bool = True, gather: bool = True):
         self.x, self.y = _batch(spec, batch_size, seed)
         self.step = TrainStep(spec, SerialComm(), micro_batch=micro_batch, seed=seed, momentum=0.9, nesterov=True,
-                              weight_decay=5e-4, exact=exact)
+                              weight_decay=5e-4, exact=exact, gather=gather)
 
     def __call__(self):
         return self.step(self.x, self.y, len(self.y), 0.01)
 
 
 def numpy_stepper(spec: ModelSpec, batch_size: int, micro_batch: int = Config.micro_batch, seed: int = 0,
-                  exact: bool = True) -> Stepper:
-    """The exact step: micro-batches of micro_batch samples in one stacked pass, exact sums."""
-    return Stepper(spec, batch_size, micro_batch, seed, exact)
+                  exact: bool = True, gather: bool = True) -> Stepper:
+    """The exact step: micro-batches of micro_batch samples in one stacked pass, exact sums (with
+    gather=False every gradient a grid sum, fc1's too: the exact step before gathered factors)."""
+    return Stepper(spec, batch_size, micro_batch, seed, exact, gather)
 
 
 def float_stepper(spec: ModelSpec, batch_size: int, seed: int = 0) -> Stepper:
@@ -126,16 +127,19 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
     with threadpool_limits(threads):
         floats = float_stepper(spec, batch_size)
         exact = numpy_stepper(spec, batch_size, micro_batch)
+        grid = numpy_stepper(spec, batch_size, micro_batch, gather=False)
         theirs = torch_stepper(spec, batch_size, threads) if use_torch else None
         for _ in range(5):                      # warm-up: allocator, BLAS buffers, caches
             floats()
             exact()
+            grid()
             if theirs:
                 theirs[0]()
-        t_float, t_exact, t_theirs = [], [], []
+        t_float, t_exact, t_grid, t_theirs = [], [], [], []
         for _ in range(rounds):                 # alternate, so all see the same noise
             t_float.append(time_steps(floats, steps, tick))
             t_exact.append(time_steps(exact, steps, tick))
+            t_grid.append(time_steps(grid, steps, tick))
             if theirs:
                 t_theirs.append(time_steps(theirs[0], steps, tick))
         peak = peak_step_memory_mb(floats)
@@ -156,6 +160,8 @@ def run(batch_size: int = 64, threads: int = 1, steps: int = 40, rounds: int = 7
         "exact_cost": round(statistics.median(cost), 3),
         "exact_cost_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "exact_cost_range": [round(cost[0], 3), round(cost[-1], 3)],
+        "exact_gathers": exact.step.plan(batch_size) is not None,
+        "grid_exact_cost": round(statistics.median(a / b - 1 for a, b in zip(t_grid, t_float, strict=True)), 3),
         "peak_memory_mb": round(peak, 2),
         "exact_peak_memory_mb": round(peak_exact, 2),
         "rounds": rounds,
@@ -284,6 +290,8 @@ def main(argv=None) -> int:
     print(f"exact against float: {100 * r['exact_cost']:+.1f}% (median of {r['rounds']} rounds; quartiles "
           f"{100 * q[0]:+.1f}% .. {100 * q[1]:+.1f}%, range {100 * lo_hi[0]:+.1f}% .. {100 * lo_hi[1]:+.1f}%; "
           f"{r['clock']} clock)")
+    print(f"  (every gradient a grid sum, the exact step before fc1's gathered factors: "
+          f"{100 * r['grid_exact_cost']:+.1f}%)")
     if "torch_images_per_second" in r:
         print(f"PyTorch: {r['torch_images_per_second']:9.0f} images/s  ({r['torch_ms_per_step']:.2f} ms/step, "
               f"torch {r['torch']})")

@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 
 def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: int, exact: bool,
-                 overlap: bool = False, barrier: bool = True) -> dict | None:
+                 overlap: bool = False, barrier: bool = True, gather: bool = True) -> dict | None:
     """One rank of the dpcnn measurement (the trainer's TrainStep); returns the summary on rank 0."""
     threadpool_limits(1)
     keep_freed_memory()
@@ -57,7 +57,7 @@ def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: i
     x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, batch)
     step = TrainStep(ModelSpec(), comm, micro_batch=micro_batch, exact=exact, seed=0, momentum=0.9, nesterov=True,
-                     weight_decay=5e-4, overlap=overlap)
+                     weight_decay=5e-4, overlap=overlap, gather=gather)
     times = np.zeros((steps, 4))               # per timed step: compute, wait, transfer, of it the dense wait
     start = time.perf_counter()
     for i in range(warmup + steps):
@@ -82,7 +82,7 @@ def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: i
         return None
     return {"framework": "dpcnn", "ranks": comm.size, "per_rank_batch": batch, "steps": steps,
             **summarise(every[:, :, :3], wall, batch), "allreduce_bytes": step.message_bytes(batch * comm.size),
-            "overlap": step.overlap, "barrier": barrier,
+            "overlap": step.overlap, "barrier": barrier, "gathered": step.plan(batch * comm.size) is not None,
             "dense_wait_ms": round(1e3 * every[:, :, 3].mean(), 3)}
 
 
@@ -161,7 +161,7 @@ def launch(framework: str, P: int, args) -> dict:
            sys.executable, "-m", "dpcnn.scaling", "--worker", framework,
            "--per-rank-batch", str(args.per_rank_batch), "--micro-batch", str(args.micro_batch),
            *(["--exact"] if args.exact else []), *(["--overlap"] if args.overlap else []),
-           *(["--no-barrier"] if args.no_barrier else []),
+           *(["--no-barrier"] if args.no_barrier else []), *(["--no-gather"] if args.no_gather else []),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ranks", type=int_list, default=(1, 2), help="comma-separated rank counts (default 1,2)")
     ap.add_argument("--per-rank-batch", type=positive_int, default=32, help="images per rank per step (default 32)")
     ap.add_argument("--exact", action="store_true", help="dpcnn's --exact step (micro-batches, exact sums)")
+    ap.add_argument("--no-gather", action="store_true",
+                    help="with --exact: every gradient a grid sum in the one Allreduce, fc1's too (the exact "
+                         "step before gathered factors), for comparison")
     ap.add_argument("--overlap", action="store_true",
                     help="reduce the dense layers' gradient during the conv backward (TrainStep overlap)")
     ap.add_argument("--no-barrier", action="store_true",
@@ -217,7 +220,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         if comm is not None:
             res = worker_dpcnn(comm, args.per_rank_batch, args.steps, args.warmup, args.micro_batch, args.exact,
-                               args.overlap, not args.no_barrier)
+                               args.overlap, not args.no_barrier, not args.no_gather)
         else:
             res = worker_torch(args.per_rank_batch, args.steps, args.warmup)
     except BaseException:                   # end the launch now rather than leave ranks waiting

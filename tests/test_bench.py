@@ -14,16 +14,18 @@ from dpcnn.scaling import efficiency, summarise
 from dpcnn.step import TrainStep
 
 
-def fake_clock(monkeypatch, float_times, exact_times):
+def fake_clock(monkeypatch, float_times, exact_times, grid_times=None):
     """bench.time_steps replaced: runs each stepper once and returns the next of the given times
-    for the step it drives (by its TrainStep's exact flag); returns the list of steppers timed."""
-    times = {False: iter(float_times), True: iter(exact_times)}
+    for the step it drives (float, exact, or exact with grid sums only: by its TrainStep's exact
+    and gather flags); returns the list of steppers timed."""
+    times = {(False, False): iter(float_times), (True, True): iter(exact_times),
+             (True, False): iter(grid_times or exact_times)}
     seen = []
 
     def time_steps(stepper, n, clock=None):
         seen.append(stepper)
         stepper()
-        return next(times[stepper.step.exact])
+        return next(times[stepper.step.exact, stepper.step.gather])
 
     monkeypatch.setattr(bench, "time_steps", time_steps)
     return seen
@@ -32,9 +34,10 @@ def fake_clock(monkeypatch, float_times, exact_times):
 def test_bench_reports_the_float_and_exact_steps_from_their_own_timings(monkeypatch):
     """Known timings in: images/s from the float step's median, exact_cost the median of the
     per-round exact / float - 1 (here 1.1, 1.05, 1.2), rounds alternating float and exact."""
-    seen = fake_clock(monkeypatch, [2e-3, 4e-3, 3e-3], [2.2e-3, 4.2e-3, 3.6e-3])
+    seen = fake_clock(monkeypatch, [2e-3, 4e-3, 3e-3], [2.2e-3, 4.2e-3, 3.6e-3], [3e-3, 5e-3, 3e-3])
     r = bench.run(batch_size=32, steps=1, rounds=3, use_torch=False, micro_batch=8)
-    assert [s.step.exact for s in seen] == [False, True] * 3
+    assert [(s.step.exact, s.step.gather) for s in seen] == [(False, False), (True, True), (True, False)] * 3
+    assert r["grid_exact_cost"] == 0.25 and r["exact_gathers"]      # 1.5, 1.25, 1.0
     assert r["images_per_second"] == round(32 / 3e-3, 1) and r["ms_per_step"] == 3.0
     assert r["exact_ms_per_step"] == 3.6 and r["exact_images_per_second"] == round(32 / 3.6e-3, 1)
     assert r["exact_cost"] == 0.1 and r["exact_cost_range"] == [0.05, 0.2]
