@@ -242,7 +242,7 @@ class TrainStep:
                 rows = self._rows(g)
                 dense_ok = [True]
                 last = j == len(passes) - 1
-                dense_done = (self._gather_hook(rows, bound, start, g * n, last, dense_ok) if plan else
+                dense_done = (self._gather_hook(plan, rows, bound, start, g * n, last, dense_ok) if plan else
                               self._dense_hook(rows, bound, start == 0, last, dense_ok))
                 # each micro-batch's summed loss and gradient in units of the grid: denom = GRID
                 # scales them by 2**32, exactly (a power of two)
@@ -279,12 +279,12 @@ class TrainStep:
                 self._start()
         return dense_done
 
-    def _gather_hook(self, rows: np.ndarray, bound: float, start: int, count: int, last: bool,
+    def _gather_hook(self, plan: Gathered, rows: np.ndarray, bound: float, start: int, count: int, last: bool,
                      ok: list[bool]):
         """The dense hook when the step gathers: the dense tail's grid sums into the send block,
         the pass's factors beside them and, in a step's last pass with overlap, the gather
         started."""
-        plan, acc = self._plan, self._plan.partials
+        acc = plan.partials
 
         def dense_done() -> None:
             o, good = 0, True
@@ -366,7 +366,7 @@ class TrainStep:
             raise Diverged("the training loss or a gradient is not finite, or too large to sum exactly")
         scale = (exact.GRID / global_batch)              # units of GRID to values, and the mean
         if self._plan is not None and self.exact:
-            self._update_gathered(scale)
+            self._update_gathered(self._plan, scale)
         elif self.exact:
             # units of GRID (float64) -> values (float32): GRID / M = 2**-32 * (1 / M) exactly
             np.multiply(b.grads, scale, out=self.model.grads, casting="unsafe")
@@ -374,10 +374,10 @@ class TrainStep:
             self.model.grads *= self.model.dtype.type(1.0 / global_batch)
         self.opt.step(lr)
 
-    def _update_gathered(self, scale: float) -> None:
+    def _update_gathered(self, plan: Gathered, scale: float) -> None:
         """The gradient of a gathering step: the grid sums scaled, the gathered products computed
         (the same on every rank) and scaled; Diverged when a product is not finite."""
-        plan, g, k = self._plan, self.model.grads, self.model.dense_offset
+        g, k = self.model.grads, self.model.dense_offset
         np.multiply(self.buf.grads[:k], scale, out=g[:k], casting="unsafe")
         sums, o = plan.sums(), 0
         for a, b in plan.segments:
