@@ -236,7 +236,8 @@ class MPIComm(Comm):
         return MPIRequest(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf)
 
     def iallgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
-        return MPIRequest(self.comm.Iallgather(send, recv), (send, recv))
+        # as bytes: the block may hold other types (float64 sums in a float32 block)
+        return MPIRequest(self.comm.Iallgather(send.view(np.uint8), recv.view(np.uint8)), (send, recv))
 
     def bcast(self, buf: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(buf, root=root)

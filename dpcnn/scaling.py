@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits
 from .cli import Parser, entry_point, int_list, nonneg_int, positive_float, positive_int
 from .comm import Comm, get_comm
 from .config import Config
+from .data import micro_bounds
 from .malloc import keep_freed_memory
 from .model import ModelSpec
 from .node import find_mpiexec
@@ -54,8 +55,9 @@ def worker_dpcnn(comm: Comm, batch: int, steps: int, warmup: int, micro_batch: i
     threadpool_limits(1)
     keep_freed_memory()
     rng = np.random.default_rng(comm.rank)
-    x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
-    y = rng.integers(0, 10, batch)
+    lo, hi = micro_bounds(batch * comm.size, micro_batch, comm.rank, comm.size) if exact else (0, batch)
+    x = rng.standard_normal((hi - lo, 28, 28, 1)).astype(np.float32)      # the share the trainer's loader gives
+    y = rng.integers(0, 10, hi - lo)
     step = TrainStep(ModelSpec(), comm, micro_batch=micro_batch, exact=exact, seed=0, momentum=0.9, nesterov=True,
                      weight_decay=5e-4, overlap=overlap, gather=gather)
     times = np.zeros((steps, 4))               # per timed step: compute, wait, transfer, of it the dense wait

@@ -223,12 +223,18 @@ class TrainStep:
 
     def compute(self, x: np.ndarray, y: np.ndarray, global_batch: int, stop: bool = False) -> None:
         """x (k, H, W, C), y (k,): this rank's whole micro-batches (in order; the last one may be
-        short) of a global batch of global_batch samples -> their fixed-point sums in the buffer."""
+        short) of a global batch of global_batch samples -> their fixed-point sums in the buffer.
+        The exact step needs the rank's own share, ``data.micro_bounds(global_batch, micro_batch,
+        rank, size)`` (as the loader deals them): the gathered factors are read back by those
+        counts."""
         self._req = None
         if not self.exact:
             return self._compute_float(x, y, stop)
         m, buf, k = self.micro_batch, self.buf, self.model.dense_offset
         plan = self._plan = self.plan(global_batch)
+        if plan is not None and len(x) != plan.counts[self.comm.rank]:
+            raise ValueError(f"rank {self.comm.rank} got {len(x)} samples of a global batch of {global_batch}; "
+                             f"the exact step needs micro_bounds' {plan.counts[self.comm.rank]}")
         bound = exact.limit(-(-global_batch // m) + 1)     # no sum of all micro-batches can overflow
         full, rest = divmod(len(x), m)
         # the whole micro-batches in stacked passes of up to self.stack, the short last one of a
@@ -305,6 +311,8 @@ class TrainStep:
         if not self.gather:
             return None
         if global_batch not in self._plans:
+            if len(self._plans) >= 4:                 # a few sizes: the batch and an epoch's last
+                self._plans.pop(next(iter(self._plans)))
             M = global_batch
             layers = tuple(i for i in range(1, len(self.model.spec.hidden) + 2)
                            if M * sum(self.model.p[f"fc{i}.w"].shape) <= self.model.p[f"fc{i}.w"].size)
@@ -383,11 +391,16 @@ class TrainStep:
         for a, b in plan.segments:
             np.multiply(sums[o:o + b - a], scale, out=g[a:b], casting="unsafe")
             o += b - a
+        n = -(-sum(plan.counts) // self.micro_batch)            # micro-batches in the global batch
         for i in plan.layers:
             w = self.model.g[f"fc{i}.w"]
             with np.errstate(over="ignore", invalid="ignore"):
                 plan.product(i, w)
-            if not np.isfinite(w).all():
+                flat = w.reshape(-1)
+                sq = np.dot(flat, flat)                     # inf or nan when w is not finite
+            # the range the grid sums keep to (each micro-batch's part below limit(n + 1)): a
+            # diverging product is refused here, on every rank alike, before anything is applied
+            if not sq <= (n * exact.limit(n + 1) * exact.SCALE) ** 2:
                 raise Diverged("the training loss or a gradient is not finite, or too large to sum exactly")
             w *= w.dtype.type(scale)
 

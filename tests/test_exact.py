@@ -371,8 +371,8 @@ def run_stacked(spec, data, m, P, lr=0.05, stack=None, gather=True):
 # of 3 + 3 + 2 on one rank, 3 + 1 on two)
 STEP_CASES = [([64, 64, 64], 16, None), ([28, 28, 13], 8, None), ([20, 20], 16, None), ([64, 60], 8, 3)]
 # and by which sums: fc1's weight gradient from gathered factors up to a global batch of 110, then
-# a grid sum (128); fc2's too at 9 or fewer samples (8, 9)
-GATHER_CASES = [([128, 112], 16, None), ([8, 9], 4, None)]
+# a grid sum (111); fc2's too at 9 or fewer samples (8, 9)
+GATHER_CASES = [([110, 111, 64], 16, None), ([8, 9], 4, None)]
 
 
 @pytest.mark.parametrize("gather", [True, False])
@@ -461,15 +461,16 @@ def comm():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("sizes,m,stack", STEP_CASES)
-def test_stacked_step_under_mpi_gives_the_bits_of_one_rank(comm, sizes, m, stack):
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("sizes,m,stack", STEP_CASES + GATHER_CASES)
+def test_stacked_step_under_mpi_gives_the_bits_of_one_rank(comm, sizes, m, stack, gather):
     """Each rank steps on its micro-batches (uneven: 28 on 3 ranks is 8+8 / 8 / 4; 20 on 3 ranks
     leaves one rank without any); the parameters, momentum and reported sums equal one process
     stepping through all of them one at a time (the reference), on every rank."""
     spec = ModelSpec()
     data = batches(spec, sizes)
-    params, velocity, losses = run_reference(spec, data, m)
-    step = TrainStep(spec, comm, micro_batch=m, seed=1, weight_decay=5e-4)
+    params, velocity, losses = run_reference(spec, data, m, gather=gather)
+    step = TrainStep(spec, comm, micro_batch=m, seed=1, weight_decay=5e-4, gather=gather)
     step.stack = stack or step.stack
     reported = []
     for x, y in data:
@@ -490,3 +491,29 @@ def test_which_dense_layers_gather_depends_on_the_batch_and_model_only():
         assert sum(step.plan(64).counts) == 64
     assert TrainStep(ModelSpec(), SerialComm(), gather=False).plan(64) is None
     assert TrainStep(ModelSpec(), SerialComm(), exact=False).plan(64) is None
+
+
+def test_a_gathering_step_refuses_a_share_other_than_micro_bounds():
+    """The gathered rows are read back by micro_bounds' counts: another split would silently give
+    a wrong product, so it is refused before any collective."""
+    rng = np.random.default_rng(0)
+    x, y = normal(rng, (32, 28, 28, 1)), rng.integers(0, 10, 32)
+    step = TrainStep(ModelSpec(), SimRank(1, 3), micro_batch=16, seed=1)     # micro_bounds: 16, 16, 0
+    with pytest.raises(ValueError, match="rank 1 got 0 samples of a global batch of 32"):
+        step.compute(x[:0], y[:0], 32)
+    step.compute(x[16:], y[16:], 32)
+
+
+def test_a_huge_but_finite_gathered_gradient_is_a_divergence_as_on_the_grid():
+    """fc1's product is held to the range the grid sums keep to: the step that the grid path
+    refuses (a gradient out of range, still finite in float32) is refused too, nothing applied."""
+    rng = np.random.default_rng(0)
+    x, y = normal(rng, (64, 28, 28, 1)), rng.integers(0, 10, 64)
+    for gather in (False, True):
+        step = TrainStep(ModelSpec(), SerialComm(), micro_batch=16, seed=1, gather=gather)
+        step.model.p["conv2.b"][:] = 1e7                  # huge inputs to fc1, small weights: a finite
+        step.model.p["fc1.w"][:] *= np.float32(1e-7)      # loss, a weight gradient far out of range
+        before = step.model.params.copy()
+        with pytest.raises(Diverged, match="too large to sum exactly"):
+            step(x, y, 64, 0.05)
+        assert same(step.model.params, before), gather
