@@ -7,7 +7,9 @@ instead of rounded.
 The reference for the step is ``OneAtATime`` below: the exact step as it was before the stacked
 pass (one forward and backward per micro-batch, each gradient rounded to the grid by adding and
 subtracting 1.5 * 2**20 in float64 and added to a float64 sum), written independently of
-dpcnn.step and dpcnn.exact. Bits are compared with one BLAS thread (the trainer's default).
+dpcnn.step and dpcnn.exact; for the dense layers whose factors the step gathers (global batches
+up to 110 for fc1), the reference keeps each micro-batch's factors and takes their product over the
+whole batch. Bits are compared with one BLAS thread (the trainer's default).
 """
 
 import numpy as np
