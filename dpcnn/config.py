@@ -354,8 +354,9 @@ def _training_flags(t) -> None:
     _flag(t, "batch_size", "GLOBAL batch size, split across ranks (default 64)")
     _flag(t, "exact", "exact, order-independent sums over micro-batches (and, at global batches up to 110, "
                       "fc1's weight gradient from gathered factors): the same bits on any number of ranks and "
-                      "across a resume on another rank count, at 4-18%% more time per step on one rank (median 9%% at batch 64) "
-                      "(default off: one float32 pass per rank; rank counts then agree to float32 rounding)")
+                      "across a resume on another rank count, at 4-18%% more time per step on one rank "
+                      "(median 9%% at batch 64; default off: one float32 pass per rank; rank counts then agree "
+                      "to float32 rounding)")
     _flag(t, "micro_batch", "with --exact: samples per forward/backward pass; each rank computes whole "
                             "micro-batches, so the result is bit-identical on any number of ranks up to "
                             "batch-size / micro-batch (default 16)")

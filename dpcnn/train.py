@@ -47,7 +47,7 @@ from .process import Process, training_process
 from .records import Board, Interval, Monitor, Progress, Record
 from .rundir import Checkpointer, RunDir, default_run_dir, point_latest
 from .step import Diverged, TrainStep
-from .watchdog import StopRequest, Watchdog
+from .watchdog import StopRequest, Watchdog, ignore_echoes
 
 log = logging.getLogger("dpcnn")
 
@@ -625,7 +625,10 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     setup_logging(console.verbose, console.quiet, comm.rank)
     try:
-        return train(cfg, comm)
+        code = train(cfg, comm)
+        if code == EXIT_STOPPED:
+            ignore_echoes()                    # the launcher's copies of the stop signal, while exiting
+        return code
     except SharedError as e:                   # every rank knows: only rank 0 speaks, all exit together
         if comm.is_root:
             log.error("error: %s", e)

@@ -93,6 +93,25 @@ class StopRequest:
         self.signum, self.at = signum, time.monotonic()
 
 
+def ignore_echoes() -> None:
+    """For the rest of a command that a stop signal ended: ignore the launcher's late copies of
+    that signal (srun and slurmstepd both deliver scancel's; hydra forwards Slurm's), which would
+    otherwise reach the default action once the run has put its handlers back and kill the rank
+    by the signal, not with the status it chose (75, which the batch script requeues on; a rank
+    killed so can also leave the others waiting in MPI_Finalize). A later signal, beyond
+    SAME_SIGNAL_S, still ends the process (128 + the signal number). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    since = time.monotonic()
+
+    def handle(signum, frame):
+        if time.monotonic() - since >= SAME_SIGNAL_S:
+            os._exit(128 + signum)
+
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, handle)
+
+
 def _continued(signum, frame) -> None:
     """SIGCONT's handler: nothing to do in Python; having one makes SIGCONT reach the wake-up fd."""
 

@@ -228,3 +228,18 @@ def test_fit_from_a_thread_trains_without_signal_handling(tiny_h5, tmp_path, cap
     assert "not in the main thread: stop signals (SIGTERM, SIGUSR1, Ctrl-C) are left to the program" in caplog.text
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
     assert np.all(np.isfinite(dpcnn.load(tmp_path / "run" / "best.h5").model.params))
+
+
+def test_a_stopped_command_ignores_the_launchers_late_copies_of_its_stop_signal():
+    """srun and slurmstepd both deliver scancel's SIGUSR1: a copy that arrives after the run has put
+    its handlers back must not kill the rank by the signal (the batch script requeues on the
+    status 75 it chose; CI saw a rank die so and the job hang). A signal after SAME_SIGNAL_S still
+    ends the process, 128 + its number."""
+    import subprocess
+    import sys
+    script = ("import os, signal, sys, time\nfrom dpcnn.watchdog import SAME_SIGNAL_S, ignore_echoes\n"
+              "ignore_echoes()\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(0.05)\n"
+              "if sys.argv[1] == 'late':\n    time.sleep(SAME_SIGNAL_S + 0.1)\n"
+              "    os.kill(os.getpid(), signal.SIGUSR1)\n    time.sleep(5)\nsys.exit(75)\n")
+    assert subprocess.run([sys.executable, "-c", script, "echo"], timeout=60).returncode == 75
+    assert subprocess.run([sys.executable, "-c", script, "late"], timeout=60).returncode == 128 + signal.SIGUSR1
