@@ -434,7 +434,7 @@ def pmi_cut(log: Path, since: str = "") -> bool:
     return PMI_CUT in text[text.find(since):] if since in text else False
 
 
-def sbatch_past_init(data: Path, run_dir: Path, log: Path, started, timeout: float, tries: int = 3):
+def sbatch_past_init(data: Path, run_dir: Path, log: Path, started, timeout: float, tries: int = 6):
     """Submit sbatch_train and wait until started() is truthy or the job ended. A job that ended
     at MPI_Init with the srun PMI-2 cut (PMI_CUT: pip's MPICH and Slurm 22.05, not dpcnn), having
     trained nothing, is submitted again, each time with its own log. -> (job, its log, started()'s
