@@ -103,7 +103,7 @@ class StepResult:
 
 class Gathered:
     """How the exact step reduces a global batch of M samples whose large dense layers' weight
-    gradients come from gathered factors (``TrainStep.plan``).
+    gradients come from gathered factors (``TrainStep.factored``).
 
     A dense layer's weight gradient over the batch is x^T @ dout, x (M, D) its inputs and dout
     (M, F) the gradients at its outputs, in units of the grid. When M (D + F) <= D F, these
@@ -126,7 +126,8 @@ class Gathered:
         w = 8 // dt.itemsize                                   # slots of the block per float64
         self.counts = [hi - lo for lo, hi in (micro_bounds(M, m, r, size) for r in range(size))]
         n_max, o = max(self.counts), model.dense_offset
-        weights = [model.span(f"fc{i}.w") for i in layers]
+        spans = {name: (a, a + int(np.prod(shape))) for name, shape, a in _spans(model)}
+        weights = [spans[f"fc{i}.w"] for i in layers]
         # the dense tail's parameters that are grid sums: [o, end) less the factored weights
         self.segments, a = [], o
         for lo, hi in sorted(weights):
@@ -145,9 +146,10 @@ class Gathered:
         block = -(-off // w) * w                  # each rank's block starts on a float64 boundary
         self.send = np.zeros(block, dt)
         self.recv = np.zeros((size, block), dt)
-        self.partials = self.send[:w * S].view(np.float64)             # this rank's grid sums (S)
+        self.partials = self.send[:w * S].view(np.float64)             # this rank's grid sums
         self.x = {i: np.empty((M, self.shapes[i][0]), dt) for i in layers}
         self.dout = {i: np.empty((M, self.shapes[i][1]), dt) for i in layers}
+        self.S, self._w = S, w
 
     def put(self, model: CNN, start: int, count: int) -> None:
         """Copy the factors of the pass just computed (this rank's samples [start, start + count))
@@ -161,7 +163,7 @@ class Gathered:
 
     def sums(self) -> np.ndarray:
         """The grid sums over all ranks (after the gather): (S,) float64, exact."""
-        return self.recv[:, :self.partials.nbytes // self.send.itemsize].view(np.float64).sum(axis=0)
+        return self.recv[:, :self._w * self.S].view(np.float64).sum(axis=0)
 
     def product(self, i: int, out: np.ndarray) -> None:
         """Layer i's weight gradient over the global batch, in units of the grid, into out (D, F):
@@ -173,6 +175,13 @@ class Gathered:
             np.copyto(dout[lo:lo + n], self.recv[r, od:od + n * F].reshape(n, F))
             lo += n
         np.matmul(x.T, dout, out=out)
+
+
+def _spans(model: CNN):
+    o = 0
+    for name, shape in model.shapes:
+        yield name, shape, o
+        o += int(np.prod(shape))
 
 
 class TrainStep:
@@ -226,7 +235,7 @@ class TrainStep:
         if plan is not None and len(x) != plan.counts[self.comm.rank]:
             raise ValueError(f"rank {self.comm.rank} got {len(x)} samples of a global batch of {global_batch}; "
                              f"the exact step needs micro_bounds' {plan.counts[self.comm.rank]}")
-        bound = exact.limit(self._micro_batches(global_batch) + 1)    # no sum of all of them can overflow
+        bound = exact.limit(-(-global_batch // m) + 1)     # no sum of all micro-batches can overflow
         full, rest = divmod(len(x), m)
         # the whole micro-batches in stacked passes of up to self.stack, the short last one of a
         # batch (--keep-last) in a pass of its own
@@ -318,10 +327,6 @@ class TrainStep:
             return self.buf.array.nbytes
         return self._rest.nbytes + plan.send.nbytes
 
-    def _micro_batches(self, global_batch: int) -> int:
-        """How many micro-batches a global batch holds (the last may be short)."""
-        return -(-global_batch // self.micro_batch)
-
     def _rows(self, g: int) -> np.ndarray:
         """(g, n) scratch, in the model's dtype, for the micro-batches' gradients; kept from step
         to step (grown when a pass has more micro-batches)."""
@@ -369,7 +374,7 @@ class TrainStep:
             raise Diverged("the training loss or a gradient is not finite, or too large to sum exactly")
         scale = (exact.GRID / global_batch)              # units of GRID to values, and the mean
         if self._plan is not None and self.exact:
-            self._update_gathered(self._plan, scale, self._micro_batches(global_batch))
+            self._update_gathered(self._plan, scale)
         elif self.exact:
             # units of GRID (float64) -> values (float32): GRID / M = 2**-32 * (1 / M) exactly
             np.multiply(b.grads, scale, out=self.model.grads, casting="unsafe")
@@ -377,16 +382,16 @@ class TrainStep:
             self.model.grads *= self.model.dtype.type(1.0 / global_batch)
         self.opt.step(lr)
 
-    def _update_gathered(self, plan: Gathered, scale: float, n: int) -> None:
+    def _update_gathered(self, plan: Gathered, scale: float) -> None:
         """The gradient of a gathering step: the grid sums scaled, the gathered products computed
-        (the same on every rank) and scaled; Diverged when a product is out of the range of n
-        micro-batches' grid sums, or not finite."""
+        (the same on every rank) and scaled; Diverged when a product is not finite."""
         g, k = self.model.grads, self.model.dense_offset
         np.multiply(self.buf.grads[:k], scale, out=g[:k], casting="unsafe")
         sums, o = plan.sums(), 0
         for a, b in plan.segments:
             np.multiply(sums[o:o + b - a], scale, out=g[a:b], casting="unsafe")
             o += b - a
+        n = -(-sum(plan.counts) // self.micro_batch)            # micro-batches in the global batch
         for i in plan.layers:
             w = self.model.g[f"fc{i}.w"]
             with np.errstate(over="ignore", invalid="ignore"):
